@@ -1,0 +1,120 @@
+"""Advantage estimators: group-relative ones for GRPO/RLOO (one scalar per completion) and GAE for PPO (per token).
+
+Group estimators share one signature, `fn(rewards (N,), group (N,) long, eps) -> advantages (N,)`, and are looked
+up by name in `ADVANTAGE_ESTIMATORS`. Groups are identified by their ids (any integers, in any order, not
+necessarily contiguous); every reduction is a scatter/index_add, never a Python loop over groups.
+
+A group whose rewards are all equal carries no learning signal. Its advantages are set to exactly 0 by an explicit
+max == min test, because mean subtraction alone can leave residue (e.g. 0.35 repeated three times has a float mean
+that differs from 0.35 in the last bit, and dividing that residue by std + eps blows it up).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+AdvantageFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
+
+
+def register_advantage(name: str):
+    def deco(fn: AdvantageFn) -> AdvantageFn:
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+
+    return deco
+
+
+def _group_stats(rewards: torch.Tensor, group: torch.Tensor):
+    """rewards (N,), group (N,) -> (inverse (N,) compact ids in [0, G), count (G,), mean (G,), degenerate (G,) bool).
+
+    Statistics are in float64 so that the per-group mean is as exact as the data allow.
+    """
+    inverse = torch.unique(group, return_inverse=True)[1]
+    G = int(inverse.max()) + 1 if inverse.numel() else 0
+    r = rewards.double()
+    count = torch.zeros(G, dtype=r.dtype, device=r.device).index_add_(0, inverse, torch.ones_like(r))
+    total = torch.zeros(G, dtype=r.dtype, device=r.device).index_add_(0, inverse, r)
+    hi = torch.full((G,), -torch.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, inverse, r, "amax")
+    lo = torch.full((G,), torch.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, inverse, r, "amin")
+    return inverse, count, total / count, hi == lo
+
+
+def group_is_degenerate(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """rewards (N,), group (N,) -> bool (N,): True for rows whose group has all-equal rewards (incl. size-1 groups).
+
+    Used for the `frac_zero_std` metric and for DAPO's dynamic sampling (drop such groups, Yu et al. 2025 eq. 11).
+    """
+    inverse, _, _, degenerate = _group_stats(rewards, group)
+    return degenerate[inverse]
+
+
+def _finish(adv: torch.Tensor, inverse: torch.Tensor, degenerate: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return adv.masked_fill(degenerate[inverse], 0.0).to(like.dtype)
+
+
+@register_advantage("grpo")
+def grpo_advantages(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A_i = (r_i - mean_g) / (std_g + eps), DeepSeekMath (Shao et al. 2024) eq. 3 with outcome supervision.
+
+    std is the unbiased (Bessel-corrected, n - 1) sample std, as TRL's `rewards.view(-1, G).std(dim=1)`.
+    rewards (N,), group (N,) -> (N,).
+    """
+    inverse, count, mean, degenerate = _group_stats(rewards, group)
+    centered = rewards.double() - mean[inverse]
+    sq = torch.zeros_like(mean).index_add_(0, inverse, centered**2)
+    std = (sq / (count - 1).clamp(min=1)).sqrt()
+    return _finish(centered / (std[inverse] + eps), inverse, degenerate, rewards)
+
+
+@register_advantage("dr_grpo")
+def dr_grpo_advantages(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A_i = r_i - mean_g: Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", sec. 3.2)
+    drops the std division, which over-weights near-degenerate groups. eps is unused. (N,), (N,) -> (N,).
+    """
+    inverse, _, mean, degenerate = _group_stats(rewards, group)
+    return _finish(rewards.double() - mean[inverse], inverse, degenerate, rewards)
+
+
+@register_advantage("rloo")
+def rloo_advantages(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A_i = r_i - mean_{j != i, j in g} r_j: the leave-one-out baseline of RLOO (Ahmadian et al. 2024,
+    "Back to Basics", after Kool et al. 2019).
+
+    A group of one has no other sample to compare with: its advantage is 0. eps is unused. (N,), (N,) -> (N,).
+    """
+    inverse, count, mean, degenerate = _group_stats(rewards, group)
+    r, n = rewards.double(), count[inverse]
+    baseline = (mean[inverse] * n - r) / (n - 1).clamp(min=1)
+    return _finish(r - baseline, inverse, degenerate, rewards)
+
+
+def group_advantages(rewards: torch.Tensor, group: torch.Tensor, estimator: str = "grpo", eps: float = 1e-6):
+    """Look up `estimator` in ADVANTAGE_ESTIMATORS and apply it: rewards (N,), group (N,) -> advantages (N,)."""
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {sorted(ADVANTAGE_ESTIMATORS)}")
+    return ADVANTAGE_ESTIMATORS[estimator](rewards, group, eps)
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation, Schulman et al. 2016 eq. 16: A_t = sum_l (gamma lam)^l delta_{t+l},
+    delta_t = r_t + gamma V_{t+1} - V_t.
+
+    rewards, values, mask (B, T), right-padded (mask is 1 up to each sequence's end, 0 after). The value after the
+    last real token is 0 (the episode ended), and padded positions get advantage and return 0.
+    Returns (advantages (B, T), returns (B, T)) with returns = advantages + values, the value-function target.
+    """
+    m = mask.to(values.dtype)
+    v, r = values * m, rewards * m
+    next_v = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], dim=1)
+    delta = r + gamma * next_v - v
+    adv = torch.zeros_like(v)
+    running = torch.zeros_like(v[:, 0])
+    for t in reversed(range(v.shape[1])):  # T is a completion length: a short loop, each step vectorized over B
+        running = (delta[:, t] + gamma * lam * running) * m[:, t]
+        adv[:, t] = running
+    return adv, (adv + v) * m

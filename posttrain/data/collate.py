@@ -1,0 +1,141 @@
+"""Length policy, length-grouped batching with a resumable position, and padding into tensors."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from posttrain.data.chat import Encoded
+from posttrain.ops import IGNORE_INDEX
+
+
+@dataclass
+class LengthReport:
+    """What the over-long policy did, reported in the run's log and metrics."""
+
+    policy: str
+    kept: int = 0
+    dropped: int = 0
+    truncated: int = 0
+    examples: list[str] = field(default_factory=list)  # where the first few over-long records came from
+
+    def summary(self) -> str:
+        return f"over-long policy {self.policy!r}: kept {self.kept}, dropped {self.dropped}, truncated {self.truncated}"
+
+
+def apply_length_policy(encoded: Encoded, max_length: int, policy: str) -> Encoded | None:
+    """None to drop; a truncated copy that keeps the prompt's start and at least one trained token; or as is.
+
+    `truncate` cuts the end (the completion's tail) first; if the prompt alone leaves no room for one
+    completion token, the example is dropped rather than trained with no target (PITFALLS #9).
+    """
+    if len(encoded) <= max_length:
+        return encoded
+    if policy == "drop":
+        return None
+    if policy != "truncate":
+        raise ValueError(f"unknown over-long policy {policy!r}; use 'drop' or 'truncate'")
+    ids, labels = encoded.input_ids[:max_length], encoded.labels[:max_length]
+    if all(lab == IGNORE_INDEX for lab in labels):
+        return None
+    return Encoded(ids, labels, prompt_len=min(encoded.prompt_len, max_length))
+
+
+def filter_by_length(items: list, lengths: list[int], wheres: list[str], max_length: int, policy: str, fit=None):
+    """Apply the policy to a list; `fit(item) -> item | None` does the per-item truncation. Returns (kept, report)."""
+    report = LengthReport(policy)
+    kept = []
+    for item, length, where in zip(items, lengths, wheres):
+        if length <= max_length:
+            kept.append(item)
+            report.kept += 1
+            continue
+        fitted = fit(item) if (fit is not None and policy == "truncate") else None
+        if len(report.examples) < 5:
+            report.examples.append(where)
+        if fitted is None:
+            report.dropped += 1
+        else:
+            report.truncated += 1
+            report.kept += 1
+            kept.append(fitted)
+    return kept, report
+
+
+class BatchOrder:
+    """A deterministic, resumable order of example indices in batches, grouped by length when asked.
+
+    Each epoch shuffles with (seed, epoch); length grouping sorts within windows of 50 batches and then
+    shuffles the batches, so batches hold similar lengths yet the order stays random. The position is
+    (epoch, batch index) and is saved in checkpoints.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True, drop_last: bool = False):
+        if not lengths:
+            raise ValueError("no examples left to train on (all dropped or empty dataset)")
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.group_by_length, self.drop_last = group_by_length, drop_last
+        self.epoch, self.index = 0, 0
+        self._batches = self._make_epoch(0)
+
+    def _make_epoch(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 100_003 + epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        if self.group_by_length:
+            window = self.batch_size * 50
+            order = [i for s in range(0, len(order), window) for i in sorted(order[s : s + window], key=self.lengths.__getitem__)]
+        batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        if self.drop_last and len(batches) > 1 and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        rng.shuffle(batches)
+        return batches
+
+    def next(self) -> list[int]:
+        if self.index >= len(self._batches):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._batches = self._make_epoch(self.epoch)
+        batch = self._batches[self.index]
+        self.index += 1
+        return batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self._batches)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._batches = self._make_epoch(self.epoch)
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right", labels: list[list[int]] | None = None):
+    """Pad id lists into tensors: input_ids (B, T), attention_mask (B, T), labels (B, T) if given.
+
+    The attention mask, not the pad id, tells real tokens from padding (pad may equal EOS).
+    """
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    lab = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long) if labels is not None else None
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+        if lab is not None:
+            lab[row, span] = torch.tensor(labels[row], dtype=torch.long)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if lab is not None:
+        out["labels"] = lab
+    return out
+
+
+def padding_fraction(lengths: list[int]) -> float:
+    """Share of a padded (B, max_len) batch that is padding."""
+    if not lengths:
+        return 0.0
+    return 1.0 - sum(lengths) / (len(lengths) * max(lengths))

@@ -1,0 +1,83 @@
+"""Metrics: one JSON object per logged step in metrics.jsonl, mirrored to TensorBoard; memory and throughput."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+from pathlib import Path
+
+
+def peak_memory_gb() -> float:
+    """Peak memory of this process: the GPU allocator's peak on CUDA, else the resident-set high-water mark."""
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            return torch.cuda.max_memory_allocated() / 2**30
+    except ImportError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20
+
+
+def to_float(value) -> float:
+    return float(value.detach().float().item()) if hasattr(value, "detach") else float(value)
+
+
+class MetricsLogger:
+    """Appends to metrics.jsonl (truncated past `resume_step` on resume) and to TensorBoard when available."""
+
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None, enabled: bool = True):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            self._truncate_after(resume_step)
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()  # a fresh run does not append to an old one's curve
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+            except ImportError:
+                self._tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, metrics: dict) -> dict:
+        row = {"step": step}
+        for key, value in metrics.items():
+            value = to_float(value) if not isinstance(value, (str, bool)) else value
+            row[key] = value if not (isinstance(value, float) and not math.isfinite(value)) else str(value)
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+            if self._tb is not None:
+                for key, value in row.items():
+                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self._tb.add_scalar(key, value, step)
+        return row
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

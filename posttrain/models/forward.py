@@ -1,0 +1,65 @@
+"""Forward passes that return exactly what the losses need: per-token log-probs, entropies, sequence scores.
+
+The causal LM's decoder runs once; its hidden states go through the output head in chunks
+(`ops.hidden_logprobs`), so a (B, T, V) fp32 log-softmax never exists. Position ids always come from the
+attention mask, so left, right and no padding give the same numbers (PITFALLS #1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.ops import IGNORE_INDEX, hidden_logprobs, position_ids_from_mask, shift_labels
+
+
+def _unwrap(model):
+    """The transformers model under a PEFT wrapper (LoRA layers stay injected and active)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_hidden(model, input_ids, attention_mask) -> torch.Tensor:
+    """Last hidden states (B, T, H) of a causal LM or sequence classifier, positions from the mask."""
+    inner = _unwrap(model)
+    decoder = getattr(inner, inner.base_model_prefix)
+    out = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+def token_logps(
+    model, input_ids, attention_mask, labels=None, chunk_size: int = 1024, with_entropy: bool = False,
+    temperature: float = 1.0,
+):
+    """log p(x_t | x_<t) aligned with the tokens: out[:, t] scores input_ids[:, t]; 0 where not labelled.
+
+    input_ids, attention_mask, labels (B, T); labels default to the real tokens (mask) and mark which tokens
+    to score (IGNORE_INDEX elsewhere) -> logps (B, T) fp32 [, entropy (B, T) of the predicting distribution].
+    """
+    if labels is None:
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    hidden = decoder_hidden(model, input_ids, attention_mask)
+    head = _unwrap(model).get_output_embeddings()
+    out = hidden_logprobs(hidden, head, shift_labels(labels), chunk_size, with_entropy, temperature)
+    logp, ent = out if with_entropy else (out, None)
+    # position t's hidden state predicts token t+1: move the results onto the token they score
+    logp = torch.nn.functional.pad(logp[:, :-1], (1, 0))
+    if not with_entropy:
+        return logp
+    return logp, torch.nn.functional.pad(ent[:, :-1], (1, 0))
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token per row (B,), whatever the padding side; never uses pad_token_id."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+def reward_scores(model, input_ids, attention_mask) -> torch.Tensor:
+    """Bradley–Terry scores (B,) from a sequence classifier's head at the last real token (PITFALLS #4)."""
+    hidden = decoder_hidden(model, input_ids, attention_mask)
+    last = last_token_index(attention_mask)
+    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    head = _unwrap(model).score
+    return head(picked).squeeze(-1).float()

@@ -1,0 +1,104 @@
+"""What every rollout engine shares: the sampling parameters, the `Generator` protocol and the registry of engines.
+
+An engine turns a batch of tokenized prompts into a `posttrain.types.Rollout`: `num_samples` (G) completions per
+prompt, rows prompt-major (prompt 0's G samples first), `group` holding the prompt index of each row.
+Engines register themselves by name (`@register_generator("hf")`); `get_generator(name)` looks one up, so a
+config names its engine and no code branches on the name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence, runtime_checkable
+
+if TYPE_CHECKING:
+    from posttrain.types import Rollout
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample completions.
+
+    max_new_tokens: the most tokens a completion may have; a row that reaches it without stopping is truncated.
+    temperature: logits are divided by it before sampling; 0 means greedy (argmax).
+    top_p: nucleus sampling, keep the smallest set of tokens whose probability reaches top_p (1.0 = off).
+    top_k: keep the k most likely tokens (0 = off). Applied before top_p, as in transformers' warpers.
+    stop_token_ids: EOS and any secondary EOS ids; the first one sampled is kept and ends the row.
+    stop_strings: a row ends once its decoded completion contains one of them; the token that completes the
+        string is kept. Needs a tokenizer.
+    batch_size: distinct prompts per forward chunk (the decode batch is batch_size * num_samples rows).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: Sequence[int] = ()
+    stop_strings: Sequence[str] = ()
+    batch_size: int = 8
+
+    def __post_init__(self):
+        # tuples so the frozen dataclass stays hashable and nobody mutates a shared default
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop_strings", tuple(str(s) for s in self.stop_strings))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if any(s == "" for s in self.stop_strings):
+            raise ValueError("stop_strings may not contain the empty string")
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A rollout engine. Rows of the result are prompt-major; `seed` makes the samples reproducible."""
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        params: SamplingParams,
+        num_samples: int = 1,
+        seed: int | None = None,
+    ) -> "Rollout": ...
+
+
+GENERATORS: dict[str, type] = {}
+# modules whose import fills GENERATORS; imported on first lookup so `import posttrain.rollout.base` stays cheap
+_ENGINE_MODULES = ("posttrain.rollout.hf", "posttrain.rollout.vllm_engine")
+
+
+def register_generator(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        if name in GENERATORS and GENERATORS[name] is not cls:
+            raise ValueError(f"generator {name!r} is already registered to {GENERATORS[name].__name__}")
+        GENERATORS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_generator(name: str) -> type:
+    """The engine class registered under `name` ('hf', 'vllm')."""
+    for module in _ENGINE_MODULES:
+        importlib.import_module(module)
+    if name not in GENERATORS:
+        raise KeyError(f"unknown rollout engine {name!r}; choose one of {sorted(GENERATORS)}")
+    return GENERATORS[name]
+
+
+def validate_prompts(prompt_ids: list[list[int]], num_samples: int) -> None:
+    """Clear errors for inputs every engine rejects: no prompts, an empty prompt, num_samples < 1."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if len(prompt_ids) == 0:
+        raise ValueError("prompt_ids is empty: nothing to generate from")
+    empty = [i for i, p in enumerate(prompt_ids) if len(p) == 0]
+    if empty:
+        raise ValueError(f"prompts {empty[:5]} are empty; every prompt needs at least one token (e.g. BOS)")

@@ -1,0 +1,244 @@
+"""The Hugging Face rollout engine: our own decode loop over a `transformers` causal LM.
+
+Why not `model.generate`: we need the log-prob of every sampled token under exactly the distribution the trainer
+recomputes, positions that are right under left padding, and the prompt encoded once per group.
+
+- Prompts are left-padded; position ids are `cumsum(mask) - 1` and are passed explicitly at every step, so models
+  with absolute positions (GPT-2) see the same positions as for an unpadded prompt (PITFALLS #1).
+- Prefix sharing: the distinct prompts of a chunk are encoded once, then the KV cache and the last-position
+  logits are repeated G times along the batch dimension (`DynamicCache.batch_repeat_interleave`); all N*G rows
+  are decoded together. Rows that stop are dropped from the batch (`batch_select_indices`).
+- Sampling: logits / temperature, then top-k, then top-p (nucleus; Holtzman et al. 2020, "The Curious Case of
+  Neural Text Degeneration", sec. 3.1), sampled with a `torch.Generator` seeded per call.
+- The returned log-prob of a token is log softmax(logits / T) of the FULL (unfiltered) distribution at that
+  token, not of the top-k/top-p renormalized one: that is what the trainer recomputes from a forward pass at the
+  same temperature, so the importance ratio is exactly 1 before any update (PITFALLS #11). At T = 0 (greedy)
+  there is no sampling temperature and the log-prob is taken at T = 1.
+
+Shapes: B prompts in a chunk, G samples per prompt, R = B*G rows, P prompt length, C completion length, V vocab.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from posttrain.ops import position_ids_from_mask
+from posttrain.rollout.base import SamplingParams, register_generator, validate_prompts
+from posttrain.types import Rollout
+
+
+def left_pad(prompt_ids: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids (B, P), mask (B, P)), real tokens flush right so every row's next token is at -1."""
+    P = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), P), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), P), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, P - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+        mask[i, P - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then top-p filtering: (R, V) -> (R, V) with removed tokens at -inf.
+
+    top-p keeps the smallest set of most likely tokens whose probability (after top-k, renormalized) reaches
+    top_p; the most likely token is always kept. top_k = 0 and top_p = 1 switch each filter off.
+    """
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # a token goes when the mass strictly before it already reaches top_p
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sampling step: logits (R, V) -> (tokens (R,), logprobs (R,)).
+
+    logprobs are log softmax(logits / T) of the unfiltered distribution at the chosen token (T = 1 when greedy).
+    """
+    logits = logits.float()
+    if params.temperature == 0:
+        tokens = logits.argmax(dim=-1)
+        return tokens, logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    scaled = logits / params.temperature
+    logp = scaled.log_softmax(dim=-1)
+    probs = filter_logits(scaled, params.top_k, params.top_p).softmax(dim=-1)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+class StopStringMatcher:
+    """Whether each row's completion so far contains a stop string, on decoded text.
+
+    Only the last `window` tokens are decoded: a byte-level token carries at least one byte, so a stop string of
+    L UTF-8 bytes lies within its last L tokens; 4 more tokens keep it away from the window's first token, whose
+    decoding may lose a leading space or half a character. A row is checked every step and stops at its first
+    hit, so any hit was completed by the newest token.
+    """
+
+    def __init__(self, tokenizer, stop_strings):
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(stop_strings)
+        self.window = max(len(s.encode("utf-8")) for s in self.stop_strings) + 4
+
+    def __call__(self, completion: torch.Tensor) -> torch.Tensor:
+        """completion (R, t) token ids -> (R,) bool."""
+        texts = self.tokenizer.batch_decode(completion[:, -self.window :].tolist(), skip_special_tokens=False)
+        hits = [any(s in text for s in self.stop_strings) for text in texts]
+        return torch.tensor(hits, dtype=torch.bool, device=completion.device)
+
+
+@register_generator("hf")
+class HFGenerator:
+    """Generator over a `transformers` causal LM (any dtype), following `posttrain.rollout.base.Generator`.
+
+    model: the policy; put in eval mode for the call (dropout off), its train/eval mode restored afterwards.
+    pad_token_id: fills left padding of prompts and completions after they stop (may equal EOS: the masks,
+        not the ids, say which tokens are real).
+    tokenizer: optional; needed for stop_strings, and fills `Rollout.texts` (special tokens skipped).
+    autocast_dtype: e.g. torch.bfloat16 — decode an fp32 model under autocast (ignored for non-fp32 models).
+    share_prefix: encode each distinct prompt once and copy its KV cache G times (True), or re-encode the
+        prompt for every sample (False; the baseline that bench/rollout_prefix_sharing.py measures against).
+    Tensors of the returned Rollout live on the model's device and are ordinary (not inference-mode) tensors.
+    """
+
+    def __init__(self, model, pad_token_id: int, tokenizer=None, autocast_dtype=None, share_prefix: bool = True):
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is required (the tokenizer's pad id, or its EOS id when it has none)")
+        self.model = model
+        self.pad_token_id = int(pad_token_id)
+        self.tokenizer = tokenizer
+        self.autocast_dtype = autocast_dtype
+        self.share_prefix = share_prefix
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        params: SamplingParams,
+        num_samples: int = 1,
+        seed: int | None = None,
+    ) -> Rollout:
+        """prompt_ids: B token lists -> Rollout of N = B * num_samples rows, prompt-major."""
+        validate_prompts(prompt_ids, num_samples)
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer: HFGenerator(model, pad_token_id, tokenizer=...)")
+        device = next(self.model.parameters()).device
+        if seed is None:  # drawn from torch's global RNG, so torch.manual_seed still makes a run reproducible
+            seed = int(torch.randint(0, 2**62, ()).item())
+        generator = torch.Generator(device=device).manual_seed(seed)
+        matcher = StopStringMatcher(self.tokenizer, params.stop_strings) if params.stop_strings else None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode(), self._autocast(device):
+                chunks = [
+                    self._generate_chunk(prompt_ids[s : s + params.batch_size], params, num_samples, generator, matcher)
+                    for s in range(0, len(prompt_ids), params.batch_size)
+                ]
+        finally:
+            self.model.train(was_training)
+        # assembled outside inference mode: the trainer may save these tensors for backward
+        rollout = _assemble(chunks, len(prompt_ids), num_samples, self.pad_token_id)
+        if self.tokenizer is not None:
+            rows = [ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)]
+            rollout.texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        return rollout
+
+    def _autocast(self, device: torch.device):
+        param_dtype = next(self.model.parameters()).dtype
+        if self.autocast_dtype is None or param_dtype != torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+    def _generate_chunk(self, prompts, params, G, generator, matcher):
+        """B prompts -> (prompt ids (R, P), prompt mask (R, P), completion (R, C), mask (R, C), logp (R, C),
+        truncated (R,)) with R = B * G, rows prompt-major."""
+        from transformers import DynamicCache
+
+        device = next(self.model.parameters()).device
+        ids, mask = left_pad(prompts, self.pad_token_id, device)
+        if not self.share_prefix:
+            ids, mask = ids.repeat_interleave(G, dim=0), mask.repeat_interleave(G, dim=0)
+        pos = position_ids_from_mask(mask)
+        cache = DynamicCache(config=getattr(self.model, "config", None))
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
+        logits = out.logits[:, -1]  # (B, V)
+        if self.share_prefix and G > 1:
+            cache.batch_repeat_interleave(G)  # each prompt's keys/values copied to its G sample rows, in place
+            logits, ids, mask, pos = (x.repeat_interleave(G, dim=0) for x in (logits, ids, mask, pos))
+        completion = self._decode(logits, cache, mask, pos[:, -1] + 1, params, generator, matcher)
+        return (ids, mask, *completion)
+
+    def _decode(self, logits, cache, attn, next_pos, params, generator, matcher):
+        """Token-by-token decoding of R rows from their last-position logits (R, V) and prefilled cache.
+
+        -> completion ids (R, C), completion mask (R, C), logprobs (R, C), truncated (R,), C <= max_new_tokens.
+        A row ends at its first stop token or stop string (that token is kept and masked in); it then leaves the
+        batch, and its remaining slots stay pad with mask 0.
+        """
+        R, device, T = logits.shape[0], logits.device, params.max_new_tokens
+        tokens = torch.full((R, T), self.pad_token_id, dtype=torch.long, device=device)
+        logps = torch.zeros((R, T), dtype=torch.float32, device=device)
+        cmask = torch.zeros((R, T), dtype=torch.long, device=device)
+        stopped = torch.zeros(R, dtype=torch.bool, device=device)
+        stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
+        alive = torch.arange(R, device=device)  # rows of the output that are still in the decode batch
+        steps = T
+        for t in range(T):
+            tok, lp = sample_next(logits, params, generator)
+            tokens[alive, t], logps[alive, t], cmask[alive, t] = tok, lp, 1
+            hit = torch.isin(tok, stop_ids)
+            if matcher is not None:
+                hit |= matcher(tokens[alive, : t + 1])
+            stopped[alive[hit]] = True
+            if bool(hit.all()) or t == T - 1:
+                steps = t + 1
+                break
+            if bool(hit.any()):
+                keep = (~hit).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                alive, attn, next_pos, tok = alive[keep], attn[keep], next_pos[keep], tok[keep]
+            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+            out = self.model(
+                input_ids=tok[:, None],
+                attention_mask=attn,
+                position_ids=next_pos[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits, next_pos = out.logits[:, -1], next_pos + 1
+        return tokens[:, :steps], cmask[:, :steps], logps[:, :steps], ~stopped
+
+
+def _assemble(chunks, num_prompts: int, G: int, pad_token_id: int) -> Rollout:
+    """Concatenate per-chunk results: prompts left-padded to the longest P, completions right-padded to C."""
+    P = max(c[0].shape[1] for c in chunks)
+    C = max(c[2].shape[1] for c in chunks)
+
+    def cat(i, width, left, value):
+        return torch.cat([F.pad(c[i], (width - c[i].shape[1], 0) if left else (0, width - c[i].shape[1]), value=value)
+                          for c in chunks])
+
+    device = chunks[0][0].device
+    return Rollout(
+        prompt_ids=cat(0, P, True, pad_token_id),
+        prompt_mask=cat(1, P, True, 0),
+        completion_ids=cat(2, C, False, pad_token_id),
+        completion_mask=cat(3, C, False, 0),
+        logprobs=cat(4, C, False, 0.0),
+        truncated=torch.cat([c[5] for c in chunks]).clone(),
+        group=torch.arange(num_prompts, device=device).repeat_interleave(G),
+    )

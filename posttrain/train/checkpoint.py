@@ -1,0 +1,113 @@
+"""Checkpoints that are complete or absent: written to a temporary folder, then renamed into place.
+
+A checkpoint holds what a bit-identical resume needs: the trainable weights of every module (safetensors),
+optimizer and scheduler state, RNG states, the data position and the algorithm's own state (JSON).
+Loading uses safetensors and `torch.load(weights_only=True)` only, so a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters (LoRA adapters, or all weights), each storage once (tied weights share one)."""
+    seen, state = set(), {}
+    for name, param in module.named_parameters():
+        if param.requires_grad and param.data_ptr() not in seen:
+            seen.add(param.data_ptr())
+            state[name] = param.detach().contiguous().cpu()
+    return state
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(ckpt_root: Path, step: int, modules: dict, optimizer, scheduler, trainer_state: dict, keep: int = 2) -> Path:
+    """Write checkpoints/step-N atomically and prune all but the newest `keep` complete ones."""
+    from safetensors.torch import save_file
+
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step}"
+    tmp = ckpt_root / f".tmp-step-{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for name, module in modules.items():
+        save_file(trainable_state(module), str(tmp / f"{name}.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "optim.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    (tmp / "COMPLETE").write_text(str(step))
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for child in path.iterdir() if path.is_dir() else []:
+        if child.is_file():
+            with open(child, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (half-written temporaries are ignored)."""
+    if not ckpt_root.exists():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / "COMPLETE").exists()]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: Path, modules: dict, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from `path`; returns the trainer state."""
+    from safetensors.torch import load_file
+
+    for name, module in modules.items():
+        state = load_file(str(path / f"{name}.safetensors"))
+        missing = set(state) - {n for n, _ in module.named_parameters()}
+        if missing:
+            raise RuntimeError(f"{path}: checkpoint has weights the model lacks: {sorted(missing)[:5]}")
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for key, value in state.items():
+                params[key].copy_(value)
+    blob = torch.load(path / "optim.pt", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    set_rng_state(blob["rng"])
+    return json.loads((path / "trainer_state.json").read_text())

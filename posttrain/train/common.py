@@ -1,0 +1,95 @@
+"""What every algorithm's setup shares: run directory, tokenizer and policy, data splits, batching helpers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from posttrain.config import RunConfig, save_config
+from posttrain.data.collate import BatchOrder, LengthReport, filter_by_length, pad_batch, padding_fraction
+from posttrain.data.formats import Record, load_dataset_records
+from posttrain.models.loading import autocast_context, count_parameters, load_causal_lm, load_tokenizer, resolve_model_path
+
+log = logging.getLogger("posttrain")
+
+
+def setup_run(cfg: RunConfig) -> Path:
+    """Create the run directory, save the resolved config, set CPU threads."""
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    return out
+
+
+def load_policy_and_tokenizer(cfg: RunConfig, trainable: bool = True):
+    path = resolve_model_path(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(path, cfg.data.chat_template)
+    torch.manual_seed(cfg.train.seed)  # LoRA init draws random numbers: same seed, same adapter
+    model = load_causal_lm(cfg.model, path, trainable=trainable)
+    return model, tokenizer
+
+
+def load_splits(cfg: RunConfig, kind: str) -> tuple[list[Record], list[Record]]:
+    """(train, eval) records of `kind`; a built-in task's test split, an eval file, or a held-out slice."""
+    data = cfg.data
+    train = load_dataset_records(data.path, kind, "train", n=data.num_examples, seed=cfg.train.seed)
+    if data.eval_path:
+        return train, load_dataset_records(data.eval_path, kind, "test", n=data.num_eval_examples, seed=cfg.train.seed)
+    if data.path.startswith("task:"):
+        return train, load_dataset_records(data.path, kind, "test", n=data.num_eval_examples, seed=cfg.train.seed)
+    order = list(range(len(train)))
+    random.Random(cfg.train.seed).shuffle(order)
+    n_eval = int(len(train) * data.eval_fraction) if len(train) >= 20 else 0
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(train) if i not in held], [r for i, r in enumerate(train) if i in held]
+
+
+def encode_all(records: list[Record], encode, lengths_of, cfg: RunConfig, fit=None, name: str = "train"):
+    """Encode records, apply the over-long policy, write the counts to the run directory and the log."""
+    items = [encode(r) for r in records]
+    kept, report = filter_by_length(
+        items, [lengths_of(x) for x in items], [r.where for r in records], cfg.data.max_length, cfg.data.overlong, fit
+    )
+    _record_length_report(cfg, name, report)
+    return kept, report
+
+
+def _record_length_report(cfg: RunConfig, name: str, report: LengthReport) -> None:
+    out = Path(cfg.train.output_dir) / "data_report.json"
+    existing = json.loads(out.read_text()) if out.exists() else {}
+    existing[name] = {"policy": report.policy, "kept": report.kept, "dropped": report.dropped, "truncated": report.truncated, "first_overlong": report.examples}
+    out.write_text(json.dumps(existing, indent=1))
+    if report.dropped or report.truncated:
+        log.warning("%s data: %s (first: %s)", name, report.summary(), ", ".join(report.examples))
+
+
+def make_order(lengths: list[int], cfg: RunConfig) -> BatchOrder:
+    return BatchOrder(lengths, cfg.train.batch_size, cfg.train.seed, cfg.data.group_by_length)
+
+
+def padded_sft_batch(items, pad_id: int) -> dict:
+    batch = pad_batch([x.input_ids for x in items], pad_id, "right", [x.labels for x in items])
+    batch["padding_fraction"] = padding_fraction([len(x) for x in items])
+    return batch
+
+
+def describe_model(model) -> dict:
+    trainable, total = count_parameters(model)
+    return {"params/trainable": trainable, "params/total": total}
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
+
+
+__all__ = [
+    "autocast_context", "describe_model", "encode_all", "load_policy_and_tokenizer", "load_splits", "make_order",
+    "padded_sft_batch", "setup_run", "write_json",
+]

@@ -1,0 +1,214 @@
+"""The one training loop. Every algorithm plugs in through the small `Algorithm` protocol below.
+
+One loop step = one iteration of the algorithm: it asks the algorithm for its optimizer updates (SFT: one
+update of `grad_accum` micro-batches; GRPO/PPO: a rollout, then several updates over it), runs them with
+gradient accumulation normalized by the whole update's token/sequence counts, clips, skips non-finite
+steps, logs, evaluates and checkpoints. Resuming restores everything, so a resumed run logs the same metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from posttrain.config import TrainConfig
+from posttrain.metrics import MetricsLogger, peak_memory_gb, to_float
+from posttrain.train import checkpoint as ckpt
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after `max_bad_steps` consecutive non-finite losses or gradients."""
+
+
+@dataclass
+class Iteration:
+    """What an algorithm hands the loop for one step: updates (each a list of micro-batches) and metrics."""
+
+    updates: list[list[Any]]
+    metrics: dict = field(default_factory=dict)
+
+
+class Algorithm(Protocol):
+    def modules(self) -> dict[str, torch.nn.Module]: ...  # trained and checkpointed modules by name
+    def next_iteration(self, step: int) -> Iteration: ...
+    def totals(self, update: list[Any]) -> dict: ...  # counts over the whole accumulated update
+    def loss(self, micro: Any, totals: dict): ...  # -> LossOutput
+    def state_dict(self) -> dict: ...  # data position and any algorithm state
+    def load_state_dict(self, state: dict) -> None: ...
+    def evaluate(self) -> dict: ...
+    def export(self, out_dir: Path) -> None: ...
+    updates_per_step: int
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, total_updates: int):
+    """Linear warmup, then cosine or linear decay to 0 (or constant)."""
+
+    def factor(update: int) -> float:
+        if update < cfg.warmup_steps:
+            return (update + 1) / (cfg.warmup_steps + 1)
+        progress = (update - cfg.warmup_steps) / max(1, total_updates - cfg.warmup_steps)
+        progress = min(progress, 1.0)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if cfg.schedule == "linear":
+            return 1.0 - progress
+        if cfg.schedule == "constant":
+            return 1.0
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; use cosine, linear or constant")
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _params(algo: Algorithm) -> list[torch.nn.Parameter]:
+    seen, params = set(), []
+    for module in algo.modules().values():
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    if not params:
+        raise ValueError("nothing to train: no parameter requires a gradient")
+    return params
+
+
+def _run_update(algo, update, params, cfg: TrainConfig) -> tuple[dict, bool]:
+    """Forward/backward every micro-batch of one optimizer update; returns (metrics, finite)."""
+    totals = algo.totals(update)
+    sums: dict[str, float] = {}
+    loss_total = 0.0
+    for micro in update:
+        out = algo.loss(micro, totals)
+        if not torch.isfinite(out.loss.detach()):
+            return {"loss": float("nan")}, False
+        out.loss.backward()
+        loss_total += to_float(out.loss)
+        for key, value in out.metrics.items():
+            sums[key] = sums.get(key, 0.0) + to_float(value)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    metrics = {key: value / len(update) for key, value in sums.items()}
+    metrics.update(loss=loss_total, grad_norm=to_float(grad_norm), tokens=totals.get("tokens", 0))
+    return metrics, bool(torch.isfinite(grad_norm))
+
+
+def _mean_rows(rows: list[dict]) -> dict:
+    keys = {k for row in rows for k in row}
+    out = {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
+    out["tokens"] = sum(r.get("tokens", 0) for r in rows)
+    return out
+
+
+class Trainer:
+    """Runs an Algorithm under a TrainConfig, writing the run directory of DESIGN.md §3."""
+
+    def __init__(self, algo: Algorithm, cfg: TrainConfig, is_main: bool = True):
+        self.algo, self.cfg, self.is_main = algo, cfg, is_main
+        self.out_dir = Path(cfg.output_dir)
+        self.params = _params(algo)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2)
+        )
+        self.scheduler = make_scheduler(self.optimizer, cfg, cfg.max_steps * max(1, algo.updates_per_step))
+        self.step, self.bad_in_a_row = 0, 0
+
+    def _state(self) -> dict:
+        return {"step": self.step, "algo": self.algo.state_dict(), "bad_in_a_row": self.bad_in_a_row}
+
+    def save(self) -> Path | None:
+        if not self.is_main:
+            return None
+        return ckpt.save_checkpoint(
+            self.out_dir / "checkpoints", self.step, self.algo.modules(), self.optimizer, self.scheduler,
+            self._state(), keep=self.cfg.keep_checkpoints,
+        )
+
+    def maybe_resume(self) -> bool:
+        found = ckpt.list_checkpoints(self.out_dir / "checkpoints") if self.cfg.resume else []
+        if not found:
+            return False
+        state = ckpt.load_checkpoint(found[-1], self.algo.modules(), self.optimizer, self.scheduler)
+        self.step, self.bad_in_a_row = state["step"], state.get("bad_in_a_row", 0)
+        self.algo.load_state_dict(state["algo"])
+        return True
+
+    def _one_step(self) -> dict:
+        start = time.perf_counter()
+        iteration = self.algo.next_iteration(self.step + 1)
+        rows = []
+        for update in iteration.updates:
+            self.optimizer.zero_grad(set_to_none=True)
+            metrics, finite = _run_update(self.algo, update, self.params, self.cfg)
+            if not finite:
+                self.bad_in_a_row += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.bad_in_a_row >= self.cfg.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"step {self.step + 1}: {self.bad_in_a_row} non-finite losses or gradients in a row; "
+                        "stopping (lower the learning rate, use fp32, or inspect the data)"
+                    )
+                rows.append({"skipped": 1.0})
+                continue
+            self.optimizer.step()
+            self.scheduler.step()
+            self.bad_in_a_row = 0
+            rows.append(metrics)
+        self.step += 1
+        out = {**_mean_rows(rows), **iteration.metrics}
+        elapsed = time.perf_counter() - start
+        out.update(lr=self.scheduler.get_last_lr()[0], step_time_s=elapsed, peak_mem_gb=peak_memory_gb())
+        out["tokens_per_s"] = out.pop("tokens", 0) / max(elapsed, 1e-9)
+        out["skipped"] = sum(r.get("skipped", 0.0) for r in rows)
+        return out
+
+    def fit(self) -> dict:
+        seed_everything(self.cfg.seed)
+        resumed = self.maybe_resume()
+        logger = MetricsLogger(self.out_dir, self.cfg.tensorboard, resume_step=self.step if resumed else None, enabled=self.is_main)
+        bar = _progress(self.cfg, self.step, self.is_main)
+        last: dict = {}
+        try:
+            while self.step < self.cfg.max_steps:
+                metrics = self._one_step()
+                at = self.step
+                if self.cfg.eval_every and at % self.cfg.eval_every == 0 and at < self.cfg.max_steps:
+                    metrics.update({f"eval/{k}": v for k, v in self.algo.evaluate().items()})
+                if at % max(1, self.cfg.log_every) == 0 or at == self.cfg.max_steps:
+                    last = logger.log(at, metrics)
+                if self.cfg.save_every and at % self.cfg.save_every == 0 and at < self.cfg.max_steps:
+                    self.save()
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
+        except KeyboardInterrupt:
+            # Ctrl-C: keep the work done so far; `--resume` continues from here.
+            path = self.save()
+            bar.close()
+            logger.close()
+            raise SystemExit(f"interrupted at step {self.step}; checkpoint saved to {path}") from None
+        bar.close()
+        final_eval = {f"eval/{k}": v for k, v in self.algo.evaluate().items()}
+        if final_eval:
+            last = logger.log(self.step, {**final_eval, "final": True})
+        self.save()
+        if self.is_main:
+            self.algo.export(self.out_dir / "final")
+        logger.close()
+        return last
+
+
+def _progress(cfg: TrainConfig, initial: int, is_main: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=initial, disable=not (cfg.progress and is_main), desc="train", unit="step")

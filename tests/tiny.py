@@ -1,0 +1,49 @@
+"""Tiny models and tokenizers built by the tests themselves (no hub, no files): a 2-layer Llama and a
+character-level tokenizer with ChatML special tokens, where pad == eos like SmolLM2's."""
+
+from __future__ import annotations
+
+import string
+
+SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHARS = sorted(set(string.printable))
+
+
+def tiny_tokenizer(pad_is_eos: bool = True):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from posttrain.data.chat import CHATML_TEMPLATE
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<|im_start|>", eos_token="<|im_end|>",
+        pad_token="<|im_end|>" if pad_is_eos else "<|endoftext|>",
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]})
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def tiny_llama(vocab_size: int | None = None, seed: int = 0, layers: int = 2, hidden: int = 32):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size or len(SPECIALS) + len(CHARS), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=2, eos_token_id=3, pad_token_id=3, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def tiny_model_dir(path, seed: int = 0, pad_is_eos: bool = True) -> str:
+    """Save a tiny Llama + tokenizer as a normal HF checkpoint folder and return its path."""
+    model, tok = tiny_llama(seed=seed), tiny_tokenizer(pad_is_eos)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
