@@ -71,3 +71,7 @@ def ensure_bundled_model() -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     return convert_gguf(gguf_path(), out)
+
+
+if __name__ == "__main__":  # `python -m posttrain.models.bundled`: convert once (set-up runs this)
+    print(ensure_bundled_model())

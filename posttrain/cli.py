@@ -1,0 +1,131 @@
+"""`posttrain <command> [CONFIG] [flags] [key=value ...]` — every command is also a Python function.
+
+Precedence: config file < flags < key=value overrides. Runners are imported only when their command runs,
+so `posttrain --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+# command -> ("module:function", one-line help). The function takes a RunConfig.
+TRAIN_COMMANDS = {
+    "sft": ("posttrain.train.sft:run_sft", "supervised fine-tuning on demonstrations (assistant tokens only)"),
+    "rm": ("posttrain.train.rm:run_rm", "Bradley–Terry reward model on preference pairs"),
+    "dpo": ("posttrain.train.dpo:run_dpo", "DPO family on preference pairs (algo.loss_type=dpo|ipo|robust|cdpo|hinge|simpo|orpo)"),
+    "kto": ("posttrain.train.kto:run_kto", "KTO on unpaired thumbs-up/down data (or split preference pairs)"),
+    "ppo": ("posttrain.train.ppo:run_ppo", "PPO (RLHF) with a critic, a reward model and a KL penalty"),
+    "grpo": ("posttrain.train.grpo:run_grpo", "GRPO / Dr. GRPO / RLOO / DAPO with verifiable rewards"),
+    "online-dpo": ("posttrain.train.online_dpo:run_online_dpo", "iterative DPO on best-vs-worst sampled pairs"),
+}
+
+# everyday flags -> dotted config keys (DESIGN.md §3)
+FLAGS = {
+    "model": "model.name_or_path",
+    "data": "data.path",
+    "output_dir": "train.output_dir",
+    "max_steps": "train.max_steps",
+    "seed": "train.seed",
+    "ref_model": "algo.ref_model",
+    "reward_model": "algo.reward_model",
+    "reward": "algo.rewards",
+}
+
+
+def _resolve(target: str):
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _add_train_parser(sub, name: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("config", nargs="?", help="YAML config file (optional)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-5")
+    p.add_argument("--model", help="model folder, .gguf file, hub id, or 'smollm2' (bundled)")
+    p.add_argument("--data", help="dataset: .jsonl/.json/.parquet, a saved HF dataset, or task:arithmetic")
+    p.add_argument("--output-dir", dest="output_dir", help="run directory")
+    p.add_argument("--max-steps", dest="max_steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    if name in ("dpo", "kto", "ppo", "grpo", "online-dpo"):
+        p.add_argument("--ref-model", dest="ref_model", help="reference model (default: the starting policy)")
+    if name in ("ppo", "online-dpo", "grpo"):
+        p.add_argument("--reward-model", dest="reward_model", help="reward model folder")
+        p.add_argument("--reward", action="append", help="reward function name or module:function (repeatable)")
+
+
+def _split_config_and_overrides(args) -> tuple[str | None, list[str]]:
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config:  # no config file given: the first positional is an override
+        overrides.insert(0, config)
+        config = None
+    return config, overrides
+
+
+def config_from_args(command: str, args):
+    from posttrain.config import load_config
+
+    config, overrides = _split_config_and_overrides(args)
+    flags = {dotted: getattr(args, name, None) for name, dotted in FLAGS.items()}
+    if getattr(args, "resume", False):
+        flags["train.resume"] = True
+    return load_config(command, config, overrides, flags)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in TRAIN_COMMANDS.items():
+        _add_train_parser(sub, name, help_text)
+    from posttrain.evaluate import add_eval_parser
+
+    add_eval_parser(sub)
+    for name, target, help_text in EXTRA_COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _resolve_parser(target)(p)
+    return parser
+
+
+# commands with their own arguments: (name, "module:add_arguments", help)
+EXTRA_COMMANDS = [
+    ("pipeline", "posttrain.pipeline:add_arguments", "run the stages of a pipeline YAML (finished stages are skipped)"),
+    ("demo", "posttrain.pipeline:add_demo_arguments", "the demo pipeline on SmolLM2 with the arithmetic task"),
+    ("report", "posttrain.report:add_arguments", "rebuild the HTML/Markdown report of a run directory"),
+]
+
+
+def _resolve_parser(target: str):
+    try:
+        return _resolve(target)
+    except (ImportError, AttributeError):
+        return lambda p: p.set_defaults(unavailable=target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from posttrain.config import ConfigError
+    from posttrain.data.formats import DataError
+
+    try:
+        if args.command in TRAIN_COMMANDS:
+            cfg = config_from_args(args.command, args)
+            result = _resolve(TRAIN_COMMANDS[args.command][0])(cfg)
+            print(json.dumps(result, indent=1, default=str))
+            return 0
+        if getattr(args, "unavailable", None):
+            print(f"posttrain {args.command}: not available in this build ({args.unavailable})", file=sys.stderr)
+            return 2
+        return args.func(args) or 0
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        print(f"posttrain {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Reward modeling: a Bradley–Terry scalar head read at the last real token, trained on preference pairs.
+
+loss = −log σ(r(x, y_w) − r(x, y_l))  (Bradley & Terry 1952; Ouyang et al. 2022 eq. 1), optionally plus
+`center_coef · (r_w + r_l)²` to keep scores near 0 (Eisenstein et al. 2023). Chosen and rejected rows share
+one forward pass. Held-out pairwise accuracy is the evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from posttrain.config import RunConfig, register_algo_config
+from posttrain.data.chat import encode_prompt_completion
+from posttrain.data.collate import pad_batch
+from posttrain.models.forward import reward_scores
+from posttrain.models.loading import load_reward_model, load_tokenizer, resolve_model_path
+from posttrain.train import common
+from posttrain.train.loop import Iteration, Trainer
+from posttrain.types import LossOutput
+
+
+@register_algo_config("rm")
+@dataclass
+class RMConfig:
+    use_chat_template: bool = True
+    center_coef: float = 0.0  # weight of (r_w + r_l)^2; 0 disables
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_coef: float = 0.0) -> torch.Tensor:
+    """Per-pair loss (B,) from scores (B,) of chosen and rejected completions."""
+    loss = -F.logsigmoid(chosen - rejected)
+    if center_coef:
+        loss = loss + center_coef * (chosen + rejected) ** 2
+    return loss
+
+
+def encode_pair(record, tokenizer, use_chat: bool) -> tuple[list[int], list[int]]:
+    data = record.data
+    chosen = encode_prompt_completion(tokenizer, data["prompt"], data["chosen"], use_chat).input_ids
+    rejected = encode_prompt_completion(tokenizer, data["prompt"], data["rejected"], use_chat).input_ids
+    return chosen, rejected
+
+
+def pair_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """Chosen rows then rejected rows in one padded batch (2B, T)."""
+    return pad_batch([c for c, _ in pairs] + [r for _, r in pairs], pad_id, "right")
+
+
+def score_pairs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])
+    half = scores.shape[0] // 2
+    return scores[:half], scores[half:]
+
+
+class RewardModeling:
+    updates_per_step = 1
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        path = resolve_model_path(cfg.model.name_or_path)
+        self.tokenizer = load_tokenizer(path, cfg.data.chat_template)
+        torch.manual_seed(cfg.train.seed)  # the new score head is initialised from the seed
+        self.model = load_reward_model(path, cfg.model.dtype, self.tokenizer.pad_token_id)
+        if cfg.model.lora.enabled:
+            from posttrain.models.loading import apply_lora
+
+            self.model = apply_lora(self.model, cfg.model.lora)
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(p.requires_grad or "score" in name)  # the head is always trained
+        train, held = common.load_splits(cfg, "preference")
+        enc = lambda r: encode_pair(r, self.tokenizer, cfg.algo.use_chat_template)  # noqa: E731
+        self.train_pairs, _ = common.encode_all(train, enc, lambda p: max(map(len, p)), cfg)
+        self.eval_pairs, _ = common.encode_all(held, enc, lambda p: max(map(len, p)), cfg, name="eval")
+        self.order = common.make_order([max(map(len, p)) for p in self.train_pairs], cfg)
+        self.pad_id = self.tokenizer.pad_token_id
+
+    def modules(self):
+        return {"reward_model": self.model}
+
+    def next_iteration(self, step: int) -> Iteration:
+        micro = [pair_batch([self.train_pairs[i] for i in self.order.next()], self.pad_id) for _ in range(self.cfg.train.grad_accum)]
+        return Iteration([micro])
+
+    def totals(self, update) -> dict:
+        return {"num_pairs": sum(b["input_ids"].shape[0] // 2 for b in update), "tokens": sum(int(b["attention_mask"].sum()) for b in update)}
+
+    def loss(self, micro, totals) -> LossOutput:
+        self.model.train()
+        with common.autocast_context(self.cfg.model):
+            chosen, rejected = score_pairs(self.model, micro)
+        per_pair = bradley_terry_loss(chosen, rejected, self.cfg.algo.center_coef)
+        metrics = {
+            "accuracy": (chosen > rejected).float().mean(),
+            "rewards/chosen": chosen.detach().mean(),
+            "rewards/rejected": rejected.detach().mean(),
+            "rewards/margins": (chosen - rejected).detach().mean(),
+        }
+        return LossOutput(per_pair.sum() / totals["num_pairs"], metrics)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        return pairwise_accuracy(self.model, self.eval_pairs, self.pad_id, self.cfg.train.batch_size, self.cfg.model)
+
+    def state_dict(self) -> dict:
+        return {"order": self.order.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state["order"])
+
+    def export(self, out_dir: Path) -> None:
+        from posttrain.models.loading import export_model
+
+        export_model(self.model, self.tokenizer, out_dir)
+
+
+@torch.no_grad()
+def pairwise_accuracy(model, pairs, pad_id: int, batch_size: int = 8, model_cfg=None) -> dict:
+    """Share of held-out pairs whose chosen completion scores higher, and the mean margin."""
+    if not pairs:
+        return {}
+    model.eval()
+    correct, margin = 0, 0.0
+    for s in range(0, len(pairs), batch_size):
+        batch = pair_batch(pairs[s : s + batch_size], pad_id)
+        with common.autocast_context(model_cfg) if model_cfg else torch.no_grad():
+            chosen, rejected = score_pairs(model, batch)
+        correct += int((chosen > rejected).sum())
+        margin += float((chosen - rejected).sum())
+    return {"accuracy": correct / len(pairs), "margin": margin / len(pairs)}
+
+
+def run_rm(cfg: RunConfig) -> dict:
+    """`posttrain rm`: train a reward model; `final/` loads with AutoModelForSequenceClassification."""
+    common.setup_run(cfg)
+    return Trainer(RewardModeling(cfg), cfg.train).fit()

