@@ -39,6 +39,9 @@ def token_logps(
     """
     if labels is None:
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    # a token whose predecessor is padding (the first real token under left padding) has no prediction
+    follows_pad = torch.nn.functional.pad(attention_mask[:, :-1], (1, 0)) == 0
+    labels = labels.masked_fill(follows_pad, IGNORE_INDEX)
     hidden = decoder_hidden(model, input_ids, attention_mask)
     head = _unwrap(model).get_output_embeddings()
     out = hidden_logprobs(hidden, head, shift_labels(labels), chunk_size, with_entropy, temperature)

@@ -20,6 +20,15 @@ PROMPTS = [[1, 5, 9, 13, 2, 7, 30], [3, 4], [11, 12, 13, 14, 15], [60]]  # diffe
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls: thread hand-offs cost more than the math (10x slower with 2 threads on a busy box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(

@@ -1,0 +1,272 @@
+"""The harness that runs inside the code sandbox: isolate itself, then run untrusted code and its tests.
+
+Run by ``sandbox.py`` as ``python -s -S -B [-P] _sandbox_child.py SETTINGS_JSON`` with a scrubbed environment,
+stdin = one nonce line followed by ``{"code": ..., "tests": ...}`` as JSON, and a write-only result pipe whose
+fd number is in the settings. Standard library only: it may run under another interpreter than the host's.
+
+Protocol on the result pipe (the host trusts only this, never stdout):
+- ``INFRA <message>`` then exit 70: isolation or test compilation failed before any untrusted code ran;
+- ``READY <defences json>``: set-up done; from here on every outcome is the code's own;
+- ``PASS <nonce>``: written only after the tests ran to completion, through references captured before the
+  untrusted code ran. The nonce lives in the frame of a suspended generator, reachable only through
+  ``gi_frame``; the audit hook below blocks that and every other frame, gc, ctypes, signal and code-object
+  route, so Python-level code cannot forge the line. Native code (a CPython memory-corruption trick) could;
+  the OS layers (namespaces, read-only mounts, another uid) still bound what such code can touch.
+"""
+
+import builtins
+import json
+import os
+import resource
+import sys
+
+NONCE_LEN = 32
+# Events any untrusted code may never raise: they reach frames (hence the nonce), raw memory or signals.
+INTEGRITY_EVENTS = frozenset({
+    "sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile", "sys._getframemodulename",
+    "gc.get_objects", "gc.get_referrers", "gc.get_referents", "code.__new__",
+    "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.addressof",
+})
+FRAME_ATTRS = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_code"})
+INTEGRITY_MODULES = frozenset({"ctypes", "_ctypes", "signal", "_signal", "faulthandler", "_posixshmem"})
+# Policy of the Python-level guard (settings["guard"]): processes, sockets, writes outside the work folder.
+SPAWN_EVENTS = frozenset({
+    "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
+    "pty.spawn", "os.kill", "os.killpg",
+})
+SPAWN_MODULES = frozenset({"_posixsubprocess", "multiprocessing", "_multiprocessing"})
+PATH_ARG_EVENTS = {  # event -> positions of path arguments that are written
+    "os.mkdir": (0,), "os.rmdir": (0,), "os.remove": (0,), "os.rename": (0, 1), "os.link": (0, 1),
+    "os.symlink": (1,), "os.chmod": (0,), "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,),
+    "os.chdir": (0,), "os.chroot": (0,), "shutil.rmtree": (0,),
+}
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+WRITABLE_DEVICES = ("/dev/null",)
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWIPC, CLONE_NEWUTS = (
+    0x00020000, 0x10000000, 0x40000000, 0x08000000, 0x04000000)
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
+    1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
+MS_OPTION_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
+                   "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21, "strictatime": 1 << 24}
+
+
+def _nonce_holder(read, write, result_fd):
+    """Reads the nonce from stdin at start and writes the PASS line when resumed; nothing else can see it."""
+    nonce = b""
+    while len(nonce) < NONCE_LEN:
+        chunk = read(0, NONCE_LEN - len(nonce))
+        if not chunk:
+            raise EOFError("stdin closed before the nonce")
+        nonce += chunk
+    read(0, 1)  # the newline
+    yield
+    write(result_fd, b"PASS " + nonce + b"\n")
+    yield
+
+
+def _libc():
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def call(name, *args):
+        if getattr(libc, name)(*args) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{name}: {os.strerror(err)}")
+
+    return ctypes, call
+
+
+def _mounts():
+    """(mount point, option flags) of every mount, parents first, from /proc/self/mountinfo."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            point = fields[4].encode().decode("unicode_escape")  # \040 for spaces
+            flags = 0
+            for opt in fields[5].split(","):
+                flags |= MS_OPTION_FLAGS.get(opt, 0)
+            out.append((point, flags))
+    return out
+
+
+def _enter_namespaces(call, uid, gid):
+    """Private mount + network (+ ipc, uts) namespaces: directly as root, inside a user namespace otherwise."""
+    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+    if os.geteuid() == 0:
+        call("unshare", flags)
+        return "root"
+    call("unshare", flags | CLONE_NEWUSER)
+    for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"{uid} {uid} 1"),
+                       ("/proc/self/gid_map", f"{gid} {gid} 1")):
+        with open(path, "w") as f:
+            f.write(text)
+    return "user namespace"
+
+
+def _readonly_filesystem(call, work):
+    """Everything read-only except the work folder (itself nosuid, nodev, noexec); /proc hidden by a tmpfs."""
+    call("mount", b"none", b"/", None, MS_REC | MS_PRIVATE, None)
+    call("mount", work.encode(), work.encode(), None, MS_BIND, None)
+    call("mount", None, work.encode(), None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    failed = []
+    for point, flags in _mounts():
+        if point == work or point == "/proc" or point.startswith("/proc/"):
+            continue
+        try:
+            call("mount", None, point.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags, None)
+        except OSError:
+            failed.append(point)
+    call("mount", b"tmpfs", b"/proc", b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"size=4k")
+    # Only the folders anyone could write to matter; a failed remount of a root-only mount is harmless.
+    for path in ("/", "/tmp", "/var/tmp", "/dev/shm"):
+        if os.path.isdir(path) and not os.statvfs(path).f_flag & os.ST_RDONLY:
+            raise OSError(f"{path} is still writable (remount failed for {failed})")
+
+
+def _drop_capabilities(ctypes):
+    """capset(2) to empty sets: after unshare(CLONE_NEWUSER) we hold every capability in the new namespace."""
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+    data = (ctypes.c_uint32 * 6)()
+    if ctypes.CDLL(None, use_errno=True).syscall(126, header, data) != 0:  # SYS_capset on x86-64/arm64
+        raise OSError(ctypes.get_errno(), "capset failed")
+
+
+def _set_limits(s):
+    limits = {
+        resource.RLIMIT_CPU: (s["cpu_s"], s["cpu_s"] + 1),
+        resource.RLIMIT_AS: (s["memory_bytes"],) * 2,
+        resource.RLIMIT_FSIZE: (s["file_bytes"],) * 2,
+        resource.RLIMIT_NOFILE: (64, 64),
+        resource.RLIMIT_CORE: (0, 0),
+    }
+    if s["uid"] is not None:  # per-uid process count; meaningless (and harmful) when shared with the host's uid
+        limits[resource.RLIMIT_NPROC] = (s["max_processes"],) * 2
+    for kind, value in limits.items():
+        resource.setrlimit(kind, value)
+
+
+def isolate(s):
+    """OS-level isolation as far as this machine permits; returns the names of the defences that are active."""
+    defences = []
+    ctypes, call = _libc()
+    uid = s["uid"] if s["uid"] is not None else os.getuid()
+    gid = s["uid"] if s["uid"] is not None else os.getgid()
+    if s["isolate"]:
+        try:
+            defences.append(f"namespaces ({_enter_namespaces(call, uid, gid)})")
+            defences.append("no network (empty network namespace)")
+        except OSError:
+            pass
+        if defences:
+            _readonly_filesystem(call, s["work"])
+            defences.append("read-only filesystem except the work folder; /proc hidden")
+    _set_limits(s)
+    defences.append("rlimits cpu/as/fsize/nofile" + ("/nproc" if s["uid"] is not None else ""))
+    if s["uid"] is not None:  # root: become an unused uid, which drops every capability
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        defences.append(f"unprivileged uid {uid}")
+    elif defences[0].startswith("namespaces"):
+        _drop_capabilities(ctypes)
+    call("prctl", 38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: no setuid binary can give privileges back
+    call("prctl", 4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no same-uid process may ptrace us or read our memory
+    os.chdir(s["work"])
+    for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))] + ["_signal"]:
+        sys.modules.pop(name, None)  # so that importing them again raises the audited "import" event
+    return defences
+
+
+def _make_hook(work, guard, allowed_ext_roots):
+    realpath, sep, getcwd = os.path.realpath, os.sep, os.getcwd
+    work_prefix = work + sep
+
+    def inside(path):
+        if isinstance(path, int) or path is None:
+            return True  # an fd we already hold
+        full = realpath(os.fsdecode(path) if not isinstance(path, str) else path)
+        return full == work or full.startswith(work_prefix) or full in WRITABLE_DEVICES
+
+    def refuse(event):
+        raise PermissionError(f"sandbox: {event} is not allowed")
+
+    def hook(event, args):
+        if event in INTEGRITY_EVENTS:
+            refuse(event)
+        if event == "object.__getattr__" and args[1] in FRAME_ATTRS:
+            raise AttributeError(f"sandbox: {args[1]} is not allowed")
+        if event == "import":
+            name = args[0]
+            if name in INTEGRITY_MODULES or (guard and name in SPAWN_MODULES):
+                raise ImportError(f"sandbox: module {name} is not allowed")
+            if args[1] is not None and not str(args[1]).startswith(allowed_ext_roots):
+                raise ImportError(f"sandbox: native module {args[1]} is not allowed")
+            return
+        if event == "open":
+            path, mode, flags = args
+            spelled = os.fsdecode(path) if isinstance(path, bytes) else path
+            if isinstance(spelled, str) and (spelled == "/proc" or spelled.startswith("/proc/")):
+                refuse(f"open {spelled}")
+            writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & WRITE_FLAGS)
+            if guard and writes and not inside(path):
+                refuse(f"writing {path}")
+            return
+        if not guard:
+            return
+        if event in SPAWN_EVENTS or event.startswith("socket."):
+            refuse(event)
+        for i in PATH_ARG_EVENTS.get(event, ()):
+            if not inside(args[i]):
+                refuse(f"{event} {args[i]}")
+
+    return hook
+
+
+def _report_failure(exc_type, exc, tb, write):
+    try:
+        sys.__excepthook__(exc_type, exc, tb)
+    except BaseException:
+        write(2, b"sandbox: the tests did not pass\n")
+
+
+def main():
+    settings = json.loads(sys.argv[1])
+    read, write, exit_, exec_, dict_, next_ = os.read, os.write, os._exit, exec, dict, next
+    base_exception, excepthook, type_ = BaseException, _report_failure, type
+    result_fd = settings["result_fd"]
+    holder = _nonce_holder(read, write, result_fd)
+    try:
+        next_(holder)
+        payload = json.loads(sys.stdin.buffer.read())
+        defences = isolate(settings)
+        tests = compile(payload["tests"], "<tests>", "exec", dont_inherit=True, optimize=0)
+        source = payload["code"]
+        del payload
+        work_dir = settings["work"].rstrip("/") + "/"
+        roots = tuple({p.rstrip("/") + "/" for p in sys.path if p and not work_dir.startswith(p.rstrip("/") + "/")})
+        sys.addaudithook(_make_hook(settings["work"], settings["guard"], roots or ("/nonexistent/",)))
+        if settings["guard"]:
+            defences.append("python guard: no processes, sockets or writes outside the work folder")
+    except BaseException as e:  # set-up failed before any untrusted code ran: the host reports infra_error
+        write(result_fd, b"INFRA " + repr(e).encode(errors="replace")[:2000] + b"\n")
+        exit_(70)
+    pristine = tuple(vars(builtins).items())
+    module = type(sys)("__main__")
+    sys.modules["__main__"] = module  # the harness's own globals become unreachable from user code
+    write(result_fd, b"READY " + json.dumps(defences).encode() + b"\n")
+    try:
+        exec_(compile(source, "<solution>", "exec", dont_inherit=True, optimize=0), module.__dict__)
+        scope = dict_(module.__dict__)
+        scope["__builtins__"] = dict_(pristine)  # tests see the builtins as they were before the code ran
+        exec_(tests, scope)
+    except base_exception as e:
+        excepthook(type_(e), e, e.__traceback__, write)
+        exit_(1)
+    next_(holder)
+    exit_(0)
+
+
+if __name__ == "__main__":
+    main()
