@@ -47,3 +47,30 @@ def tiny_model_dir(path, seed: int = 0, pad_is_eos: bool = True) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def run_config(command: str, out_dir, model_dir: str, data: str, *overrides: str):
+    """A RunConfig for a quick tiny-model run: fp32, no TensorBoard, no progress bar."""
+    import importlib
+
+    from posttrain.cli import TRAIN_COMMANDS
+    from posttrain.config import load_config
+
+    importlib.import_module(TRAIN_COMMANDS[command][0].split(":")[0])  # registers the algo config
+    base = ["model.autocast=none", "train.tensorboard=false", "train.progress=false", "data.eval_fraction=0.1"]
+    return load_config(command, None, base + list(overrides), {
+        "model.name_or_path": model_dir, "data.path": data, "train.output_dir": str(out_dir)})
+
+
+def write_jsonl(path, rows) -> str:
+    import json
+
+    with open(path, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def addition_sft_rows(n: int = 64):
+    return [{"messages": [{"role": "user", "content": f"{i % 10}+{i % 7}"}, {"role": "assistant", "content": str(i % 10 + i % 7)}]}
+            for i in range(n)]

@@ -118,9 +118,9 @@ def _check_messages(value: Any, where: str, name: str) -> None:
         raise DataError(f"{where}: field {name!r}: expected a non-empty list of {{role, content}} messages")
     for i, msg in enumerate(value):
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise DataError(f"{where}: field {name}[{i}]: expected an object with 'role' and 'content'")
+            raise DataError(f"{where}: field '{name}[{i}]': expected an object with 'role' and 'content'")
         if msg["role"] not in ROLES:
-            raise DataError(f"{where}: field {name}[{i}].role: unknown role {msg['role']!r}; expected one of {ROLES}")
+            raise DataError(f"{where}: field '{name}[{i}].role': unknown role {msg['role']!r}; expected one of {ROLES}")
         _check_text(msg["content"], where, f"{name}[{i}].content", allow_empty=msg["role"] == "system")
 
 

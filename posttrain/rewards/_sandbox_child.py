@@ -1,6 +1,6 @@
 """The harness that runs inside the code sandbox: isolate itself, then run untrusted code and its tests.
 
-Run by ``sandbox.py`` as ``python -s -S -B [-P] _sandbox_child.py SETTINGS_JSON`` with a scrubbed environment,
+Run by ``sandbox.py`` as ``python -s -S -B harness.py SETTINGS_JSON`` with a scrubbed environment,
 stdin = one nonce line followed by ``{"code": ..., "tests": ...}`` as JSON, and a write-only result pipe whose
 fd number is in the settings. Standard library only: it may run under another interpreter than the host's.
 
@@ -9,8 +9,9 @@ Protocol on the result pipe (the host trusts only this, never stdout):
 - ``READY <defences json>``: set-up done; from here on every outcome is the code's own;
 - ``PASS <nonce>``: written only after the tests ran to completion, through references captured before the
   untrusted code ran. The nonce lives in the frame of a suspended generator, reachable only through
-  ``gi_frame``; the audit hook below blocks that and every other frame, gc, ctypes, signal and code-object
-  route, so Python-level code cannot forge the line. Native code (a CPython memory-corruption trick) could;
+  ``gi_frame``; the audit hook below blocks that and every other frame, gc, ctypes and code-object route, so
+  Python-level code cannot forge the line (a signal handler's frame argument is harmless: the generator runs
+  only before the untrusted code and after the tests passed). Native code (a CPython memory-corruption trick) could;
   the OS layers (namespaces, read-only mounts, another uid) still bound what such code can touch.
 """
 
@@ -21,14 +22,17 @@ import resource
 import sys
 
 NONCE_LEN = 32
-# Events any untrusted code may never raise: they reach frames (hence the nonce), raw memory or signals.
+# Events untrusted code may never raise: they reach frames (hence the nonce), raw memory, or forge code objects.
+# sys._getframe raises ValueError, what the stdlib (namedtuple, enum, typing) already expects when frames are
+# unavailable; the others raise PermissionError.
+FRAME_EVENTS = frozenset({"sys._getframe", "sys._getframemodulename"})
 INTEGRITY_EVENTS = frozenset({
-    "sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile", "sys._getframemodulename",
-    "gc.get_objects", "gc.get_referrers", "gc.get_referents", "code.__new__",
+    "sys._current_frames", "sys.settrace", "sys.setprofile", "gc.get_objects", "gc.get_referrers", "gc.get_referents", "code.__new__",
     "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.addressof",
 })
 FRAME_ATTRS = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_code"})
-INTEGRITY_MODULES = frozenset({"ctypes", "_ctypes", "signal", "_signal", "faulthandler", "_posixshmem"})
+# Signal handlers receive the current frame, but the nonce's frame only runs before the code and after a pass.
+INTEGRITY_MODULES = frozenset({"ctypes", "_ctypes", "_testcapi", "_testinternalcapi", "_testmultiphase"})
 # Policy of the Python-level guard (settings["guard"]): processes, sockets, writes outside the work folder.
 SPAWN_EVENTS = frozenset({
     "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
@@ -163,7 +167,8 @@ def isolate(s):
             _readonly_filesystem(call, s["work"])
             defences.append("read-only filesystem except the work folder; /proc hidden")
     _set_limits(s)
-    defences.append("rlimits cpu/as/fsize/nofile" + ("/nproc" if s["uid"] is not None else ""))
+    os.nice(19)  # lowest CPU priority, so that spinning processes cannot starve the host until the timeout
+    defences.append("nice 19, rlimits cpu/as/fsize/nofile" + ("/nproc" if s["uid"] is not None else ""))
     if s["uid"] is not None:  # root: become an unused uid, which drops every capability
         os.setgroups([])
         os.setresgid(gid, gid, gid)
@@ -174,7 +179,7 @@ def isolate(s):
     call("prctl", 38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: no setuid binary can give privileges back
     call("prctl", 4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no same-uid process may ptrace us or read our memory
     os.chdir(s["work"])
-    for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))] + ["_signal"]:
+    for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
         sys.modules.pop(name, None)  # so that importing them again raises the audited "import" event
     return defences
 
@@ -193,6 +198,8 @@ def _make_hook(work, guard, allowed_ext_roots):
         raise PermissionError(f"sandbox: {event} is not allowed")
 
     def hook(event, args):
+        if event in FRAME_EVENTS:
+            raise ValueError(f"sandbox: {event} is not allowed")
         if event in INTEGRITY_EVENTS:
             refuse(event)
         if event == "object.__getattr__" and args[1] in FRAME_ATTRS:
@@ -233,6 +240,8 @@ def _report_failure(exc_type, exc, tb, write):
 
 def main():
     settings = json.loads(sys.argv[1])
+    if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
+        sys.path.pop(0)  # what -P would do; -I is not used because it also ignores PYTHONHASHSEED
     read, write, exit_, exec_, dict_, next_ = os.read, os.write, os._exit, exec, dict, next
     base_exception, excepthook, type_ = BaseException, _report_failure, type
     result_fd = settings["result_fd"]

@@ -62,6 +62,7 @@ def encode_all(records: list[Record], encode, lengths_of, cfg: RunConfig, fit=No
 
 def _record_length_report(cfg: RunConfig, name: str, report: LengthReport) -> None:
     out = Path(cfg.train.output_dir) / "data_report.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(out.read_text()) if out.exists() else {}
     existing[name] = {"policy": report.policy, "kept": report.kept, "dropped": report.dropped, "truncated": report.truncated, "first_overlong": report.examples}
     out.write_text(json.dumps(existing, indent=1))

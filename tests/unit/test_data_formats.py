@@ -23,7 +23,7 @@ def write_lines(path, lines):
         ([GOOD_PREF, {"prompt": "p", "chosen": "a", "rejectd": "b"}], "preference", r":2: missing field 'rejected'.*'rejectd'"),
         ([{"prompt": "p", "chosen": 3, "rejected": "b"}], "preference", r":1: field 'chosen': expected a string or a list of messages, got int"),
         ([{"prompt": "", "chosen": "a", "rejected": "b"}], "preference", r":1: field 'prompt': empty string"),
-        ([{"messages": [{"role": "wizard", "content": "x"}]}], "sft", r":1: field messages\[0\].role: unknown role 'wizard'"),
+        ([{"messages": [{"role": "wizard", "content": "x"}]}], "sft", r":1: field 'messages\[0\].role': unknown role 'wizard'"),
         ([{"messages": [{"role": "user", "content": "x"}]}], "sft", r":1: field 'messages': no assistant message"),
         ([{"prompt": "p", "completion": "c", "label": "yes"}], "unpaired", r":1: field 'label': expected true/false"),
         ([[1, 2]], "sft", r":1: expected a JSON object, got list"),

@@ -1,0 +1,279 @@
+"""Reference log-probs for the offline losses (DPO family, KTO): computed once, before training, and kept on disk.
+
+The dataset is fixed and π_ref is frozen, so log π_ref(y | x) of every sequence a run scores is a constant. One
+no-grad pass before the first update computes the sums for the examples the run will visit (and the eval split) and
+stores them in the run directory as `reference_logps.safetensors`, keyed by example index; training then holds one
+model in memory. The file carries a fingerprint of the reference (weights, dtype, autocast) and a hash of each
+column's token ids and labels: a resumed run reuses what matches and computes only what is missing.
+
+Which model is the reference (PITFALLS #13). We adopt: **the reference is the initial policy**, unless `ref_model`
+names another checkpoint.
+  1. `ref_model` set: that checkpoint, loaded frozen for the pass only and freed before training.
+  2. a LoRA policy whose adapter is still zero (a fresh one, B = 0): the base with the adapter switched off
+     (`adapter_disabled`): the same numbers as the initial policy, and DESIGN.md's contract.
+  3. otherwise the policy itself, before its first update. Full fine-tuning: the policy holds the very weights a
+     frozen copy would load, so no second copy is loaded at all. A LoRA policy that starts from a trained
+     (non-zero) adapter: the reference is that initial policy, adapter on, not the bare base.
+With `precompute_ref=False` the reference runs on every micro-batch instead (`LiveReference`): case 2 switches the
+adapter off per batch (one model); cases 1 and 3 keep a frozen model next to the policy (two models).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from posttrain.data.chat import Encoded
+from posttrain.data.collate import BatchOrder, pad_batch
+from posttrain.models.forward import token_logps
+from posttrain.models.loading import adapter_disabled, autocast_context, load_causal_lm, resolve_model_path
+from posttrain.ops import IGNORE_INDEX
+
+log = logging.getLogger("posttrain")
+REFERENCE_FILE = "reference_logps.safetensors"
+
+
+@dataclass
+class RefColumn:
+    """One group of sequences the reference scores (e.g. the train split's chosen completions).
+
+    items[i] is the sequence of example i; needed lists the indices this run will look up (None = all).
+    """
+
+    items: list[Encoded]
+    needed: list[int] | None = None
+
+
+def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the labelled (completion) tokens and their count, per row: (R,) fp32 each.
+
+    batch: input_ids, attention_mask, labels (R, T). Prompt and padding positions carry IGNORE_INDEX, so they never
+    reach the output head and add nothing to the sums (nor, under autograd, to the gradient of anything built on them).
+    """
+    labels = batch["labels"]
+    logp = token_logps(model, batch["input_ids"], batch["attention_mask"], labels, chunk)
+    mask = labels != IGNORE_INDEX
+    mask[:, 0] = False  # the first token has no prediction
+    return (logp * mask).sum(-1), mask.sum(-1).float()
+
+
+def padded(items: list[Encoded], pad_id: int) -> dict:
+    """Right-padded (R, T) batch of encoded sequences with their labels."""
+    return pad_batch([x.input_ids for x in items], pad_id, "right", [x.labels for x in items])
+
+
+@torch.no_grad()
+def score_sequences(model, items: list[Encoded], pad_id: int, batch_size: int, model_cfg) -> torch.Tensor:
+    """Summed completion log-probs (N,) fp32 of `items` under `model`; batches are sorted by length to cut padding."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(items)), key=lambda i: len(items[i]))
+    out = torch.empty(len(items), dtype=torch.float32)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        with autocast_context(model_cfg):
+            sums, _ = sequence_logps(model, padded([items[i] for i in idx], pad_id), model_cfg.logprob_chunk)
+        out[idx] = sums.float().cpu()
+    model.train(was_training)
+    return out
+
+
+def planned_indices(order: BatchOrder, n_batches: int) -> list[int]:
+    """Example indices that the first `n_batches` batches of a fresh copy of `order` visit (a whole epoch: all)."""
+    if n_batches >= order.batches_per_epoch:
+        return list(range(len(order.lengths)))
+    fresh = BatchOrder(order.lengths, order.batch_size, order.seed, order.group_by_length, order.drop_last)
+    return sorted({i for _ in range(n_batches) for i in fresh.next()})
+
+
+# ---- which model is the reference ----------------------------------------------------------------------------------
+
+def _has_zero_adapter(policy) -> bool:
+    lora_b = [p for name, p in policy.named_parameters() if "lora_B" in name]
+    return hasattr(policy, "disable_adapter") and bool(lora_b) and all(not p.detach().any() for p in lora_b)
+
+
+def reference_source(policy, ref_model: str | None) -> str:
+    """'ref_model', 'adapter_off' or 'initial_policy' (see the module docstring)."""
+    if ref_model:
+        return "ref_model"
+    return "adapter_off" if _has_zero_adapter(policy) else "initial_policy"
+
+
+def _param_fingerprint(model) -> str:
+    """A cheap fingerprint of the weights: per tensor its name, shape, float64 sum and ~4k strided values."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes()
+            digest.update(f"{name}{tuple(p.shape)}{float(flat.double().sum())!r}".encode() + sample)
+    return digest.hexdigest()
+
+
+def _file_fingerprint(name_or_path: str) -> str:
+    path = Path(resolve_model_path(name_or_path))
+    if not path.is_dir():
+        return name_or_path
+    files = sorted(f for f in path.iterdir() if f.suffix in (".json", ".safetensors", ".bin", ".gguf"))
+    return json.dumps([str(path.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+
+
+def model_identity(policy, model_cfg, ref_model: str | None) -> str:
+    """What the stored numbers depend on besides the data: the reference's weights and the compute settings."""
+    source = reference_source(policy, ref_model)
+    weights = _file_fingerprint(ref_model) if source == "ref_model" else _param_fingerprint(policy)
+    blob = json.dumps([source, weights, model_cfg.dtype, model_cfg.autocast])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def data_hash(items: list[Encoded]) -> str:
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(json.dumps([item.input_ids, item.labels]).encode())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def scoring_model(policy, model_cfg, ref_model: str | None):
+    """The reference as a model to run, for as long as the `with` lasts; a loaded `ref_model` is freed after it."""
+    source = reference_source(policy, ref_model)
+    if source == "ref_model":
+        frozen = load_causal_lm(model_cfg, resolve_model_path(ref_model), trainable=False)
+        try:
+            yield frozen
+        finally:
+            del frozen
+            gc.collect()
+    elif source == "adapter_off":
+        with adapter_disabled(policy):
+            yield policy
+    else:
+        yield policy
+
+
+# ---- the stored table ----------------------------------------------------------------------------------------------
+
+def _read_table(path: Path, identity: str) -> dict[str, tuple[str, dict[int, float]]]:
+    """{column: (data hash, {index: logp})} from `path`; empty when absent or written for another reference."""
+    if not path.exists():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+        if meta.get("model") != identity:
+            log.warning("%s was computed for another reference model or settings; recomputing it", path)
+            return {}
+        tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    columns = {key[len("data/"):] for key in meta if key.startswith("data/")}
+    return {
+        col: (meta[f"data/{col}"], dict(zip(tensors[f"{col}/index"].tolist(), tensors[f"{col}/logps"].tolist())))
+        for col in columns
+    }
+
+
+def _write_table(path: Path, identity: str, table: dict[str, tuple[str, dict[int, float]]]) -> None:
+    from safetensors.torch import save_file
+
+    tensors, meta = {}, {"model": identity, "format": "1"}
+    for col, (digest, values) in table.items():
+        keys = sorted(values)
+        tensors[f"{col}/index"] = torch.tensor(keys, dtype=torch.int64)
+        tensors[f"{col}/logps"] = torch.tensor([values[k] for k in keys], dtype=torch.float32)
+        meta[f"data/{col}"] = digest
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
+
+
+# ---- the two ways of serving reference log-probs to a loss ---------------------------------------------------------
+
+class PrecomputedReference:
+    """Looks up stored sums by batch["ref_keys"]: one (column, example index) per row of the batch."""
+
+    def __init__(self, tables: dict[str, torch.Tensor]):
+        self.tables = tables
+
+    def logps(self, batch: dict) -> torch.Tensor:
+        values = torch.stack([self.tables[col][i] for col, i in batch["ref_keys"]])
+        if torch.isnan(values).any():
+            missing = [key for key, v in zip(batch["ref_keys"], values.tolist()) if v != v]
+            raise RuntimeError(f"reference log-probs of {missing[:3]} were not precomputed")
+        return values.to(batch["input_ids"].device)
+
+
+class LiveReference:
+    """Runs the reference on every batch (precompute_ref=False)."""
+
+    def __init__(self, policy, model_cfg, ref_model: str | None):
+        self.model_cfg, self.policy = model_cfg, policy
+        self.source = reference_source(policy, ref_model)
+        if self.source == "ref_model":
+            self.model = load_causal_lm(model_cfg, resolve_model_path(ref_model), trainable=False)
+        elif self.source == "initial_policy":
+            self.model = copy.deepcopy(policy).eval().requires_grad_(False)
+        else:
+            self.model = None  # the policy with its adapter switched off
+        self.models_in_memory = 1 if self.model is None else 2
+
+    @torch.no_grad()
+    def logps(self, batch: dict) -> torch.Tensor:
+        ctx = adapter_disabled(self.policy) if self.model is None else contextlib.nullcontext(self.model)
+        with ctx as model, autocast_context(self.model_cfg):
+            sums, _ = sequence_logps(model, batch, self.model_cfg.logprob_chunk)
+        return sums.float()
+
+
+def precompute(policy, cfg, columns: dict[str, RefColumn], pad_id: int, ref_model: str | None):
+    """Load what the run directory holds, score what is missing, save; -> (PrecomputedReference, metrics)."""
+    start = time.perf_counter()
+    path = Path(cfg.train.output_dir) / REFERENCE_FILE
+    identity = model_identity(policy, cfg.model, ref_model)
+    stored = _read_table(path, identity)
+    table, todo = {}, {}
+    for col, spec in columns.items():
+        digest = data_hash(spec.items)
+        values = stored[col][1] if col in stored and stored[col][0] == digest else {}
+        needed = range(len(spec.items)) if spec.needed is None else spec.needed
+        todo[col] = [i for i in needed if i not in values]
+        table[col] = (digest, dict(values))
+    computed = sum(map(len, todo.values()))
+    if computed:
+        with scoring_model(policy, cfg.model, ref_model) as model:
+            for col, missing in todo.items():
+                sums = score_sequences(model, [columns[col].items[i] for i in missing], pad_id, 2 * cfg.train.batch_size, cfg.model)
+                table[col][1].update(zip(missing, sums.tolist()))
+    if computed or set(stored) != set(table):
+        _write_table(path, identity, table)
+    dense = {}
+    for col, (_, values) in table.items():
+        dense[col] = torch.full((len(columns[col].items),), float("nan"))
+        if values:
+            dense[col][torch.tensor(list(values))] = torch.tensor(list(values.values()), dtype=torch.float32)
+    needed_total = sum(len(s.items) if s.needed is None else len(s.needed) for s in columns.values())
+    metrics = {
+        "reference/computed": computed, "reference/reused": needed_total - computed,
+        "reference/seconds": time.perf_counter() - start,
+    }
+    return PrecomputedReference(dense), metrics
+
+
+def build_reference(policy, cfg, columns: dict[str, RefColumn], pad_id: int, ref_model: str | None, precompute_ref: bool):
+    """The reference for a loss that needs one -> (reference with .logps(batch), metrics logged once)."""
+    if precompute_ref:
+        ref, metrics = precompute(policy, cfg, columns, pad_id, ref_model)
+        return ref, {**metrics, "models_in_memory": 1}
+    live = LiveReference(policy, cfg.model, ref_model)
+    return live, {"models_in_memory": live.models_in_memory}
