@@ -173,7 +173,12 @@ class HFGenerator:
         pos = position_ids_from_mask(mask)
         cache = DynamicCache(config=getattr(self.model, "config", None))
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,  # only the last position's logits: no (B, P, V) tensor in the prefill
         )
         logits = out.logits[:, -1]  # (B, V)
         if self.share_prefix and G > 1:
@@ -239,6 +244,6 @@ def _assemble(chunks, num_prompts: int, G: int, pad_token_id: int) -> Rollout:
         completion_ids=cat(2, C, False, pad_token_id),
         completion_mask=cat(3, C, False, 0),
         logprobs=cat(4, C, False, 0.0),
-        truncated=torch.cat([c[5] for c in chunks]).clone(),
+        truncated=torch.cat([c[5] for c in chunks]),
         group=torch.arange(num_prompts, device=device).repeat_interleave(G),
     )

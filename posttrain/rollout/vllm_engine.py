@@ -101,8 +101,9 @@ class VLLMGenerator:
             logprobs=logprobs, truncated=truncated, group=torch.arange(num_prompts).repeat_interleave(G),
             texts=[c.text for _, c in rows],
         )
-        for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "logprobs", "truncated", "group"):
+        for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "logprobs", "truncated"):
             setattr(rollout, name, getattr(rollout, name).to(device))
+        rollout.group = rollout.group.to(device)
         return rollout
 
     @torch.no_grad()

@@ -56,11 +56,11 @@ def encode_all(records: list[Record], encode, lengths_of, cfg: RunConfig, fit=No
     kept, report = filter_by_length(
         items, [lengths_of(x) for x in items], [r.where for r in records], cfg.data.max_length, cfg.data.overlong, fit
     )
-    _record_length_report(cfg, name, report)
+    record_length_report(cfg, name, report)
     return kept, report
 
 
-def _record_length_report(cfg: RunConfig, name: str, report: LengthReport) -> None:
+def record_length_report(cfg: RunConfig, name: str, report: LengthReport) -> None:
     out = Path(cfg.train.output_dir) / "data_report.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(out.read_text()) if out.exists() else {}

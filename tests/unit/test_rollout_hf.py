@@ -196,7 +196,8 @@ class CounterLM(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the engine a device and a dtype
 
     def forward(self, input_ids, logits_to_keep=0, **kwargs):
-        return SimpleNamespace(logits=F.one_hot((input_ids + 1) % self.vocab_size, self.vocab_size) * 20.0 + self.anchor)
+        nxt = (input_ids + 1) % self.vocab_size
+        return SimpleNamespace(logits=F.one_hot(nxt, self.vocab_size) * 20.0 + self.anchor)
 
 
 class CharTokenizer:

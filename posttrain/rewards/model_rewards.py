@@ -1,0 +1,161 @@
+"""Rewards computed by models: a sequence-classification reward model, and an LLM judge asked a yes/no question.
+
+Both are callables with the reward contract and ``batched = True`` (the runner calls them once per batch).
+Both read the model at the LAST NON-PAD token, found from the attention mask (PITFALLS #4): with pad == eos a
+real EOS at the end of a sequence looks like padding, so ``pad_token_id`` must not be trusted; and both pass
+position ids computed from the mask, so left padding does not shift RoPE positions (PITFALLS #1).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+YES_VARIANTS = (" yes", "yes", " Yes", "Yes", " YES", "YES")
+NO_VARIANTS = (" no", "no", " No", "No", " NO", "NO")
+
+
+def last_token_index(attention_mask):
+    """Index of the last real token per row, whatever the padding side: (B, T) -> (B,)."""
+    import torch
+
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(-1)
+
+
+def _texts(tokenizer, prompts, completions, generation_prompt: bool):
+    """Chat-templated texts when the tokenizer has a template (then without added special tokens: the
+    template writes its own BOS), else plain prompt + completion with the tokenizer's special tokens."""
+    if getattr(tokenizer, "chat_template", None):
+        texts = []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            if completion is not None:
+                messages.append({"role": "assistant", "content": completion})
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False,
+                                                       add_generation_prompt=generation_prompt))
+        return texts, False
+    if any(isinstance(p, list) for p in prompts):
+        raise ValueError("conversational prompts need a tokenizer with a chat template")
+    return [p + (c or "") for p, c in zip(prompts, completions, strict=True)], True
+
+
+def _encode(tokenizer, texts, add_special_tokens: bool, max_length, device, padding_side=None):
+    import torch
+
+    side = {"padding_side": padding_side} if padding_side else {}
+    batch = tokenizer(texts, padding=True, truncation=max_length is not None, max_length=max_length,
+                      add_special_tokens=add_special_tokens, return_tensors="pt", **side)
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    if not bool(mask.any(-1).all()):
+        raise ValueError("an input encodes to zero tokens")
+    return ids, mask, torch.clamp(mask.long().cumsum(-1) - 1, min=0)  # position ids from the mask
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+class RewardModelReward:
+    """Scores ``prompt + completion`` with an ``AutoModelForSequenceClassification`` (num_labels=1).
+
+    The backbone is run with the mask's position ids and the ``score`` head is applied to the hidden state of
+    the last non-pad token: the model's own pooling locates that token through ``pad_token_id`` and is wrong
+    when pad == eos. Works for decoder classifiers with a ``score`` head (Llama, Qwen, Mistral, GPT-2 ...),
+    PEFT-wrapped or not.
+    """
+
+    batched = True
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None):
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.head = getattr(inner, "score", None)
+        self.backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+        if self.head is None or self.backbone is None:
+            raise ValueError(f"{type(inner).__name__} has no `score` head and base model: not a decoder reward model")
+        if getattr(inner.config, "num_labels", 1) != 1:
+            raise ValueError(f"a reward model has num_labels=1, got {inner.config.num_labels}")
+        self.model, self.tokenizer, self.batch_size, self.max_length = model, tokenizer, batch_size, max_length
+        self.__name__ = "reward_model"
+
+    def score_texts(self, texts: list[str], add_special_tokens: bool = True) -> list[float]:
+        """Scalar score of each text: (N,) floats."""
+        import torch
+
+        scores = []
+        with torch.no_grad():
+            for start in range(0, len(texts), self.batch_size):
+                ids, mask, pos = _encode(self.tokenizer, texts[start:start + self.batch_size], add_special_tokens,
+                                         self.max_length, _device(self.model))
+                hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+                last = hidden[torch.arange(ids.shape[0], device=ids.device), last_token_index(mask)]  # (B, H)
+                scores += self.head(last).squeeze(-1).float().tolist()
+        return scores
+
+    def __call__(self, prompts, completions, **_) -> list[float]:
+        texts, special = _texts(self.tokenizer, prompts, completions, generation_prompt=False)
+        return self.score_texts(texts, special)
+
+
+def _single_token_ids(tokenizer, variants) -> list[int]:
+    ids = []
+    for variant in variants:
+        encoded = tokenizer.encode(variant, add_special_tokens=False)
+        if len(encoded) == 1 and encoded[0] not in ids and encoded[0] != tokenizer.unk_token_id:
+            ids.append(encoded[0])
+    return ids
+
+
+class LLMJudgeReward:
+    """P(yes) / (P(yes) + P(no)) of a causal LM's next token after a yes/no question about the completion.
+
+    ``question_template`` is formatted with ``prompt``, ``completion`` and any string columns, e.g.
+    ``"Question: {prompt}\\nAnswer: {completion}\\nIs the answer correct? Reply yes or no."``; it is sent as a
+    user turn with the generation prompt when the tokenizer has a chat template, as plain text otherwise.
+
+    Tokens: the first token of the reply may or may not carry a leading space (after "Answer:" the model writes
+    " yes"; after a chat template's assistant header usually "Yes"), and capitalisation varies. P(yes) sums the
+    probabilities of every variant in ``YES_VARIANTS`` that the tokenizer encodes as ONE token (duplicates and
+    the unknown token dropped); likewise P(no). Multi-token variants are left out rather than scored by their
+    first piece, which "No" could share with "Not". The chosen ids are in ``yes_ids`` / ``no_ids``.
+    """
+
+    batched = True
+
+    def __init__(self, model, tokenizer, question_template: str, batch_size: int = 8, max_length: int | None = None):
+        self.yes_ids = _single_token_ids(tokenizer, YES_VARIANTS)
+        self.no_ids = _single_token_ids(tokenizer, NO_VARIANTS)
+        if not self.yes_ids or not self.no_ids:
+            raise ValueError(f"the tokenizer has no single-token yes/no (yes: {self.yes_ids}, no: {self.no_ids})")
+        if set(self.yes_ids) & set(self.no_ids):
+            raise ValueError("a token is both a yes and a no variant")
+        self.model, self.tokenizer, self.template = model, tokenizer, question_template
+        self.batch_size, self.max_length = batch_size, max_length
+        self.__name__ = "llm_judge"
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # (B, 1, V) logits instead of (B, T, V): a real saving with 100k+ vocabularies
+        self._keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
+
+    def __call__(self, prompts, completions, **columns) -> list[float]:
+        import torch
+
+        questions = []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+            extra = {k: v[i] for k, v in columns.items() if isinstance(v[i], str)}
+            questions.append(self.template.format(**extra, prompt=prompt, completion=completion))
+        texts, special = _texts(self.tokenizer, questions, [None] * len(questions), generation_prompt=True)
+        yes, no = torch.tensor(self.yes_ids), torch.tensor(self.no_ids)
+        scores = []
+        with torch.no_grad():
+            for start in range(0, len(texts), self.batch_size):
+                # left padding puts every row's last real token at T-1, so only that position needs logits
+                ids, mask, pos = _encode(self.tokenizer, texts[start:start + self.batch_size], special,
+                                         self.max_length, _device(self.model), padding_side="left")
+                if not bool((last_token_index(mask) == ids.shape[1] - 1).all()):
+                    raise RuntimeError("left padding expected: the tokenizer ignored padding_side")
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **self._keep).logits
+                logp = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()  # (B, V)
+                # P(yes) / (P(yes) + P(no)) = sigmoid(log P(yes) - log P(no)), stable when both are tiny
+                diff = torch.logsumexp(logp[:, yes], -1) - torch.logsumexp(logp[:, no], -1)
+                scores += torch.sigmoid(diff).tolist()
+        return [s if math.isfinite(s) else math.nan for s in scores]

@@ -1,0 +1,120 @@
+"""GRPO and its fixes on the one loop: group-relative advantages, clipped surrogate, KL in the loss or reward.
+
+Shao et al. 2024 (DeepSeekMath) eq. 3 with the known fixes as options: Dr. GRPO's mean-only advantage and
+constant normalizer (Liu et al. 2025), DAPO's clip-higher, token-level loss, dynamic sampling and overlong
+filtering (Yu et al. 2025), RLOO's leave-one-out baseline (Ahmadian et al. 2024).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.algos.advantages import group_advantages, group_is_degenerate
+from posttrain.algos.kl import kl_estimate
+from posttrain.algos.policy_loss import clipped_surrogate, kl_penalty_loss
+from posttrain.config import RunConfig, register_algo_config
+from posttrain.ops import masked_mean
+from posttrain.train import common
+from posttrain.train.loop import Iteration, Trainer
+from posttrain.train.online import OnlineBase, OnlineConfig, RolloutBatch
+from posttrain.types import LossOutput
+
+
+@register_algo_config("grpo")
+@dataclass
+class GRPOConfig(OnlineConfig):
+    advantage: str = "grpo"  # grpo (z-score) | dr_grpo (mean only) | rloo (leave-one-out)
+    clip_low: float = 0.2  # ratio floor 1 - clip_low
+    clip_high: float = 0.2  # ratio ceiling 1 + clip_high (DAPO clip-higher: 0.28)
+    num_iterations: int = 1  # mu: passes over each rollout (old log-probs stored when > 1)
+    minibatch_rows: int = 0  # rows per optimizer update; 0 = the whole rollout
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    kl_in: str = "loss"  # loss: beta * KL estimate added to the loss; reward: beta * sequence KL subtracted from the reward
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and sample more prompts
+    max_sampling_rounds: int = 3
+
+
+class GRPO(OnlineBase):
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg, needs_reference=cfg.algo.beta > 0)
+        a = cfg.algo
+        rows = a.prompts_per_step * a.num_generations
+        self.updates_per_step = a.num_iterations * -(-rows // (a.minibatch_rows or rows))
+
+    def _collect(self, step: int) -> tuple[RolloutBatch, dict]:
+        """A rollout; with dynamic sampling, groups with equal rewards are replaced by fresh prompts' groups."""
+        a = self.algo_cfg
+        batch = self.sample(step)
+        metrics = dict(batch.extra["metrics"])
+        degenerate = group_is_degenerate(batch.rewards, batch.group)
+        metrics["zero_variance_groups"] = float(degenerate.float().sum() / a.num_generations / a.prompts_per_step)
+        if a.dynamic_sampling:
+            batch, rounds = self._refill(batch, step, degenerate)
+            metrics["dynamic_sampling/rounds"] = float(rounds)
+        return batch, metrics
+
+    def _refill(self, batch: RolloutBatch, step: int, degenerate: torch.Tensor):
+        from posttrain.train.online import concat_batches, select_rows
+
+        kept = select_rows(batch, ~degenerate)
+        rounds = 0
+        while kept.num_rows < batch.num_rows and rounds < self.algo_cfg.max_sampling_rounds:
+            rounds += 1
+            more = self.sample(step, round_=rounds)
+            kept = concat_batches([kept, select_rows(more, ~group_is_degenerate(more.rewards, more.group))])
+        if kept.num_rows == 0:
+            return batch, rounds  # nothing informative: train on the original (its advantages are all 0)
+        return select_rows(kept, torch.arange(kept.num_rows) < batch.num_rows), rounds
+
+    def next_iteration(self, step: int) -> Iteration:
+        a = self.algo_cfg
+        batch, metrics = self._collect(step)
+        need_old = a.num_iterations > 1 or (a.minibatch_rows and a.minibatch_rows < batch.num_rows)
+        if need_old:
+            batch.extra["old_logp"] = self.policy_logps(batch)
+        rewards = batch.rewards
+        if self.reference is not None:
+            ref = self.reference_logps(batch)
+            batch.extra["ref_logp"] = ref
+            policy = batch.extra.get("old_logp")
+            if policy is None:
+                policy = self.policy_logps(batch)
+            metrics.update(_kl_metrics(policy, ref, batch.loss_mask))
+            if a.kl_in == "reward":
+                seq_kl = (kl_estimate(policy, ref, "k1") * batch.loss_mask).sum(-1)
+                rewards = rewards - a.beta * seq_kl
+        batch.extra["advantages"] = group_advantages(rewards, batch.group, a.advantage)
+        self.batch = batch
+        metrics.update(models_in_memory=float(self.models_in_memory), reward=float(batch.rewards.mean()),
+                       reward_std=float(batch.rewards.std()) if batch.num_rows > 1 else 0.0)
+        return Iteration(self.updates(batch.num_rows, a.minibatch_rows, a.num_iterations, step), metrics)
+
+    def loss(self, rows, totals) -> LossOutput:
+        a, b = self.algo_cfg, self.batch
+        logp, entropy = self.current_logps(rows)
+        mask = b.loss_mask[rows]
+        old = b.extra["old_logp"][rows] if "old_logp" in b.extra else logp.detach()
+        counts = dict(num_tokens=totals["num_tokens"], num_seqs=totals["num_seqs"], max_len=a.max_new_tokens)
+        out = clipped_surrogate(logp, old, b.extra["advantages"][rows], mask, a.clip_low, a.clip_high, a.loss_agg, **counts)
+        loss, metrics = out.loss, dict(out.metrics)
+        if self.reference is not None and a.kl_in == "loss":
+            kl = kl_penalty_loss(logp, b.extra["ref_logp"][rows], mask, a.kl_estimator, a.loss_agg, **counts)
+            loss = loss + a.beta * kl.loss
+            metrics["kl_loss"] = kl.loss.detach()
+        metrics["entropy"] = masked_mean(entropy.detach(), mask)
+        return LossOutput(loss, metrics)
+
+
+def _kl_metrics(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> dict:
+    """All three estimates of KL(pi || ref) per token on the sampled tokens, plus the k1 sequence sum."""
+    out = {f"kl/{k}": float(masked_mean(kl_estimate(logp, ref_logp, k), mask)) for k in ("k1", "k2", "k3")}
+    out["kl"] = out["kl/k3"]
+    out["kl/sequence_k1"] = float(((logp - ref_logp) * mask).sum(-1).mean())
+    return out
+
+
+def run_grpo(cfg: RunConfig) -> dict:
+    common.setup_run(cfg)
+    return Trainer(GRPO(cfg), cfg.train).fit()

@@ -1,0 +1,344 @@
+"""What the online algorithms (GRPO, PPO, online DPO) share: prompts, rollouts, rewards, reference, updates.
+
+An online iteration: take `prompts_per_step` prompts, sample G completions each with the current policy
+(KV cache of each prompt shared by its G samples), score them with the reward functions, compute the
+reference and old-policy log-probs the loss needs, then hand the loop minibatch updates over the rollout.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from posttrain.config import RunConfig
+from posttrain.data.chat import encode_prompt, end_of_turn_ids
+from posttrain.data.collate import filter_by_length
+from posttrain.models.forward import token_logps
+from posttrain.models.loading import adapter_disabled, load_causal_lm, resolve_model_path
+from posttrain.ops import IGNORE_INDEX
+from posttrain.train import common
+
+
+@dataclass
+class OnlineConfig:
+    rewards: list[str] = field(default_factory=lambda: ["numeric"])  # names or module:function
+    reward_weights: list[float] = field(default_factory=list)  # default 1.0 each
+    reward_options: dict = field(default_factory=dict)  # {reward name: {option: value}}
+    reward_model: str | None = None  # a reward model folder, scored as reward "reward_model"
+    reward_on_error: str = "raise"  # raise | zero (counted in rewards/<name>/errors)
+    reward_timeout_s: float = 30.0
+    reward_workers: int = 2
+    ref_model: str | None = None  # default: the starting policy (with LoRA: the adapter switched off)
+    prompts_per_step: int = 8
+    num_generations: int = 8  # G samples per prompt
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    beta: float = 0.0  # KL coefficient; 0 loads no reference
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (Schulman 2020)
+    mask_truncated: bool = False  # completions that hit max_new_tokens get no loss (DAPO overlong filtering)
+    eval_rewards: list[str] = field(default_factory=list)  # held-out scoring; default: `rewards`
+    eval_max_new_tokens: int = 48
+
+
+@dataclass
+class RolloutBatch:
+    """A scored rollout in the shapes the losses use. N rows = prompts x G; P prompt width; C completion width."""
+
+    input_ids: torch.Tensor  # (N, P + C): left-padded prompt then right-padded completion
+    attention_mask: torch.Tensor  # (N, P + C)
+    completion_mask: torch.Tensor  # (N, C) real completion tokens (first EOS included)
+    loss_mask: torch.Tensor  # (N, C) completion_mask, minus truncated rows when mask_truncated
+    rewards: torch.Tensor  # (N,) combined reward
+    group: torch.Tensor  # (N,) prompt index within this batch
+    truncated: torch.Tensor  # (N,) bool
+    prompt_width: int
+    texts: list[str]
+    prompts: list
+    extra: dict = field(default_factory=dict)  # algorithm tensors: old_logp, ref_logp, advantages, values ...
+
+    @property
+    def num_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def labels(self, rows) -> torch.Tensor:
+        """Labels over the full sequence: completion tokens under the loss mask, IGNORE elsewhere."""
+        P = self.prompt_width
+        labels = torch.full_like(self.input_ids[rows], IGNORE_INDEX)
+        comp = self.input_ids[rows, P:]
+        labels[:, P:] = comp.masked_fill(self.completion_mask[rows] == 0, IGNORE_INDEX)
+        return labels
+
+
+def accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def build_reward_runner(cfg: OnlineConfig, names: list[str] | None = None, reward_model_fn=None):
+    from posttrain.rewards.registry import load_reward
+    from posttrain.rewards.runner import RewardRunner
+
+    names = list(names if names is not None else cfg.rewards)
+    weights = list(cfg.reward_weights) or [1.0] * len(names)
+    if len(weights) != len(names):
+        raise ValueError(f"reward_weights has {len(weights)} entries for {len(names)} rewards")
+    fns = [(n.split(":")[-1], load_reward(n, **cfg.reward_options.get(n, {})), w) for n, w in zip(names, weights)]
+    if reward_model_fn is not None:
+        fns.append(("reward_model", reward_model_fn, 1.0))
+    return RewardRunner(fns, num_workers=cfg.reward_workers, timeout_s=cfg.reward_timeout_s, on_error=cfg.reward_on_error)
+
+
+class Reference:
+    """Reference log-probs: the LoRA policy with its adapter off (no copy), or a frozen model (one copy)."""
+
+    def __init__(self, policy, cfg: RunConfig, path: str | None):
+        self.policy, self.model = policy, None
+        if not (cfg.model.lora.enabled and path is None):
+            self.model = load_causal_lm(cfg.model, resolve_model_path(path or cfg.model.name_or_path), trainable=False)
+
+    @property
+    def copies(self) -> int:
+        return 1 if self.model is not None else 0
+
+    @torch.no_grad()
+    def logps(self, input_ids, attention_mask, labels, temperature: float, chunk: int) -> torch.Tensor:
+        if self.model is not None:
+            return token_logps(self.model, input_ids, attention_mask, labels, chunk, temperature=temperature)
+        with adapter_disabled(self.policy):
+            return token_logps(self.policy, input_ids, attention_mask, labels, chunk, temperature=temperature)
+
+
+class OnlineBase:
+    """Prompts, generation, rewards and evaluation; subclasses add their advantages and losses."""
+
+    def __init__(self, cfg: RunConfig, needs_reference: bool):
+        from posttrain.rollout.hf import HFGenerator
+
+        self.cfg, self.algo_cfg = cfg, cfg.algo
+        self.model, self.tokenizer = common.load_policy_and_tokenizer(cfg)
+        train, held = common.load_splits(cfg, "prompts")
+        self.train_prompts = self._encode_prompts(train, "train")
+        self.eval_records = held
+        self.order = common.BatchOrder(
+            [len(p[1]) for p in self.train_prompts], self.algo_cfg.prompts_per_step, cfg.train.seed, False, drop_last=True
+        )
+        fp32 = next(self.model.parameters()).dtype == torch.float32
+        autocast = torch.bfloat16 if (cfg.model.autocast == "bf16" and fp32) else None
+        self.generator = HFGenerator(self.model, self.tokenizer.pad_token_id, self.tokenizer, autocast)
+        self.reference = Reference(self.model, cfg, self.algo_cfg.ref_model) if needs_reference else None
+        self.rewards = build_reward_runner(self.algo_cfg, reward_model_fn=self._reward_model_fn())
+        self.batch: RolloutBatch | None = None
+
+    def _encode_prompts(self, records, name: str):
+        """(record, prompt ids) pairs; prompts over max_prompt_length are dropped and counted, never truncated
+        (a cut prompt is another question), so generator and trainer see identical ids (PITFALLS #9)."""
+        encoded = [(r, encode_prompt(self.tokenizer, r.data["prompt"])) for r in records]
+        kept, report = filter_by_length(
+            encoded, [len(ids) for _, ids in encoded], [r.where for r in records], self.cfg.data.max_prompt_length, "drop"
+        )
+        common.record_length_report(self.cfg, f"{name}_prompts", report)
+        return kept
+
+    def _reward_model_fn(self):
+        if not self.algo_cfg.reward_model:
+            return None
+        from posttrain.rewards.model_rewards import RewardModelReward
+        from posttrain.models.loading import load_reward_model
+
+        rm = load_reward_model(self.algo_cfg.reward_model, self.cfg.model.dtype, self.tokenizer.pad_token_id, trainable=False)
+        self.reward_model = rm
+        return RewardModelReward(rm, self.tokenizer)
+
+    @property
+    def models_in_memory(self) -> int:
+        rm = 1 if getattr(self, "reward_model", None) is not None else 0
+        return 1 + (self.reference.copies if self.reference else 0) + rm + self.extra_copies
+
+    extra_copies = 0
+
+    def sampling_params(self, max_new_tokens: int, greedy: bool = False):
+        from posttrain.rollout.base import SamplingParams
+
+        a = self.algo_cfg
+        return SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=0.0 if greedy else a.temperature, top_p=a.top_p, top_k=a.top_k,
+            stop_token_ids=sorted(end_of_turn_ids(self.tokenizer)), batch_size=max(1, a.prompts_per_step),
+        )
+
+    def sample(self, step: int, round_: int = 0) -> RolloutBatch:
+        """Generate and score G completions for the next prompts of the data order."""
+        a = self.algo_cfg
+        picked = [self.train_prompts[i] for i in self.order.next()]
+        seed = self.cfg.train.seed * 1_000_003 + step * 101 + round_
+        start = time.perf_counter()
+        rollout = self.generator.generate([ids for _, ids in picked], self.sampling_params(a.max_new_tokens), a.num_generations, seed)
+        gen_time = time.perf_counter() - start
+        records = [r for r, _ in picked for _ in range(a.num_generations)]
+        prompts = [r.data["prompt"] for r in records]
+        columns = {k: [r.data.get(k) for r in records] for k in records[0].data if k != "prompt"}
+        lengths = rollout.completion_mask.sum(-1).tolist()
+        scored = self.rewards([_prompt_text(p) for p in prompts], rollout.texts, **columns, **self._length_column(lengths))
+        rewards = torch.tensor(scored.total, dtype=torch.float32)
+        if torch.isnan(rewards).any():
+            raise ValueError(f"step {step}: a reward is NaN (masked) for {int(torch.isnan(rewards).sum())} samples; "
+                             "check the gold answers or use reward_on_error=zero")
+        loss_mask = rollout.completion_mask.clone()
+        if a.mask_truncated:
+            loss_mask[rollout.truncated] = 0
+        batch = RolloutBatch(
+            input_ids=torch.cat([rollout.prompt_ids, rollout.completion_ids], 1),
+            attention_mask=torch.cat([rollout.prompt_mask, rollout.completion_mask], 1),
+            completion_mask=rollout.completion_mask, loss_mask=loss_mask, rewards=rewards, group=rollout.group,
+            truncated=rollout.truncated, prompt_width=rollout.prompt_ids.shape[1], texts=rollout.texts, prompts=prompts,
+        )
+        batch.extra["metrics"] = {**scored.metrics(), **_length_metrics(rollout), "timing/generate_s": gen_time,
+                                  "completions_per_s": batch.num_rows / max(gen_time, 1e-9)}
+        return batch
+
+    def _length_column(self, lengths) -> dict:
+        wants = any(accepts(fn, "completion_lengths") for _, fn, _ in self.rewards.fns)
+        return {"completion_lengths": lengths} if wants else {}
+
+    @torch.no_grad()
+    def policy_logps(self, batch: RolloutBatch, with_entropy: bool = False):
+        """Completion log-probs (N, C) of the current policy at the sampling temperature, in row chunks."""
+        outs, ents = [], []
+        for rows in _chunks(batch.num_rows, self.cfg.train.batch_size):
+            with common.autocast_context(self.cfg.model):
+                out = token_logps(self.model, batch.input_ids[rows], batch.attention_mask[rows], batch.labels(rows),
+                                  self.cfg.model.logprob_chunk, with_entropy, self.algo_cfg.temperature)
+            lp, ent = out if with_entropy else (out, None)
+            outs.append(lp[:, batch.prompt_width :])
+            ents.append(ent[:, batch.prompt_width :] if with_entropy else None)
+        return (torch.cat(outs), torch.cat(ents)) if with_entropy else torch.cat(outs)
+
+    def reference_logps(self, batch: RolloutBatch) -> torch.Tensor:
+        outs = []
+        for rows in _chunks(batch.num_rows, self.cfg.train.batch_size):
+            with common.autocast_context(self.cfg.model):
+                lp = self.reference.logps(batch.input_ids[rows], batch.attention_mask[rows], batch.labels(rows),
+                                          self.algo_cfg.temperature, self.cfg.model.logprob_chunk)
+            outs.append(lp[:, batch.prompt_width :])
+        return torch.cat(outs)
+
+    def current_logps(self, rows, with_entropy: bool = True):
+        """Completion log-probs (and entropies) of the micro-batch `rows`, with gradients."""
+        b = self.batch
+        self.model.train()
+        with common.autocast_context(self.cfg.model):
+            out = token_logps(self.model, b.input_ids[rows], b.attention_mask[rows], b.labels(rows),
+                              self.cfg.model.logprob_chunk, with_entropy, self.algo_cfg.temperature)
+        if not with_entropy:
+            return out[:, b.prompt_width :], None
+        return out[0][:, b.prompt_width :], out[1][:, b.prompt_width :]
+
+    def updates(self, num_rows: int, minibatch_rows: int, epochs: int, step: int) -> list[list[torch.Tensor]]:
+        """`epochs` passes over the rollout in shuffled minibatches (one optimizer update each) of micro-batches."""
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step)
+        micro = self.cfg.train.batch_size
+        minibatch_rows = minibatch_rows or num_rows
+        out = []
+        for _ in range(epochs):
+            perm = torch.randperm(num_rows, generator=gen) if epochs > 1 or minibatch_rows < num_rows else torch.arange(num_rows)
+            for s in range(0, num_rows, minibatch_rows):
+                mb = perm[s : s + minibatch_rows]
+                out.append([mb[k : k + micro] for k in range(0, len(mb), micro)])
+        return out
+
+    def totals(self, update) -> dict:
+        mask = self.batch.loss_mask
+        return {
+            "num_tokens": sum(int(mask[rows].sum()) for rows in update),
+            "num_seqs": sum(len(rows) for rows in update),
+            "tokens": sum(int(self.batch.attention_mask[rows].sum()) for rows in update),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out greedy answers scored by the (verifier) rewards: accuracy and mean reward."""
+        if not self.eval_records:
+            return {}
+        from posttrain.evaluate import GenEvalConfig, evaluate_policy, load_reward_fns
+
+        fns = load_reward_fns(self.algo_cfg.eval_rewards or [r for r in self.algo_cfg.rewards])
+        gen_cfg = GenEvalConfig(max_new_tokens=self.algo_cfg.eval_max_new_tokens, batch_size=32,
+                                autocast=self.cfg.model.autocast == "bf16")
+        summary, _ = evaluate_policy(self.model, self.tokenizer, self.eval_records, fns, gen_cfg)
+        return {k: v for k, v in summary.items() if isinstance(v, float)}
+
+    def state_dict(self) -> dict:
+        return {"order": self.order.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state["order"])
+
+    def modules(self):
+        return {"policy": self.model}
+
+    def export(self, out_dir) -> None:
+        from posttrain.models.loading import export_model
+
+        export_model(self.model, self.tokenizer, out_dir)
+
+
+def _chunks(n: int, size: int) -> list[torch.Tensor]:
+    return [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _prompt_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+
+
+def _length_metrics(rollout) -> dict:
+    lengths = rollout.completion_mask.sum(-1).float()
+    return {
+        "completions/mean_length": float(lengths.mean()),
+        "completions/max_length": float(lengths.max()),
+        "completions/truncated_fraction": float(rollout.truncated.float().mean()),
+    }
+
+
+def select_rows(batch: RolloutBatch, keep: torch.Tensor) -> RolloutBatch:
+    """The rows where `keep` (N,) bool is true, groups renumbered from 0 in order of appearance."""
+    idx = keep.nonzero().squeeze(-1)
+    _, group = torch.unique_consecutive(batch.group[idx], return_inverse=True)
+    return RolloutBatch(
+        input_ids=batch.input_ids[idx], attention_mask=batch.attention_mask[idx], completion_mask=batch.completion_mask[idx],
+        loss_mask=batch.loss_mask[idx], rewards=batch.rewards[idx], group=group, truncated=batch.truncated[idx],
+        prompt_width=batch.prompt_width, texts=[batch.texts[i] for i in idx.tolist()],
+        prompts=[batch.prompts[i] for i in idx.tolist()], extra=dict(batch.extra),
+    )
+
+
+def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
+    """Rows of several rollouts in one batch: prompts re-left-padded and completions re-right-padded."""
+    import torch.nn.functional as F
+
+    P = max(b.prompt_width for b in batches)
+    C = max(b.completion_mask.shape[1] for b in batches)
+    pad_id = int(batches[0].input_ids[0, 0]) if batches[0].attention_mask[0, 0] == 0 else 0
+
+    def widen(b, t, fill):
+        prompt, comp = t[:, : b.prompt_width], t[:, b.prompt_width :]
+        return torch.cat([F.pad(prompt, (P - b.prompt_width, 0), value=fill), F.pad(comp, (0, C - comp.shape[1]), value=fill)], 1)
+
+    offsets, groups = 0, []
+    for b in batches:
+        groups.append(b.group + offsets)
+        offsets += int(b.group.max()) + 1 if b.num_rows else 0
+    cat = lambda f: torch.cat([f(b) for b in batches])  # noqa: E731
+    return RolloutBatch(
+        input_ids=cat(lambda b: widen(b, b.input_ids, pad_id)), attention_mask=cat(lambda b: widen(b, b.attention_mask, 0)),
+        completion_mask=cat(lambda b: F.pad(b.completion_mask, (0, C - b.completion_mask.shape[1]))),
+        loss_mask=cat(lambda b: F.pad(b.loss_mask, (0, C - b.loss_mask.shape[1]))), rewards=cat(lambda b: b.rewards),
+        group=torch.cat(groups), truncated=cat(lambda b: b.truncated), prompt_width=P,
+        texts=[t for b in batches for t in b.texts], prompts=[p for b in batches for p in b.prompts], extra=dict(batches[0].extra),
+    )

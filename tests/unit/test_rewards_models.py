@@ -1,0 +1,156 @@
+"""Reward-model and LLM-judge rewards on a tiny random Llama: the score is read at the last real token whatever
+the padding (PITFALLS #4), with pad == eos."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+from posttrain.rewards.model_rewards import LLMJudgeReward, RewardModelReward, last_token_index
+
+WORDS = ["<unk>", "<s>", "</s>"] + (
+    "the cat sat on mat dog is good bad yes no Yes No question answer user assistant : ? . "
+    "a b c d e f g h i j k l m n o p q r s t u v w x y z one two three four five six seven eight nine ten"
+).split()
+CHAT = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}" \
+       "{% if add_generation_prompt %}assistant :{% endif %}"
+PROMPTS = ["the cat", "a dog is", "question : one two three four five six seven eight nine ten ?"]
+COMPLETIONS = [" sat on mat </s>", " good", " answer : b c d e f g h i j k </s>"]  # two end in EOS == pad
+
+
+def make_tokenizer(padding_side="right", chat_template=None):
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="</s>")  # pad == eos, as in our model
+    tok.padding_side = padding_side
+    tok.chat_template = chat_template
+    return tok
+
+
+def config(**kw):
+    return LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64, pad_token_id=WORDS.index("</s>"), **kw)
+
+
+@pytest.fixture(scope="module")
+def reward_model():
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(config(num_labels=1)).eval()
+
+
+@pytest.fixture(scope="module")
+def causal_lm():
+    torch.manual_seed(1)
+    return LlamaForCausalLM(config()).eval()
+
+
+def reference_scores(model, tok, texts):
+    """Each text alone, unpadded, through the model's own forward: no padding, so its last position is the
+    last real token (pad_token_id unset so that a trailing EOS is not mistaken for padding)."""
+    pad = model.config.pad_token_id
+    model.config.pad_token_id = None
+    try:
+        with torch.no_grad():
+            return [model(input_ids=torch.tensor([tok.encode(t)])).logits[0, 0].item() for t in texts]
+    finally:
+        model.config.pad_token_id = pad
+
+
+def test_last_token_index_from_mask():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 0, 0, 0]])
+    assert last_token_index(mask).tolist() == [2, 4, 4, 1]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_reward_model_score_is_the_same_padded_unpadded_and_batched(reward_model, side):
+    tok = make_tokenizer(side)
+    texts = [p + c for p, c in zip(PROMPTS, COMPLETIONS)]
+    expected = reference_scores(reward_model, tok, texts)
+    batched = RewardModelReward(reward_model, tok, batch_size=8)(PROMPTS, COMPLETIONS)  # padded to the longest
+    alone = RewardModelReward(reward_model, tok, batch_size=1)(PROMPTS, COMPLETIONS)  # no padding at all
+    torch.testing.assert_close(torch.tensor(batched), torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(alone), torch.tensor(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_pooling_by_pad_token_id_would_be_wrong_here(reward_model):
+    """The model's own pooling looks for pad_token_id and, with pad == eos, stops before a real final EOS:
+    the score differs from ours, so the test above can fail."""
+    tok = make_tokenizer("right")
+    text = PROMPTS[0] + COMPLETIONS[0]
+    with torch.no_grad():
+        naive = reward_model(**tok([text], return_tensors="pt")).logits[0, 0].item()
+    ours = RewardModelReward(reward_model, tok)([PROMPTS[0]], [COMPLETIONS[0]])[0]
+    assert abs(naive - ours) > 1e-4
+
+
+def test_reward_model_uses_the_chat_template(reward_model):
+    tok = make_tokenizer("left", CHAT)
+    rm = RewardModelReward(reward_model, tok, batch_size=2)
+    templated = [tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": c}],
+                                         tokenize=False) for p, c in zip(PROMPTS, COMPLETIONS)]
+    assert templated[0] == "user : the cat </s> assistant :  sat on mat </s> </s> "
+    expected = reference_scores(reward_model, tok, templated)
+    torch.testing.assert_close(torch.tensor(rm(PROMPTS, COMPLETIONS)), torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    conversational = [[{"role": "user", "content": p}] for p in PROMPTS]
+    torch.testing.assert_close(torch.tensor(rm(conversational, COMPLETIONS)), torch.tensor(expected))
+
+
+def test_reward_model_rejects_a_multi_label_head():
+    model = LlamaForSequenceClassification(config(num_labels=2))
+    with pytest.raises(ValueError, match="num_labels=1"):
+        RewardModelReward(model, make_tokenizer())
+
+
+TEMPLATE = "question : {prompt} answer : {completion} ?"
+
+
+def reference_judge(model, tok, prompts, completions, yes_ids, no_ids):
+    out = []
+    with torch.no_grad():
+        for p, c in zip(prompts, completions):
+            ids = torch.tensor([tok.encode(TEMPLATE.format(prompt=p, completion=c))])
+            probs = torch.softmax(model(input_ids=ids).logits[0, -1], -1)
+            out.append((probs[yes_ids].sum() / (probs[yes_ids].sum() + probs[no_ids].sum())).item())
+    return out
+
+
+def test_judge_yes_no_tokens_are_the_single_token_variants():
+    judge = LLMJudgeReward(LlamaForCausalLM(config()), make_tokenizer(), TEMPLATE)
+    assert judge.yes_ids == [WORDS.index("yes"), WORDS.index("Yes")]  # " YES"/"YES" are <unk>: dropped
+    assert judge.no_ids == [WORDS.index("no"), WORDS.index("No")]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_judge_matches_unpadded_reference_whatever_the_padding(causal_lm, side):
+    tok = make_tokenizer(side)
+    judge = LLMJudgeReward(causal_lm, tok, TEMPLATE, batch_size=8)
+    expected = reference_judge(causal_lm, tok, PROMPTS, COMPLETIONS, judge.yes_ids, judge.no_ids)
+    got = judge(PROMPTS, COMPLETIONS)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    assert all(0.0 < s < 1.0 for s in got)
+
+
+class FixedLogits(torch.nn.Module):
+    """Next-token logits chosen by hand: yes and Yes at log 1.5 each, no at log 1, No at -inf."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0):
+        logits = torch.full((*input_ids.shape, len(WORDS)), -30.0)
+        logits[..., WORDS.index("yes")] = logits[..., WORDS.index("Yes")] = math.log(1.5)
+        logits[..., WORDS.index("no")] = 0.0
+        logits[..., WORDS.index("No")] = -math.inf
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+
+def test_judge_score_is_p_yes_over_p_yes_plus_p_no():
+    judge = LLMJudgeReward(FixedLogits(), make_tokenizer(), TEMPLATE)
+    assert judge._keep == {"logits_to_keep": 1}
+    assert judge(["the cat", "a"], ["sat", "b c d"]) == pytest.approx([0.75, 0.75], abs=1e-6)  # 3 / (3 + 1)
