@@ -74,3 +74,12 @@ def write_jsonl(path, rows) -> str:
 def addition_sft_rows(n: int = 64):
     return [{"messages": [{"role": "user", "content": f"{i % 10}+{i % 7}"}, {"role": "assistant", "content": str(i % 10 + i % 7)}]}
             for i in range(n)]
+
+
+def vowel_reward(prompts, completions, **_):
+    """A trivially learnable dense reward: the share of vowels in the completion (0 for an empty one)."""
+    return [sum(ch in "aeiou" for ch in c) / len(c) if c else 0.0 for c in completions]
+
+
+def prompt_rows(n: int = 32):
+    return [{"prompt": f"say {i}", "answer": str(i)} for i in range(n)]

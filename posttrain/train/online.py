@@ -59,6 +59,7 @@ class RolloutBatch:
     prompt_width: int
     texts: list[str]
     prompts: list
+    pad_id: int = 0
     extra: dict = field(default_factory=dict)  # algorithm tensors: old_logp, ref_logp, advantages, values ...
 
     @property
@@ -198,7 +199,9 @@ class OnlineBase:
             attention_mask=torch.cat([rollout.prompt_mask, rollout.completion_mask], 1),
             completion_mask=rollout.completion_mask, loss_mask=loss_mask, rewards=rewards, group=rollout.group,
             truncated=rollout.truncated, prompt_width=rollout.prompt_ids.shape[1], texts=rollout.texts, prompts=prompts,
+            pad_id=self.tokenizer.pad_token_id,
         )
+        batch.extra["sampler_logp"] = rollout.logprobs
         batch.extra["metrics"] = {**scored.metrics(), **_length_metrics(rollout), "timing/generate_s": gen_time,
                                   "completions_per_s": batch.num_rows / max(gen_time, 1e-9)}
         return batch
@@ -314,7 +317,7 @@ def select_rows(batch: RolloutBatch, keep: torch.Tensor) -> RolloutBatch:
         input_ids=batch.input_ids[idx], attention_mask=batch.attention_mask[idx], completion_mask=batch.completion_mask[idx],
         loss_mask=batch.loss_mask[idx], rewards=batch.rewards[idx], group=group, truncated=batch.truncated[idx],
         prompt_width=batch.prompt_width, texts=[batch.texts[i] for i in idx.tolist()],
-        prompts=[batch.prompts[i] for i in idx.tolist()], extra=dict(batch.extra),
+        prompts=[batch.prompts[i] for i in idx.tolist()], pad_id=batch.pad_id, extra=dict(batch.extra),
     )
 
 
@@ -324,7 +327,7 @@ def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
 
     P = max(b.prompt_width for b in batches)
     C = max(b.completion_mask.shape[1] for b in batches)
-    pad_id = int(batches[0].input_ids[0, 0]) if batches[0].attention_mask[0, 0] == 0 else 0
+    pad_id = batches[0].pad_id
 
     def widen(b, t, fill):
         prompt, comp = t[:, : b.prompt_width], t[:, b.prompt_width :]
@@ -340,5 +343,6 @@ def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
         completion_mask=cat(lambda b: F.pad(b.completion_mask, (0, C - b.completion_mask.shape[1]))),
         loss_mask=cat(lambda b: F.pad(b.loss_mask, (0, C - b.loss_mask.shape[1]))), rewards=cat(lambda b: b.rewards),
         group=torch.cat(groups), truncated=cat(lambda b: b.truncated), prompt_width=P,
-        texts=[t for b in batches for t in b.texts], prompts=[p for b in batches for p in b.prompts], extra=dict(batches[0].extra),
+        texts=[t for b in batches for t in b.texts], prompts=[p for b in batches for p in b.prompts], pad_id=pad_id,
+        extra=dict(batches[0].extra),
     )

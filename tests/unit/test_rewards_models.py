@@ -7,7 +7,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 from posttrain.rewards.model_rewards import LLMJudgeReward, RewardModelReward, last_token_index
 
@@ -44,6 +51,17 @@ def reward_model():
 
 
 @pytest.fixture(scope="module")
+def gpt2_reward_model():
+    """Absolute positions: left padding without position ids from the mask shifts them and changes the score
+    (RoPE is shift-invariant, so the Llama case alone would not catch that)."""
+    torch.manual_seed(0)
+    eos = WORDS.index("</s>")
+    cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=1,
+                     pad_token_id=eos, bos_token_id=eos, eos_token_id=eos)
+    return GPT2ForSequenceClassification(cfg).eval()
+
+
+@pytest.fixture(scope="module")
 def causal_lm():
     torch.manual_seed(1)
     return LlamaForCausalLM(config()).eval()
@@ -66,8 +84,10 @@ def test_last_token_index_from_mask():
     assert last_token_index(mask).tolist() == [2, 4, 4, 1]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_reward_model_score_is_the_same_padded_unpadded_and_batched(reward_model, side):
+def test_reward_model_score_is_the_same_padded_unpadded_and_batched(request, arch, side):
+    reward_model = request.getfixturevalue({"llama": "reward_model", "gpt2": "gpt2_reward_model"}[arch])
     tok = make_tokenizer(side)
     texts = [p + c for p, c in zip(PROMPTS, COMPLETIONS)]
     expected = reference_scores(reward_model, tok, texts)

@@ -1,0 +1,157 @@
+"""The claims of the usual PPO / DPO / GRPO comparison table, checked against what a run measured.
+
+The usual table (e.g. the DPO paper, Rafailov et al. 2023 §1, and the DeepSeekMath GRPO paper, Shao et al.
+2024 §4.1, which drops PPO's critic):
+
+    |                  | PPO  | DPO  | GRPO   |
+    | models in memory | 4    | 2    | 3      |   policy, reference, reward model, critic
+    | compute          | high | low  | medium |
+    | stability        | low  | high | medium |
+
+Each claim gets one verdict, by the rule in its function's docstring:
+- "confirmed": every pair of algorithms this run measured is ordered as the claim orders them;
+- "not confirmed": some measured pair is ordered differently, or tied where the claim separates them;
+- "not measured": fewer than two of PPO / DPO / GRPO have the measurement.
+Only orders are compared, never absolute values: a tiny model on a CPU says nothing about absolute cost.
+When several stages run the same algorithm, the first one that has the measurement stands for it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from itertools import combinations
+
+from posttrain.report.load import Stage, fmt, measured
+
+CONFIRMED, NOT_CONFIRMED, NOT_MEASURED = "confirmed", "not confirmed", "not measured"
+CLAIM_ALGOS = ("ppo", "dpo", "grpo")
+LEVEL = {"low": 1, "medium": 2, "high": 3}
+
+SPIKE_Z = 4.0  # a loss jump this many robust standard deviations above the typical step-to-step change
+SPIKE_FLOOR = 0.01  # ... and never smaller than 1% of the median |loss| times SPIKE_Z (a linear decay has scale 0)
+MIN_LOSS_STEPS = 5  # fewer logged losses than this: stability not measured
+
+
+@dataclass
+class ClaimResult:
+    name: str
+    claimed: dict[str, str]  # algorithm -> the claimed entry ("4", "high", ...)
+    measured: str  # what this run measured, per algorithm, exact values
+    verdict: str
+    rule: str
+
+
+CLAIMS: dict[str, callable] = {}
+
+
+def register_claim(name: str):
+    """Decorator: `fn(stages) -> ClaimResult` checks the claim `name`; the report runs them in this order."""
+
+    def wrap(fn):
+        CLAIMS[name] = fn
+        return fn
+
+    return wrap
+
+
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)
+
+
+def order_verdict(claimed: dict[str, float], observed: dict[str, float]) -> str:
+    """Pairwise order agreement between claimed ranks and observed values (ties count as a disagreement
+    unless the claim ties the pair too)."""
+    both = [a for a in claimed if a in observed]
+    if len(both) < 2:
+        return NOT_MEASURED
+    agree = all(_sign(claimed[a] - claimed[b]) == _sign(observed[a] - observed[b]) for a, b in combinations(both, 2))
+    return CONFIRMED if agree else NOT_CONFIRMED
+
+
+def per_algorithm(stages: list[Stage], value_of) -> dict[str, float]:
+    """algorithm -> value_of(stage) for the first stage of each claimed algorithm where it is not None."""
+    out: dict[str, float] = {}
+    for stage in stages:
+        if stage.command in CLAIM_ALGOS and stage.command not in out:
+            value = value_of(stage)
+            if value is not None:
+                out[stage.command] = value
+    return out
+
+
+def _rule(fn) -> str:
+    return " ".join(fn.__doc__.split("Rule: ", 1)[1].split())
+
+
+def _describe(values: dict[str, object], detail=None) -> str:
+    if not values:
+        return "—"
+    return ", ".join(f"{a}: {fmt(v)}" + (f" ({detail[a]})" if detail else "") for a, v in values.items())
+
+
+@register_claim("models in memory")
+def models_in_memory(stages: list[Stage]) -> ClaimResult:
+    """Rule: order of the measured `models_in_memory` (pipeline_summary.json) must be PPO > GRPO > DPO."""
+    claimed = {"ppo": 4, "dpo": 2, "grpo": 3}
+    values = per_algorithm(stages, lambda s: measured(s)["models_in_memory"][0])
+    return ClaimResult("models in memory", {a: str(v) for a, v in claimed.items()}, _describe(values),
+                       order_verdict(claimed, values), _rule(models_in_memory))
+
+
+@register_claim("compute")
+def compute(stages: list[Stage]) -> ClaimResult:
+    """Rule: order of the stages' wall time `wall_time_s` must be PPO > GRPO > DPO (the stages as run, so
+    compare runs of similar length; the time per step is not used because steps differ in work)."""
+    claimed = {"ppo": "high", "dpo": "low", "grpo": "medium"}
+    values = per_algorithm(stages, lambda s: measured(s)["wall_time_s"][0])
+    verdict = order_verdict({a: LEVEL[v] for a, v in claimed.items()}, values)
+    return ClaimResult("compute", claimed, _describe(values), verdict, _rule(compute))
+
+
+def loss_spikes(values: list[float]) -> int:
+    """Upward loss jumps far outside the usual step-to-step change.
+
+    d_t = loss_t − loss_{t−1}; with c = median(d) and s = 1.4826 · median(|d − c|) (the MAD, scaled to a standard
+    deviation for normal data), step t is a spike when d_t − c > SPIKE_Z · max(s, SPIKE_FLOOR · median|loss|).
+    Only upward jumps count: a falling loss is what training is for.
+    """
+    if len(values) < 3:
+        return 0
+    diffs = [b - a for a, b in zip(values, values[1:])]
+    center = statistics.median(diffs)
+    scale = 1.4826 * statistics.median(abs(d - center) for d in diffs)
+    scale = max(scale, SPIKE_FLOOR * statistics.median(abs(v) for v in values), 1e-12)
+    return sum(d - center > SPIKE_Z * scale for d in diffs)
+
+
+def instability(rows: list[dict]) -> tuple[float, str] | None:
+    """(events per logged training step, description); events = loss spikes + skipped updates + non-finite
+    losses. None when fewer than MIN_LOSS_STEPS training rows log a loss."""
+    train = [r for r in rows if not r.get("final") and "loss" in r]
+    losses = [r["loss"] for r in train if isinstance(r["loss"], (int, float)) and math.isfinite(r["loss"])]
+    if len(losses) < MIN_LOSS_STEPS:
+        return None
+    spikes = loss_spikes(losses)
+    skipped = sum(r.get("skipped", 0) or 0 for r in train if isinstance(r.get("skipped", 0), (int, float)))
+    nonfinite = len(train) - len(losses)
+    score = (spikes + skipped + nonfinite) / len(train)
+    return score, f"{spikes} spikes, {fmt(skipped)} skipped, {nonfinite} non-finite in {len(train)} steps"
+
+
+@register_claim("stability")
+def stability(stages: list[Stage]) -> ClaimResult:
+    """Rule: instability = (loss spikes + skipped updates + non-finite losses) / logged training steps, from
+    metrics.jsonl (spike: an upward loss jump > 4 robust standard deviations of the step-to-step changes,
+    see `loss_spikes`); its order must be PPO > GRPO > DPO, i.e. stability PPO < GRPO < DPO."""
+    claimed = {"ppo": "low", "dpo": "high", "grpo": "medium"}
+    found = per_algorithm(stages, lambda s: instability(s.rows))
+    values = {a: v[0] for a, v in found.items()}
+    instability_rank = {a: -LEVEL[v] for a, v in claimed.items()}  # low stability = high instability
+    return ClaimResult("stability", claimed, _describe(values, {a: v[1] for a, v in found.items()}),
+                       order_verdict(instability_rank, values), _rule(stability))
+
+
+def check_claims(stages: list[Stage]) -> list[ClaimResult]:
+    return [fn(stages) for fn in CLAIMS.values()]

@@ -1,0 +1,332 @@
+"""`posttrain report`: fake run and pipeline directories → report.html / report.md; every section present,
+every number equal to the run's files, images inlined, claims judged by their rules, and (where Debian's
+chromium is installed) the page rendered by a real browser with no console errors."""
+
+import base64
+import json
+import random
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from posttrain.cli import main
+from posttrain.report import build_report
+from posttrain.report.claims import (CONFIRMED, NOT_CONFIRMED, NOT_MEASURED, check_claims, instability, loss_spikes,
+                                     order_verdict)
+from posttrain.report.load import load_run
+
+SECTIONS = ("overview", "curves", "comparison", "frontier", "samples", "overoptimization", "warnings")
+CHROMIUM = "/usr/bin/chromium"
+PPO_SPIKES, PPO_SKIPPED, PPO_NAN = (7, 13, 17), 10, 4
+GRPO_SPIKES = (12,)
+
+
+# ---------- fake run directories ----------
+
+def _rows(command: str, steps: int, seed: int, spikes=(), skipped=None, nan_at=None) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for t in range(1, steps + 1):
+        loss = 2.0 - 0.05 * t + rng.uniform(-0.01, 0.01) + (1.5 if t in spikes else 0.0)
+        row = {"step": t, "loss": "nan" if t == nan_at else loss, "lr": 1e-5 * rng.random(), "grad_norm": rng.random(),
+               "tokens_per_s": 1000 * rng.random(), "peak_mem_gb": 2 * rng.random(), "step_time_s": rng.random(),
+               "skipped": 1.0 if t == skipped else 0.0}
+        if command in ("dpo", "kto"):
+            chosen, rejected = rng.random(), -rng.random()
+            row.update({"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+                        "rewards/accuracies": rng.random()})
+        if command in ("ppo", "grpo"):
+            row.update({"reward": 0.03 * t + rng.random() / 7, "kl": 0.002 * t * t + rng.random() / 1000,
+                        "entropy": 1.0 - 0.01 * t, "clip_ratio": rng.random() / 10})
+        if command == "rm":
+            row["accuracy"] = rng.random()
+        rows.append(row)
+    final = {"sft": {"eval/loss": rng.random()}, "rm": {"eval/accuracy": rng.random(), "eval/margin": rng.random()},
+             "dpo": {"eval/loss": rng.random(), "eval/rewards/accuracies": rng.random()},
+             "ppo": {"eval/reward": rng.random()}, "grpo": {"eval/reward": rng.random(), "eval/accuracy": rng.random()}}
+    rows.append({"step": steps, **final[command], "final": True})
+    return rows
+
+
+def write_run(path: Path, command: str, rows: list[dict]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").write_text(f"command: {command}\ntrain:\n  max_steps: {rows[-1]['step']}\n")
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _summary_entry(name: str, models: int, wall: float, seed: int) -> dict:
+    rng = random.Random(seed)
+    return {"name": name, "command": name, "started_from": "base" if name == "sft" else "sft/final",
+            "wall_time_s": wall, "peak_mem_gb": rng.uniform(1, 9), "models_in_memory": models,
+            "trainable_params": 1_234_567 + seed, "tokens_per_s": rng.uniform(100, 900),
+            "heldout_accuracy": rng.random(), "mean_reward": rng.random(), "kl_to_ref": rng.random() / 10,
+            "samples": [{"prompt": "What is 2+3?", "before": f"{name} before | 4", "after": f"{name} after\n5"},
+                        {"prompt": "12*3 = ?", "before": "<b>37</b>", "after": "36"}]}
+
+
+def make_pipeline(root: Path, dpo_wall: float = 40.25) -> Path:
+    stage_rows = {"sft": _rows("sft", 20, 1), "rm": _rows("rm", 20, 2), "dpo": _rows("dpo", 20, 3),
+                  "ppo": _rows("ppo", 20, 4, PPO_SPIKES, PPO_SKIPPED, PPO_NAN), "grpo": _rows("grpo", 20, 5, GRPO_SPIKES)}
+    for name, rows in stage_rows.items():
+        write_run(root / name, name, rows)
+    stages = [_summary_entry("sft", 1, 20.5, 1), _summary_entry("rm", 1, 30.0, 2), _summary_entry("dpo", 2, dpo_wall, 3),
+              _summary_entry("ppo", 4, 300.5, 4), _summary_entry("grpo", 3, 150.125, 5)]
+    stages[-1]["kl_to_ref"] = None  # not measured by the pipeline: the report falls back to the last logged kl
+    (root / "pipeline_summary.json").write_text(json.dumps({"model": "tiny", "task": "arithmetic", "stages": stages}))
+    rng = random.Random(9)
+    points = []
+    for method, scale in (("bon", 1.0), ("rl", 0.6)):
+        for step, kl in enumerate((0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)):
+            d = kl ** 0.5
+            points.append({"kl": kl, "proxy_reward": d * scale + rng.random() / 100,
+                           "gold_reward": d * (1.5 - 0.5 * d) * scale, "method": method, "step": step * 10})
+    (root / "overoptimization.json").write_text(json.dumps(points))
+    warnings = [{"step": 7, "stage": "ppo", "kind": "loss_spike", "message": "loss jumped 1.5 → check lr"},
+                {"step": 10, "stage": "ppo", "kind": "skipped_step", "message": "non-finite gradient; update skipped"},
+                {"step": 15, "stage": "grpo", "kind": "kl_blowup", "message": "kl > 0.4 <stop?>"}]
+    (root / "warnings.jsonl").write_text("".join(json.dumps(w) + "\n" for w in warnings))
+    return root
+
+
+@pytest.fixture
+def pipeline(tmp_path):
+    return make_pipeline(tmp_path / "pipe")
+
+
+# ---------- parsing the report back ----------
+
+class _Tables(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tables, self.sections, self.images, self.scripts = {}, [], [], 0
+        self._table, self._row, self._cell = None, None, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self._table = self.tables.setdefault(attrs.get("id"), [])
+        elif tag == "tr" and self._table is not None:
+            self._row = []
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = ""
+        elif tag == "section":
+            self.sections.append(attrs.get("id"))
+        elif tag == "img":
+            self.images.append(attrs.get("src", ""))
+        elif tag == "script":
+            self.scripts += 1
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self._row.append(self._cell)
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self._table.append(self._row)
+            self._row = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+
+def parse_html(path: Path) -> _Tables:
+    parser = _Tables()
+    parser.feed(path.read_text())
+    return parser
+
+
+def md_tables(text: str) -> list[list[list[str]]]:
+    """Each Markdown table as rows of cells (header first, separator dropped), escapes undone."""
+    tables, current = [], None
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip().replace("\\|", "|").replace("\\\\", "\\").replace("<br>", "\n")
+                     for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            if not all(set(c) <= {"-"} for c in cells):
+                current = current if current is not None else []
+                current.append(cells)
+        elif current is not None:
+            tables.append(current)
+            current = None
+    return tables
+
+
+def md_table(text: str, first_header: list[str]) -> list[list[str]]:
+    return next(t for t in md_tables(text) if t[0][: len(first_header)] == first_header)
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def last_logged(rows, key):
+    for row in reversed(rows):
+        value = row.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            return value
+    return None
+
+
+# ---------- tests ----------
+
+def test_every_section_present_images_inlined_no_script(pipeline):
+    path = build_report(pipeline)
+    assert path == pipeline / "report.html"
+    page = parse_html(path)
+    assert page.sections == list(SECTIONS)
+    assert page.scripts == 0 and "http://" not in path.read_text() and "https://" not in path.read_text()
+    # 5 stages' curves + frontier + over-optimization, every one a real PNG inside the page
+    assert len(page.images) == 7
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (pipeline / "report.md").read_text()
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(linked) == 7 and all((pipeline / name).read_bytes()[:4] == b"\x89PNG" for name in linked)
+    for title in ("## Training curves", "## Comparison", "## Reward vs KL frontier", "## Held-out prompts",
+                  "## Reward over-optimization", "## Failure-mode warnings"):
+        assert title in md
+
+
+def test_numbers_equal_the_metrics_files(pipeline):
+    page = parse_html(build_report(pipeline))
+    md = (pipeline / "report.md").read_text()
+    html_rows = page.tables["final-values"][1:]
+    assert html_rows == md_table(md, ["stage", "metric", "value", "step"])[1:]
+    checked = set()
+    for stage, metric, value, _ in html_rows:
+        expected = last_logged(read_rows(pipeline / stage / "metrics.jsonl"), metric)
+        assert float(value) == expected, (stage, metric)  # exact: the printed text round-trips to the logged float
+        checked.add((stage, metric))
+    assert {("ppo", "kl"), ("ppo", "reward"), ("dpo", "rewards/margins"), ("rm", "eval/accuracy"),
+            ("grpo", "eval/accuracy"), ("sft", "eval/loss"), ("ppo", "clip_ratio")} <= checked
+
+
+def test_comparison_table_equals_summary_with_documented_fallback(pipeline):
+    page = parse_html(build_report(pipeline))
+    md = (pipeline / "report.md").read_text()
+    table = page.tables["comparison"]
+    assert table == md_table(md, ["stage", "command", "heldout_accuracy"])
+    header, rows = table[0], {r[0]: dict(zip(table[0], r)) for r in table[1:]}
+    summary = {s["name"]: s for s in json.loads((pipeline / "pipeline_summary.json").read_text())["stages"]}
+    for name, entry in summary.items():
+        for field in header[2:-1]:
+            if entry[field] is not None:
+                assert type(entry[field])(rows[name][field]) == entry[field], (name, field)
+    grpo_rows = read_rows(pipeline / "grpo" / "metrics.jsonl")
+    assert float(rows["grpo"]["kl_to_ref"]) == last_logged(grpo_rows, "kl")
+    assert "kl_to_ref" in rows["grpo"]["from metrics.jsonl"] and rows["ppo"]["from metrics.jsonl"] == "—"
+
+
+def test_samples_overoptimization_warnings_tables(pipeline):
+    page = parse_html(build_report(pipeline))
+    md = (pipeline / "report.md").read_text()
+    samples = page.tables["samples"]
+    assert samples == md_table(md, ["stage", "prompt", "before", "after"])
+    assert ["dpo", "What is 2+3?", "dpo before | 4", "dpo after\n5"] in samples
+    assert ["ppo", "12*3 = ?", "<b>37</b>", "36"] in samples  # escaped as text, not markup
+    points = json.loads((pipeline / "overoptimization.json").read_text())
+    peaks = {r[0]: r for r in page.tables["overoptimization"][1:]}
+    for method in ("bon", "rl"):
+        best = max((p for p in points if p["method"] == method), key=lambda p: p["gold_reward"])
+        assert best["kl"] == 2.0  # gold = d(1.5 − 0.5 d) peaks at d = 1.5, nearest grid point KL = 2
+        assert [int(peaks[method][1]), float(peaks[method][2]), float(peaks[method][3]), float(peaks[method][4])] == \
+               [best["step"], best["kl"], best["gold_reward"], best["proxy_reward"]]
+    warnings = page.tables["warnings"]
+    assert warnings[1:] == [["ppo", "7", "loss_spike", "loss jumped 1.5 → check lr"],
+                            ["ppo", "10", "skipped_step", "non-finite gradient; update skipped"],
+                            ["grpo", "15", "kl_blowup", "kl > 0.4 <stop?>"]]
+    frontier = {(r[0], r[1]): r for r in page.tables["frontier"][1:]}
+    ppo_rows = read_rows(pipeline / "ppo" / "metrics.jsonl")
+    assert float(frontier[("ppo", "kl, reward over steps")][2]) == last_logged(ppo_rows, "kl")
+    assert ("sft", "final (kl_to_ref, mean_reward)") in frontier and ("grpo", "final (kl_to_ref, mean_reward)") not in frontier
+
+
+def test_claims_confirmed_by_this_pipeline(pipeline):
+    page = parse_html(build_report(pipeline))
+    claims = {r[0]: r for r in page.tables["claims"][1:]}
+    assert page.tables["claims"][0][:4] == ["claim", "PPO", "DPO", "GRPO"]
+    assert claims["models in memory"][1:4] == ["4", "2", "3"]
+    assert {name: row[5] for name, row in claims.items()} == {"models in memory": CONFIRMED, "compute": CONFIRMED,
+                                                             "stability": CONFIRMED}
+    # ppo: 3 spikes + 1 skipped + 1 nan loss in 20 steps; grpo: 1 spike; dpo: none
+    assert "ppo: 0.25 (3 spikes, 1.0 skipped, 1 non-finite in 20 steps)" in claims["stability"][4]
+    assert "grpo: 0.05 (1 spikes" in claims["stability"][4] and "dpo: 0.0 (0 spikes" in claims["stability"][4]
+
+
+def test_claims_not_confirmed_and_not_measured(tmp_path):
+    slow_dpo = make_pipeline(tmp_path / "slow", dpo_wall=400.0)
+    verdicts = {c.name: c.verdict for c in check_claims(load_run(slow_dpo).stages)}
+    assert verdicts["compute"] == NOT_CONFIRMED and verdicts["models in memory"] == CONFIRMED
+    single = write_run(tmp_path / "one", "dpo", _rows("dpo", 8, 0))
+    assert {c.verdict for c in check_claims(load_run(single).stages)} == {NOT_MEASURED}
+
+
+def test_loss_spikes_and_order_rule_by_hand():
+    # diffs: -.1 ×3, +1.3, -1.4, -.1 ×2 → median -.1, MAD 0, floor 0.01 · median|loss| (0.75) → threshold 0.03
+    assert loss_spikes([1.0, 0.9, 0.8, 0.7, 2.0, 0.6, 0.5, 0.4]) == 1
+    assert loss_spikes([1.0, 0.9, 0.8, 0.7, 0.6, 0.5]) == 0
+    assert loss_spikes([1.0, 0.9, 0.8, 0.7, 0.72, 0.6]) == 0  # +0.02 < 0.03: noise, not a spike
+    rows = [{"step": i, "loss": v} for i, v in enumerate([1.0, 0.9, 0.8, 0.7, 2.0, 0.6, 0.5, 0.4], 1)]
+    rows += [{"step": 9, "loss": "nan", "skipped": 1.0}, {"step": 9, "eval/loss": 0.3, "final": True}]
+    assert instability(rows)[0] == (1 + 1 + 1) / 9
+    assert instability(rows[:4]) is None
+    claimed = {"ppo": 3, "dpo": 1, "grpo": 2}
+    assert order_verdict(claimed, {"ppo": 9.0, "dpo": 1.0, "grpo": 5.0}) == CONFIRMED
+    assert order_verdict(claimed, {"ppo": 9.0, "dpo": 9.0}) == NOT_CONFIRMED  # a tie the claim does not make
+    assert order_verdict(claimed, {"ppo": 1.0, "grpo": 2.0}) == NOT_CONFIRMED
+    assert order_verdict(claimed, {"ppo": 9.0}) == NOT_MEASURED
+
+
+def test_single_run_dir_without_optional_parts(tmp_path):
+    run = tmp_path / "run"
+    rows = _rows("grpo", 6, 3)[:-1]  # no final row, no summary, no samples, no warnings, no over-optimization
+    write_run(run, "grpo", rows)
+    page = parse_html(build_report(run))
+    assert page.sections == list(SECTIONS)
+    text = (run / "report.html").read_text()
+    for note in ("no `samples`", "no overoptimization.json", "No warnings.jsonl"):
+        assert note in text
+    row = dict(zip(*page.tables["comparison"][:2]))
+    assert row["stage"] == "run" and row["command"] == "grpo"
+    assert float(row["wall_time_s"]) == sum(r["step_time_s"] for r in rows)
+    assert float(row["peak_mem_gb"]) == max(r["peak_mem_gb"] for r in rows)
+    assert float(row["tokens_per_s"]) == sorted(r["tokens_per_s"] for r in rows)[2]  # lower median of 6
+    assert float(row["kl_to_ref"]) == rows[-1]["kl"] and row["models_in_memory"] == "—"
+    assert len(page.images) == 2  # curves + the kl/reward trajectory
+
+
+def test_cli_report(pipeline, tmp_path, capsys):
+    assert main(["report", str(pipeline), "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out" / "report.html")
+    assert (tmp_path / "out" / "report.md").exists() and not (pipeline / "report.html").exists()
+    assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} not installed (apt-get install chromium)")
+def test_headless_chromium_renders_report(pipeline, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    path, shot = build_report(pipeline), tmp_path / "shot.png"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+           f"--screenshot={shot}", "--window-size=1200,3000", path.resolve().as_uri()]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert console == []  # no JS errors, no blocked fetches (the page's CSP would log those)
+    assert shot.stat().st_size > 20_000
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape[:2] == (3000, 1200)
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50 and pixels.std() > 10
+    if shutil.which("true"):  # keep a copy for a human look when debugging
+        shutil.copy(shot, tmp_path / "last_report_screenshot.png")
