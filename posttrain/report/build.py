@@ -20,7 +20,7 @@ from pathlib import Path
 
 from posttrain.report import plots
 from posttrain.report.claims import CLAIM_ALGOS, check_claims
-from posttrain.report.load import MEASURED_FIELDS, Run, Stage, fmt, is_number, last_value, load_run, measured, series
+from posttrain.report.load import MEASURED_FIELDS, SUMMARY_FILE, Run, Stage, fmt, is_number, last_value, load_run, measured, series
 
 REWARD_KEYS = ("reward", "rewards/mean", "reward/mean", "rewards/total")
 # panel title -> the metric keys drawn in it (a panel appears when one of its keys was logged)
@@ -123,15 +123,15 @@ def curves(run: Run) -> list:
 
 @section("comparison", "Comparison: measured on this run vs the usual claims")
 def comparison(run: Run) -> list:
-    rows = []
+    rows, notes = [], []
     for stage in run.stages:
         values = measured(stage)
-        fallbacks = [f"{name}: {src}" for name, (v, src) in values.items() if v is not None and src != "pipeline_summary.json"]
-        rows.append([stage.name, stage.command] + [fmt(values[n][0]) for n in MEASURED_FIELDS] + ["; ".join(fallbacks) or "—"])
+        rows.append([stage.name, stage.command] + [fmt(values[n][0]) for n in MEASURED_FIELDS])
+        notes += [f"{stage.name} {name}: {src}" for name, (v, src) in values.items() if v is not None and src != SUMMARY_FILE]
     blocks = [
-        "Values from pipeline_summary.json; where it lacks one, from metrics.jsonl as noted in the last column. "
-        "— means not measured.",
-        Table("comparison", ["stage", "command", *MEASURED_FIELDS, "from metrics.jsonl"], rows),
+        f"— means not measured. Every value is from {SUMMARY_FILE}"
+        + (", except (from metrics.jsonl) " + "; ".join(notes) + "." if notes else "."),
+        Table("comparison", ["stage", "command", *MEASURED_FIELDS], rows),
         "Claims of the usual table, each checked by its rule (posttrain/report/claims.py): "
         "confirmed / not confirmed when this run orders the algorithms as claimed or not; not measured when "
         "fewer than two of PPO, DPO, GRPO have the measurement.",
@@ -221,9 +221,10 @@ def build_sections(run: Run) -> list[Section]:
 
 
 CSS = """
-body{font-family:system-ui,-apple-system,"DejaVu Sans",sans-serif;max-width:1150px;margin:1.5em auto;padding:0 1em;color:#222}
+body{font-family:system-ui,-apple-system,"DejaVu Sans",sans-serif;max-width:1250px;margin:1.5em auto;padding:0 1em;color:#222}
+div.wide{overflow-x:auto}
 h1{border-bottom:2px solid #444}h2{border-bottom:1px solid #bbb;margin-top:1.8em}
-nav a{margin-right:1em}table{border-collapse:collapse;margin:.8em 0;font-size:13px}
+nav a{margin-right:1em}table{border-collapse:collapse;margin:.8em 0;font-size:12.5px}
 th,td{border:1px solid #ccc;padding:3px 6px;vertical-align:top;white-space:pre-wrap;text-align:left}
 th{background:#f0f0f0}tr:nth-child(even) td{background:#fafafa}
 td.v-confirmed{background:#d9f2d9!important}td.v-not-confirmed{background:#f9d6d5!important}td.v-not-measured{color:#777}
@@ -235,14 +236,17 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 def _html_cell(tag: str, text: str) -> str:
     cls = f' class="v-{text.replace(" ", "-")}"' if tag == "td" and text in VERDICTS else ""
-    return f"<{tag}{cls}>{html.escape(text)}</{tag}>"
+    body = html.escape(text)
+    if tag == "th":  # long field names may wrap after "_" or "/" so wide tables fit the page
+        body = body.replace("_", "_<wbr>").replace("/", "/<wbr>")
+    return f"<{tag}{cls}>{body}</{tag}>"
 
 
 def _html_block(block) -> str:
     if isinstance(block, Table):
         head = "".join(_html_cell("th", h) for h in block.header)
         body = "".join("<tr>" + "".join(_html_cell("td", c) for c in row) + "</tr>" for row in block.rows)
-        return f'<table id="{block.id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        return f'<div class="wide"><table id="{block.id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
     if isinstance(block, Image):
         data = base64.b64encode(block.png).decode("ascii")
         return (f'<figure><img alt="{html.escape(block.caption)}" src="data:image/png;base64,{data}">'

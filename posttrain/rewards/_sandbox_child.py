@@ -7,12 +7,12 @@ fd number is in the settings. Standard library only: it may run under another in
 Protocol on the result pipe (the host trusts only this, never stdout):
 - ``INFRA <message>`` then exit 70: isolation or test compilation failed before any untrusted code ran;
 - ``READY <defences json>``: set-up done; from here on every outcome is the code's own;
-- ``PASS <nonce>``: written only after the tests ran to completion, through references captured before the
-  untrusted code ran. The nonce lives in the frame of a suspended generator, reachable only through
-  ``gi_frame``; the audit hook below blocks that and every other frame, gc, ctypes and code-object route, so
-  Python-level code cannot forge the line (a signal handler's frame argument is harmless: the generator runs
-  only before the untrusted code and after the tests passed). Native code (a CPython memory-corruption trick) could;
-  the OS layers (namespaces, read-only mounts, another uid) still bound what such code can touch.
+- ``PASS <nonce>``: written only after the tests ran to completion, through references bound before the
+  untrusted code ran. The nonce lives in the frame of a suspended generator (``_session``) that no name
+  refers to; the audit hook below blocks ``gi_frame`` and every other frame, gc, ctypes and code-object
+  route, so Python-level code can neither read the nonce nor resume the generator. Native code (a CPython
+  memory-corruption trick) could; the OS layers (namespaces, read-only mounts, another uid) still bound what
+  such code can touch.
 """
 
 import builtins
@@ -27,11 +27,11 @@ NONCE_LEN = 32
 # unavailable; the others raise PermissionError.
 FRAME_EVENTS = frozenset({"sys._getframe", "sys._getframemodulename"})
 INTEGRITY_EVENTS = frozenset({
-    "sys._current_frames", "sys.settrace", "sys.setprofile", "gc.get_objects", "gc.get_referrers", "gc.get_referents", "code.__new__",
+    "sys._current_frames", "sys.settrace", "sys.setprofile",
+    "gc.get_objects", "gc.get_referrers", "gc.get_referents", "code.__new__",
     "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.addressof",
 })
 FRAME_ATTRS = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_code"})
-# Signal handlers receive the current frame, but the nonce's frame only runs before the code and after a pass.
 INTEGRITY_MODULES = frozenset({"ctypes", "_ctypes", "_testcapi", "_testinternalcapi", "_testmultiphase"})
 # Policy of the Python-level guard (settings["guard"]): processes, sockets, writes outside the work folder.
 SPAWN_EVENTS = frozenset({
@@ -54,8 +54,7 @@ MS_OPTION_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noe
                    "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21, "strictatime": 1 << 24}
 
 
-def _nonce_holder(read, write, result_fd):
-    """Reads the nonce from stdin at start and writes the PASS line when resumed; nothing else can see it."""
+def _read_nonce(read) -> bytes:
     nonce = b""
     while len(nonce) < NONCE_LEN:
         chunk = read(0, NONCE_LEN - len(nonce))
@@ -63,9 +62,7 @@ def _nonce_holder(read, write, result_fd):
             raise EOFError("stdin closed before the nonce")
         nonce += chunk
     read(0, 1)  # the newline
-    yield
-    write(result_fd, b"PASS " + nonce + b"\n")
-    yield
+    return nonce
 
 
 def _libc():
@@ -96,12 +93,16 @@ def _mounts():
 
 
 def _enter_namespaces(call, uid, gid):
-    """Private mount + network (+ ipc, uts) namespaces: directly as root, inside a user namespace otherwise."""
+    """Private mount + network (+ ipc, uts) namespaces: directly as root, inside a user namespace otherwise.
+    None when the kernel refuses; a failure after unshare succeeded is raised (a half-made namespace)."""
     flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
-    if os.geteuid() == 0:
-        call("unshare", flags)
+    root = os.geteuid() == 0
+    try:
+        call("unshare", flags if root else flags | CLONE_NEWUSER)
+    except OSError:
+        return None
+    if root:
         return "root"
-    call("unshare", flags | CLONE_NEWUSER)
     for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"{uid} {uid} 1"),
                        ("/proc/self/gid_map", f"{gid} {gid} 1")):
         with open(path, "w") as f:
@@ -129,12 +130,10 @@ def _readonly_filesystem(call, work):
             raise OSError(f"{path} is still writable (remount failed for {failed})")
 
 
-def _drop_capabilities(ctypes):
+def _drop_capabilities(ctypes, call):
     """capset(2) to empty sets: after unshare(CLONE_NEWUSER) we hold every capability in the new namespace."""
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
-    data = (ctypes.c_uint32 * 6)()
-    if ctypes.CDLL(None, use_errno=True).syscall(126, header, data) != 0:  # SYS_capset on x86-64/arm64
-        raise OSError(ctypes.get_errno(), "capset failed")
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    call("capset", header, (ctypes.c_uint32 * 6)())
 
 
 def _set_limits(s):
@@ -157,15 +156,11 @@ def isolate(s):
     ctypes, call = _libc()
     uid = s["uid"] if s["uid"] is not None else os.getuid()
     gid = s["uid"] if s["uid"] is not None else os.getgid()
-    if s["isolate"]:
-        try:
-            defences.append(f"namespaces ({_enter_namespaces(call, uid, gid)})")
-            defences.append("no network (empty network namespace)")
-        except OSError:
-            pass
-        if defences:
-            _readonly_filesystem(call, s["work"])
-            defences.append("read-only filesystem except the work folder; /proc hidden")
+    kind = _enter_namespaces(call, uid, gid) if s["isolate"] else None
+    if kind:
+        defences += [f"namespaces ({kind})", "no network (empty network namespace)"]
+        _readonly_filesystem(call, s["work"])
+        defences.append("read-only filesystem except the work folder; /proc hidden")
     _set_limits(s)
     os.nice(19)  # lowest CPU priority, so that spinning processes cannot starve the host until the timeout
     defences.append("nice 19, rlimits cpu/as/fsize/nofile" + ("/nproc" if s["uid"] is not None else ""))
@@ -174,8 +169,8 @@ def isolate(s):
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
         defences.append(f"unprivileged uid {uid}")
-    elif defences[0].startswith("namespaces"):
-        _drop_capabilities(ctypes)
+    elif kind:
+        _drop_capabilities(ctypes, call)
     call("prctl", 38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: no setuid binary can give privileges back
     call("prctl", 4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no same-uid process may ptrace us or read our memory
     os.chdir(s["work"])
@@ -185,48 +180,47 @@ def isolate(s):
 
 
 def _make_hook(work, guard, allowed_ext_roots):
-    realpath, sep, getcwd = os.path.realpath, os.sep, os.getcwd
-    work_prefix = work + sep
+    """The audit hook. Everything it consults is bound here, in its closure: the harness's globals are reachable
+    from a signal handler's frame (f_globals), and a rebound INTEGRITY_EVENTS must not disarm it. The integrity
+    checks come first and use nothing but ``in`` and ``raise``; whatever ``raise`` is handed, it raises."""
+    frame_events, integrity, frame_attrs, integrity_modules = FRAME_EVENTS, INTEGRITY_EVENTS, FRAME_ATTRS, \
+        INTEGRITY_MODULES
+    spawn_events, spawn_modules, path_events = SPAWN_EVENTS, SPAWN_MODULES, dict(PATH_ARG_EVENTS)
+    realpath, fsdecode, write_flags, devices = os.path.realpath, os.fsdecode, WRITE_FLAGS, WRITABLE_DEVICES
+    work_prefix = work + os.sep
 
     def inside(path):
         if isinstance(path, int) or path is None:
             return True  # an fd we already hold
-        full = realpath(os.fsdecode(path) if not isinstance(path, str) else path)
-        return full == work or full.startswith(work_prefix) or full in WRITABLE_DEVICES
-
-    def refuse(event):
-        raise PermissionError(f"sandbox: {event} is not allowed")
+        full = realpath(fsdecode(path) if not isinstance(path, str) else path)
+        return full == work or full.startswith(work_prefix) or full in devices
 
     def hook(event, args):
-        if event in FRAME_EVENTS:
+        if event in frame_events:
             raise ValueError(f"sandbox: {event} is not allowed")
-        if event in INTEGRITY_EVENTS:
-            refuse(event)
-        if event == "object.__getattr__" and args[1] in FRAME_ATTRS:
+        if event in integrity:
+            raise PermissionError(f"sandbox: {event} is not allowed")
+        if event == "object.__getattr__" and args[1] in frame_attrs:
             raise AttributeError(f"sandbox: {args[1]} is not allowed")
         if event == "import":
-            name = args[0]
-            if name in INTEGRITY_MODULES or (guard and name in SPAWN_MODULES):
-                raise ImportError(f"sandbox: module {name} is not allowed")
+            if args[0] in integrity_modules or (guard and args[0] in spawn_modules):
+                raise ImportError(f"sandbox: module {args[0]} is not allowed")
             if args[1] is not None and not str(args[1]).startswith(allowed_ext_roots):
                 raise ImportError(f"sandbox: native module {args[1]} is not allowed")
-            return
-        if event == "open":
+        elif event == "open":
             path, mode, flags = args
-            spelled = os.fsdecode(path) if isinstance(path, bytes) else path
+            spelled = fsdecode(path) if isinstance(path, bytes) else path
             if isinstance(spelled, str) and (spelled == "/proc" or spelled.startswith("/proc/")):
-                refuse(f"open {spelled}")
-            writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & WRITE_FLAGS)
+                raise PermissionError(f"sandbox: open {spelled} is not allowed")
+            writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & write_flags)
             if guard and writes and not inside(path):
-                refuse(f"writing {path}")
-            return
-        if not guard:
-            return
-        if event in SPAWN_EVENTS or event.startswith("socket."):
-            refuse(event)
-        for i in PATH_ARG_EVENTS.get(event, ()):
-            if not inside(args[i]):
-                refuse(f"{event} {args[i]}")
+                raise PermissionError(f"sandbox: writing {path} is not allowed")
+        elif guard and (event in spawn_events or event.startswith("socket.")):
+            raise PermissionError(f"sandbox: {event} is not allowed")
+        elif guard:
+            for i in path_events.get(event, ()):
+                if not inside(args[i]):
+                    raise PermissionError(f"sandbox: {event} {args[i]} is not allowed")
 
     return hook
 
@@ -238,43 +232,72 @@ def _report_failure(exc_type, exc, tb, write):
         write(2, b"sandbox: the tests did not pass\n")
 
 
-def main():
-    settings = json.loads(sys.argv[1])
-    if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
-        sys.path.pop(0)  # what -P would do; -I is not used because it also ignores PYTHONHASHSEED
-    read, write, exit_, exec_, dict_, next_ = os.read, os.write, os._exit, exec, dict, next
-    base_exception, excepthook, type_ = BaseException, _report_failure, type
+def _set_up(settings, read):
+    """Everything before untrusted code runs: nonce, payload, isolation, tests compiled, audit hook."""
+    nonce = _read_nonce(read)
+    payload = json.loads(sys.stdin.buffer.read())
+    defences = isolate(settings)
+    tests = compile(payload["tests"], "<tests>", "exec", dont_inherit=True, optimize=0)
+    work_dir = settings["work"].rstrip("/") + "/"
+    roots = tuple({p.rstrip("/") + "/" for p in sys.path if p and not work_dir.startswith(p.rstrip("/") + "/")})
+    sys.addaudithook(_make_hook(settings["work"], settings["guard"], roots or ("/nonexistent/",)))
+    if settings["guard"]:
+        defences.append("python guard: no processes, sockets or writes outside the work folder")
+    return nonce, payload["code"], tests, defences
+
+
+def _session(settings, read, write, exit_):
+    """The trusted side of a run. It keeps the nonce in its own frame and yields the one step that runs the
+    untrusted code. ``main`` iterates it with a bare ``for``, so the only reference to it sits on main's value
+    stack: no f_locals names it (a signal handler's frame argument exposes f_back and f_locals, which are not
+    audited), nothing else can resume it, and main's loop resumes it only when the step returned normally,
+    that is when the tests ran to completion."""
     result_fd = settings["result_fd"]
-    holder = _nonce_holder(read, write, result_fd)
     try:
-        next_(holder)
-        payload = json.loads(sys.stdin.buffer.read())
-        defences = isolate(settings)
-        tests = compile(payload["tests"], "<tests>", "exec", dont_inherit=True, optimize=0)
-        source = payload["code"]
-        del payload
-        work_dir = settings["work"].rstrip("/") + "/"
-        roots = tuple({p.rstrip("/") + "/" for p in sys.path if p and not work_dir.startswith(p.rstrip("/") + "/")})
-        sys.addaudithook(_make_hook(settings["work"], settings["guard"], roots or ("/nonexistent/",)))
-        if settings["guard"]:
-            defences.append("python guard: no processes, sockets or writes outside the work folder")
-    except BaseException as e:  # set-up failed before any untrusted code ran: the host reports infra_error
+        nonce, source, tests, defences = _set_up(settings, read)
+    except BaseException as e:  # nothing untrusted ran yet: the host reports infra_error, not a reward of 0
         write(result_fd, b"INFRA " + repr(e).encode(errors="replace")[:2000] + b"\n")
         exit_(70)
     pristine = tuple(vars(builtins).items())
     module = type(sys)("__main__")
-    sys.modules["__main__"] = module  # the harness's own globals become unreachable from user code
+    sys.modules["__main__"] = module  # the harness's globals stop being reachable by name
     write(result_fd, b"READY " + json.dumps(defences).encode() + b"\n")
+    yield _run_untrusted, (source, tests, module, pristine, write, exit_)  # a tuple: no closure cells to rebind
+    write(result_fd, b"PASS " + nonce + b"\n")
+    exit_(0)
+
+
+def _run_untrusted(source, tests, module, pristine, write, exit_):
+    """Returns only if the code and then the tests ran without raising; exits 1 otherwise. Every name it uses
+    after the code started is a local bound before, so patched builtins or harness globals change nothing."""
+    exec_, dict_, type_, base_exception, report, flush = exec, dict, type, BaseException, _report_failure, _flush
+    streams = (sys.stdout, sys.stderr)  # the real ones: flushed even if the code rebinds sys.stdout
     try:
         exec_(compile(source, "<solution>", "exec", dont_inherit=True, optimize=0), module.__dict__)
         scope = dict_(module.__dict__)
         scope["__builtins__"] = dict_(pristine)  # tests see the builtins as they were before the code ran
         exec_(tests, scope)
     except base_exception as e:
-        excepthook(type_(e), e, e.__traceback__, write)
+        report(type_(e), e, e.__traceback__, write)
+        flush(streams)
         exit_(1)
-    next_(holder)
-    exit_(0)
+    flush(streams)  # os._exit skips it, and the code's prints help whoever reads the logs
+
+
+def _flush(streams):
+    for stream in streams:
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+
+
+def main():
+    settings = json.loads(sys.argv[1])
+    if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
+        sys.path.pop(0)  # what -P would do; -I is not used because it also ignores PYTHONHASHSEED
+    for run, args in _session(settings, os.read, os.write, os._exit):
+        run(*args)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,8 @@ class Trainer:
                     )
                 rows.append({"skipped": 1.0})
                 continue
+            if rows and getattr(self.algo, "early_stop", None) is not None and self.algo.early_stop():
+                break  # PPO's trust region: this minibatch saw the policy past target_kl, so it is not applied
             self.optimizer.step()
             self.scheduler.step()
             self.bad_in_a_row = 0
@@ -171,6 +173,7 @@ class Trainer:
         out.update(lr=self.scheduler.get_last_lr()[0], step_time_s=elapsed, peak_mem_gb=peak_memory_gb())
         out["tokens_per_s"] = out.pop("tokens", 0) / max(elapsed, 1e-9)
         out["skipped"] = sum(r.get("skipped", 0.0) for r in rows)
+        out["updates"] = float(len(rows))
         return out
 
     def fit(self) -> dict:

@@ -116,10 +116,11 @@ def test_preference_data_feeds_kto(tmp_path, tiny_dir, caplog):
     items = algo.train_items + algo.eval_items
     assert len(items) == 2 * 24
     assert sum(x.desirable for x in items) == 24
-    by_pair = {}
-    for x in items:
-        by_pair.setdefault(x.pair, []).append(x.desirable)
-    assert all(sorted(v) == [False, True] for v in by_pair.values())
+    for split in (algo.train_items, algo.eval_items):  # a held-out pair is held out whole
+        by_pair = {}
+        for x in split:
+            by_pair.setdefault(x.pair, []).append(x.desirable)
+        assert len(by_pair) == len(split) // 2 and all(sorted(v) == [False, True] for v in by_pair.values())
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["train"]["degenerate_dropped"] + report["eval"]["degenerate_dropped"] == 2
     assert "chosen == rejected" in caplog.text

@@ -59,7 +59,10 @@ def test_infinite_loop_is_killed_at_its_timeout():
     assert time.monotonic() - start < config.timeout_s + 2.0
 
 
-@pytest.mark.parametrize("code", ["x = bytearray(8 * 1024 ** 3)", "l = []\nwhile True:\n    l.append(bytearray(10 ** 7))"])
+HOGS = ["x = bytearray(8 * 1024 ** 3)", "l = []\nwhile True:\n    l.append(bytearray(10 ** 7))"]
+
+
+@pytest.mark.parametrize("code", HOGS, ids=["at-once", "growing"])
 def test_memory_hog_is_contained(code):
     start = time.monotonic()
     result = run_tests(code, "assert True", SandboxConfig(timeout_s=3.0, memory_mb=256))
@@ -151,14 +154,55 @@ CHEATS = {
         "builtins.exec = lambda *a, **k: None\nbuiltins.compile = lambda *a, **k: compile('pass', '', 'exec')\n"
     ),
     "fake pass line": (
-        "import os\nfor fd in range(3, 256):\n    try:\n        os.write(fd, b'READY []\\nPASS ' + b'0' * 32 + b'\\n')\n"
+        "import os\nfor fd in range(3, 256):\n    try:\n"
+        "        os.write(fd, b'READY []\\nPASS ' + b'0' * 32 + b'\\n')\n"
         "    except OSError:\n        pass\nprint('PASS ' + '0' * 32)\n"
     ),
     "frame walk to the nonce": "import sys\nf = sys._getframe()\nwhile f:\n    print(f.f_locals)\n    f = f.f_back\n",
-    "traceback frames": "try:\n    1 / 0\nexcept Exception as e:\n    print(e.__traceback__.tb_frame.f_back.f_locals)\n",
+    "traceback frames": (
+        "try:\n    1 / 0\nexcept Exception as e:\n    print(e.__traceback__.tb_frame.f_back.f_locals)\n"
+    ),
     "gc scan": "import gc\nprint([o for o in gc.get_objects() if type(o).__name__ == 'generator'])\n",
     "exit at interpreter shutdown": "import atexit, os\natexit.register(lambda: os._exit(0))\n",
     "ctypes": "import ctypes\n",
+    # a signal handler gets the current frame; f_back and f_locals are not audited: resume any generator found
+    # (the harness's nonce holder, if one were named) and read every closure, then exit cleanly
+    "signal-handler frame walk": (
+        "import os, signal, time\n"
+        "def handler(signum, frame):\n"
+        "    while frame is not None:\n"
+        "        for value in list(frame.f_locals.values()):\n"
+        "            if type(value).__name__ == 'generator':\n"
+        "                try:\n                    next(value)\n"
+        "                except BaseException:\n                    pass\n"
+        "            for cell in getattr(value, '__closure__', None) or ():\n"
+        "                print(repr(cell.cell_contents)[:80])\n"
+        "        frame = frame.f_back\n"
+        "    os._exit(0)\n"
+        "signal.signal(signal.SIGALRM, handler)\n"
+        "signal.setitimer(signal.ITIMER_REAL, 0.01)\n"
+        "time.sleep(1)\n"
+    ),
+    # through the handler's frame, empty the harness's block lists (f_globals), then gc to the nonce and write
+    # the pass line: this forges a pass against a hook that reads its block lists from module globals
+    "rebind the hook's globals, then gc to the nonce": (
+        "import os, signal, time\n"
+        "def handler(signum, frame):\n"
+        "    while frame is not None:\n"
+        "        for k in ('INTEGRITY_EVENTS', 'FRAME_ATTRS', 'FRAME_EVENTS', 'INTEGRITY_MODULES'):\n"
+        "            if k in frame.f_globals:\n"
+        "                frame.f_globals[k] = frozenset()\n"
+        "        frame = frame.f_back\n"
+        "    import gc\n"
+        "    for o in gc.get_objects():\n"
+        "        if type(o).__name__ == 'generator' and o.gi_code.co_name == '_session':\n"
+        "            loc = o.gi_frame.f_locals\n"
+        "            os.write(loc['result_fd'], b'PASS ' + loc['nonce'] + b'\\n')\n"
+        "            os._exit(0)\n"
+        "signal.signal(signal.SIGALRM, handler)\n"
+        "signal.setitimer(signal.ITIMER_REAL, 0.01)\n"
+        "time.sleep(1)\n"
+    ),
 }
 
 
@@ -200,3 +244,30 @@ def test_code_reward_end_to_end():
     ]
     tests = [["assert sq(3) == 9", "assert sq(0) == 0"], "assert sq(3) == 9", "assert sq(3) == 9"]
     assert code(["p"] * 3, completions, tests=tests) == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_process_count_is_limited(config):
+    code = (
+        "import os, time\nn = 0\ntry:\n    for _ in range(100):\n        if os.fork() == 0:\n"
+        "            time.sleep(10)\n            os._exit(0)\n        n += 1\nexcept OSError:\n    pass\n"
+    )
+    result = run_tests(code, f"assert n < {config.max_processes}, n", config)
+    assert result.status == "passed", result.output
+
+
+def test_file_size_limit_and_work_folder_removed():
+    big = run_tests("open('big.bin', 'wb').write(b'x' * (2 << 20))", "assert True",
+                    SandboxConfig(timeout_s=2.0, file_mb=1))
+    assert big.status == "failed"
+    where = run_tests("import os\nprint(os.getcwd())", "assert True", FAST)
+    assert where.status == "passed" and not os.path.exists(where.output.strip())
+
+
+def test_code_reward_in_the_runner_threads():
+    from posttrain.rewards.runner import RewardRunner
+
+    runner = RewardRunner([("code", load_reward("code", timeout_s=2.0), 1.0)], num_workers=2, timeout_s=10)
+    completions = [f"```python\ndef f():\n    return {i}\n```" for i in range(4)]
+    batch = runner(["p"] * 4, completions, tests=["assert f() == 2"] * 4)
+    assert batch.per_fn["code"] == [0.0, 0.0, 1.0, 0.0]

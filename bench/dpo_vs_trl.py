@@ -1,0 +1,246 @@
+"""posttrain DPO vs TRL's DPOTrainer: same model, same pairs in the same order, same batch, steps and optimizer.
+
+    python bench/dpo_vs_trl.py [--steps 10] [--batch-size 8] [--model smollm2] [--threads 2]
+
+Installs nothing; TRL is imported lazily (`pip install trl`). Each contender runs in its own subprocess, so the
+peak resident memory (ru_maxrss) is its own. Contenders:
+  posttrain            our defaults: fp32 weights + bf16 autocast, reference log-probs precomputed (one model)
+  trl-defaults         DPOConfig as shipped: bf16=True, gradient_checkpointing=True, reference model every step
+  trl-bf16-no-ckpt     bf16=True, gradient_checkpointing=False (the compute settings of our defaults)
+  trl-bf16-precompute  as above plus precompute_ref_log_probs=True (TRL's closest mode to ours)
+Pairs: the built-in arithmetic task's preference pairs (posttrain.data.tasks), else a synthetic set. TRL reads them
+in exactly the order posttrain's batches visited them (a sequential sampler), so the loss curves are comparable.
+
+Figures: tokens = prompt + completion tokens of both rows of every pair trained on (counted once, from our
+encoding, identical for all contenders). `train tok/s` uses the optimizer steps' wall time; `total tok/s` adds the
+reference pass when it runs before training (ours, TRL's precompute). Peak memory is the process's RSS high mark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TRL_VARIANTS = {
+    "trl-defaults": {},
+    "trl-bf16-no-ckpt": {"bf16": True, "gradient_checkpointing": False},
+    "trl-bf16-precompute": {"bf16": True, "gradient_checkpointing": False, "precompute_ref_log_probs": True},
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2", help="path, hub id or 'smollm2' (the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per step (no accumulation)")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--contenders", default="posttrain," + ",".join(TRL_VARIANTS), help="comma-separated subset")
+    p.add_argument("--workdir", default="/tmp/posttrain-bench-dpo")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ---- data ----------------------------------------------------------------------------------------------------------
+
+def make_pairs(n: int, seed: int = 0) -> tuple[list[dict], str]:
+    """n preference records and where they came from."""
+    try:
+        from posttrain.data.tasks import make_task_records
+
+        return make_task_records("arithmetic", kind="preference", split="train", n=n, seed=seed), "task:arithmetic"
+    except (ImportError, KeyError):
+        import random
+
+        rng = random.Random(seed)
+        rows = []
+        for _ in range(n):
+            a, b = rng.randrange(10, 100), rng.randrange(10, 100)
+            q = [{"role": "user", "content": f"What is {a} + {b}? Give the final answer as 'The answer is N.'"}]
+            rows.append({"prompt": q, "chosen": [{"role": "assistant", "content": f"The answer is {a + b}."}],
+                         "rejected": [{"role": "assistant", "content": f"The answer is {a + b + rng.choice([-10, -1, 1, 10])}."}]})
+        return rows, "synthetic"
+
+
+# ---- workers (each in its own process) -----------------------------------------------------------------------------
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_posttrain(args, work: Path) -> dict:
+    import torch
+
+    from posttrain.config import load_config
+    from posttrain.train import common
+    from posttrain.train.dpo import DPO
+    from posttrain.train.loop import Trainer
+
+    overrides = [
+        f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", f"algo.beta={args.beta}",
+        "data.eval_fraction=0", "train.tensorboard=false", "train.progress=false", f"train.num_threads={args.threads}",
+    ]
+    flags = {"model.name_or_path": args.model, "data.path": str(work / "pairs.jsonl"), "train.output_dir": str(work / "posttrain-run")}
+    cfg = load_config("dpo", None, overrides, flags)
+    common.setup_run(cfg)
+    algo = DPO(cfg)
+    visited: list[int] = []
+    next_batch = algo.order.next
+
+    def recording_next() -> list[int]:
+        batch = next_batch()
+        visited.extend(batch)
+        return batch
+
+    algo.order.next = recording_next
+    trainer = Trainer(algo, cfg.train)
+    trainer.save = lambda: None  # the bench times training, not checkpoint writing
+    algo.export = lambda out_dir: None
+    trainer.fit()
+    rows = [json.loads(line) for line in (work / "posttrain-run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    (work / "order.json").write_text(json.dumps(visited))
+    tokens = sum(len(algo.train_items[i].chosen) + len(algo.train_items[i].rejected) for i in visited)
+    return {
+        "tokens": tokens, "train_s": sum(r["step_time_s"] for r in steps), "ref_s": steps[0].get("reference/seconds", 0.0),
+        "losses": [r["loss"] for r in steps], "peak_gb": peak_rss_gb(), "threads": torch.get_num_threads(),
+        "models_in_memory": steps[0]["models_in_memory"],
+    }
+
+
+def run_trl(args, work: Path, variant: str) -> dict:
+    try:
+        import trl
+    except ImportError:
+        raise SystemExit("TRL is not installed: pip install trl") from None
+    import torch
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from posttrain.models.loading import resolve_model_path
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    records = [json.loads(line) for line in (work / "pairs.jsonl").read_text().splitlines()]
+    order = json.loads((work / "order.json").read_text())
+    path = resolve_model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.step_s, self.losses, self._t = [], [], 0.0
+
+        def on_step_begin(self, *a, **k):
+            self._t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.step_s.append(time.perf_counter() - self._t)
+
+        def on_log(self, _args, _state, _control, logs=None, **k):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+
+    class InOrder(trl.DPOTrainer):
+        ref_s = 0.0
+
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+        def _precompute_ref_logps(self, *a, **k):
+            start = time.perf_counter()
+            out = super()._precompute_ref_logps(*a, **k)
+            InOrder.ref_s += time.perf_counter() - start
+            return out
+
+    config = trl.DPOConfig(
+        output_dir=str(work / f"{variant}-run"), per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+        max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, beta=args.beta, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+        dataloader_num_workers=0, disable_tqdm=True, **TRL_VARIANTS[variant],
+    )
+    timer = Timer()
+    trainer = InOrder(model=model, args=config, train_dataset=Dataset.from_list([records[i] for i in order]),
+                      processing_class=tokenizer, callbacks=[timer])
+    trainer.train()
+    ds = trainer.train_dataset
+    trl_tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]))
+    return {
+        "trl_tokens": trl_tokens, "train_s": sum(timer.step_s), "ref_s": InOrder.ref_s, "losses": timer.losses,
+        "peak_gb": peak_rss_gb(), "threads": torch.get_num_threads(), "trl_version": trl.__version__,
+        "models_in_memory": 1 if config.precompute_ref_log_probs else 2,
+    }
+
+
+# ---- orchestration -------------------------------------------------------------------------------------------------
+
+def run_worker(name: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--model", args.model, "--steps", str(args.steps),
+           "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--beta", str(args.beta),
+           "--threads", str(args.threads), "--workdir", args.workdir]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{name} failed (exit {proc.returncode})")
+    result = json.loads((Path(args.workdir) / f"{name}.json").read_text())
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def print_table(results: dict, tokens: int, source: str, args) -> None:
+    print(f"\nDPO, {args.model}, {args.steps} steps x {args.batch_size} pairs, data {source}, {args.threads} threads, "
+          f"{tokens} tokens trained")
+    head = f"{'contender':<22}{'train tok/s':>12}{'total tok/s':>12}{'train s':>9}{'ref s':>7}{'peak GB':>9}{'models':>7}" \
+           f"{'loss@1':>8}{'loss@' + str(args.steps):>9}{'process s':>11}"
+    print(head)
+    print("-" * len(head))
+    base = results.get("posttrain")
+    for name, r in results.items():
+        train_tps, total_tps = tokens / r["train_s"], tokens / (r["train_s"] + r["ref_s"])
+        print(f"{name:<22}{train_tps:>12.0f}{total_tps:>12.0f}{r['train_s']:>9.1f}{r['ref_s']:>7.1f}{r['peak_gb']:>9.2f}"
+              f"{r['models_in_memory']:>7}{r['losses'][0]:>8.4f}{r['losses'][-1]:>9.4f}{r['wall_s']:>11.1f}")
+    if base:
+        print("\nposttrain speed-up (total tok/s, reference pass included):")
+        ours = tokens / (base["train_s"] + base["ref_s"])
+        for name, r in results.items():
+            if name != "posttrain":
+                print(f"  vs {name:<20} {ours / (tokens / (r['train_s'] + r['ref_s'])):.2f}x")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    work = Path(args.workdir)
+    if args.worker:
+        result = run_posttrain(args, work) if args.worker == "posttrain" else run_trl(args, work, args.worker)
+        (work / f"{args.worker}.json").write_text(json.dumps(result))
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    records, source = make_pairs(args.steps * args.batch_size)  # one epoch: every batch full, each pair seen once
+    (work / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    names = [n.strip() for n in args.contenders.split(",") if n.strip()]
+    if names[0] != "posttrain":
+        raise SystemExit("posttrain must run first: it fixes the order of the pairs the others read")
+    results = {}
+    for name in names:
+        print(f"running {name} ...", flush=True)
+        results[name] = run_worker(name, args)
+        for key in ("trl_tokens",):
+            if key in results[name] and results[name][key] != results["posttrain"]["tokens"]:
+                print(f"  note: TRL tokenized {results[name][key]} tokens, posttrain {results['posttrain']['tokens']}")
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    print_table(results, results["posttrain"]["tokens"], source, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""PPO for RLHF (Ziegler et al. 2019; Ouyang et al. 2022) on the one loop: policy, reference, reward, critic.
+
+Per-token reward r_t = −β·KL_t (k1 on the sampled token) for every completion token, plus the sequence score
+at the last completion token; GAE(γ, λ) over it (Schulman et al. 2016); whitened advantages; clipped
+surrogate and clipped value loss (Schulman et al. 2017); entropy bonus; several epochs over minibatches that
+stop early once the approximate KL to the rollout policy passes `target_kl`; fixed or adaptive β.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.algos.advantages import gae
+from posttrain.algos.kl import KL_CONTROLLERS
+from posttrain.algos.policy_loss import clipped_surrogate, clipped_value_loss
+from posttrain.config import RunConfig, register_algo_config
+from posttrain.ops import agg_loss, masked_mean, whiten
+from posttrain.train import common
+from posttrain.train.loop import Iteration, Trainer
+from posttrain.train.online import OnlineBase, OnlineConfig, RolloutBatch, _chunks
+from posttrain.types import LossOutput
+
+
+@register_algo_config("ppo")
+@dataclass
+class PPOConfig(OnlineConfig):
+    num_generations: int = 1
+    beta: float = 0.05  # initial KL coefficient
+    kl_control: str = "fixed"  # fixed | adaptive (Ziegler et al. 2019)
+    kl_target: float = 6.0  # adaptive: target sequence KL
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    ppo_epochs: int = 2
+    minibatch_rows: int = 0  # 0 = the whole rollout per update
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    target_kl: float = 0.0  # stop the epochs once approx_kl exceeds it (0 = never)
+    normalize_rewards: bool = True  # scale scores by running std (running mean removed too)
+    whiten_advantages: bool = True
+    critic_init: str = "auto"  # auto (reward model if given, else policy) | reward_model | policy
+    loss_agg: str = "token-mean"
+
+
+class RunningMoments:
+    """Running mean and variance of scalar rewards (Chan et al. parallel update), saved with the run."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def update(self, x: torch.Tensor) -> None:
+        batch_mean, batch_var, n = float(x.mean()), float(x.var(unbiased=False)), x.numel()
+        delta, total = batch_mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        self.count = total
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / (self.var**0.5 + 1e-8)
+
+
+class PPO(OnlineBase):
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg, needs_reference=True)
+        a = cfg.algo
+        self.critic = self._make_critic(a.critic_init)
+        self.extra_copies = 1  # the critic
+        self.kl_ctl = KL_CONTROLLERS[a.kl_control](a.beta) if a.kl_control == "fixed" else \
+            KL_CONTROLLERS[a.kl_control](a.beta, a.kl_target, a.kl_horizon)
+        self.moments = RunningMoments()
+        rows = a.prompts_per_step * a.num_generations
+        self.updates_per_step = a.ppo_epochs * -(-rows // (a.minibatch_rows or rows))
+        self._update_kls: list[float] = []
+
+    def _make_critic(self, init: str):
+        import copy
+
+        from posttrain.models.value import critic_from_causal_lm, critic_from_reward_model
+
+        rm = getattr(self, "reward_model", None)
+        if init == "reward_model" or (init == "auto" and rm is not None):
+            if rm is None:
+                raise ValueError("critic_init=reward_model needs algo.reward_model")
+            critic = critic_from_reward_model(copy.deepcopy(rm))
+        else:
+            source = self.reference.model if self.reference.model is not None else self.model
+            critic = critic_from_causal_lm(copy.deepcopy(source))
+        return critic.train().requires_grad_(True)
+
+    def modules(self):
+        return {"policy": self.model, "critic": self.critic}
+
+    @torch.no_grad()
+    def _values(self, batch: RolloutBatch) -> torch.Tensor:
+        out = []
+        for rows in _chunks(batch.num_rows, self.cfg.train.batch_size):
+            with common.autocast_context(self.cfg.model):
+                out.append(self._completion_values(batch, rows))
+        return torch.cat(out)
+
+    def _completion_values(self, batch: RolloutBatch, rows) -> torch.Tensor:
+        """V for each completion token (N, C): read at the position that predicts it (P + t − 1)."""
+        P = batch.prompt_width
+        values = self.critic(batch.input_ids[rows], batch.attention_mask[rows])
+        return values[:, P - 1 : -1]
+
+    def next_iteration(self, step: int) -> Iteration:
+        a = self.algo_cfg
+        batch = self.sample(step)
+        metrics = dict(batch.extra["metrics"])
+        mask = batch.loss_mask.float()
+        old_logp, ref_logp = self.policy_logps(batch), self.reference_logps(batch)
+        values = self._values(batch) * mask
+        scores = batch.rewards
+        if a.normalize_rewards:
+            self.moments.update(scores)
+            scores = self.moments.normalize(scores)
+        kl = (old_logp - ref_logp) * mask  # k1 per token on the sampled tokens
+        token_rewards = -self.kl_ctl.value * kl
+        last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()  # the last loss token of each row
+        token_rewards = token_rewards + last.float() * scores[:, None]
+        advantages, returns = gae(token_rewards, values, mask, a.gamma, a.lam)
+        if a.whiten_advantages:
+            advantages = whiten(advantages, mask) * mask
+        batch.extra.update(old_logp=old_logp, values=values, advantages=advantages, returns=returns)
+        self.batch, self._update_kls = batch, []
+        seq_kl = float(kl.sum(-1).mean())
+        metrics.update(_ppo_metrics(batch, values, returns, mask), kl=seq_kl, kl_coef=self.kl_ctl.value,
+                       reward=float(batch.rewards.mean()), models_in_memory=float(self.models_in_memory))
+        self.kl_ctl.update(seq_kl, batch.num_rows)
+        return Iteration(self.updates(batch.num_rows, a.minibatch_rows, a.ppo_epochs, step), metrics)
+
+    def loss(self, rows, totals) -> LossOutput:
+        a, b = self.algo_cfg, self.batch
+        logp, entropy = self.current_logps(rows)
+        mask = b.loss_mask[rows]
+        counts = dict(num_tokens=totals["num_tokens"], num_seqs=totals["num_seqs"], max_len=a.max_new_tokens)
+        pg = clipped_surrogate(logp, b.extra["old_logp"][rows], b.extra["advantages"][rows], mask, a.clip_low, a.clip_high,
+                               a.loss_agg, **counts)
+        with common.autocast_context(self.cfg.model):
+            values = self._completion_values(b, rows)
+        vf = clipped_value_loss(values, b.extra["values"][rows], b.extra["returns"][rows], mask, a.value_clip, a.loss_agg, **counts)
+        ent = agg_loss(entropy, mask, a.loss_agg, **counts)
+        loss = pg.loss + a.vf_coef * vf.loss - a.entropy_coef * ent
+        self._update_kls.append(float(pg.metrics["approx_kl"]))
+        metrics = {**pg.metrics, **vf.metrics, "value_loss": vf.loss.detach(), "policy_loss": pg.loss.detach(),
+                   "entropy": masked_mean(entropy.detach(), mask)}
+        return LossOutput(loss, metrics)
+
+    def early_stop(self) -> bool:
+        """Trust region: no more updates on this rollout once the policy moved more than target_kl."""
+        target = self.algo_cfg.target_kl
+        return bool(target) and bool(self._update_kls) and self._update_kls[-1] > target
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "kl_ctl": self.kl_ctl.state_dict(), "moments": vars(self.moments).copy()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        vars(self.moments).update(state["moments"])
+
+
+def _ppo_metrics(batch: RolloutBatch, values, returns, mask) -> dict:
+    """Returns, values and the critic's explained variance 1 − Var[R − V] / Var[R] on the loss tokens."""
+    sel = mask.bool()
+    ret, val = returns[sel], values[sel]
+    var = ret.var() if ret.numel() > 1 else torch.tensor(0.0)
+    explained = float(1 - (ret - val).var() / var) if float(var) > 0 else 0.0
+    return {"returns/mean": float(ret.mean()), "values/mean": float(val.mean()), "explained_variance": explained}
+
+
+def run_ppo(cfg: RunConfig) -> dict:
+    common.setup_run(cfg)
+    return Trainer(PPO(cfg), cfg.train).fit()

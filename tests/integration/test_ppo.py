@@ -1,0 +1,53 @@
+"""PPO on a tiny Llama: learns a trivial reward with a critic; early stop at the target KL; adaptive beta."""
+
+import pytest
+
+from posttrain.metrics import read_metrics
+from posttrain.train.ppo import PPO, RunningMoments, run_ppo
+from tiny import prompt_rows, run_config, write_jsonl
+
+FAST = ["algo.rewards=[tiny:vowel_reward]", "algo.max_new_tokens=6", "algo.prompts_per_step=32", "train.batch_size=32",
+        "algo.eval_max_new_tokens=6", "data.num_eval_examples=8", "train.schedule=constant"]
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    return write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(64))
+
+
+def test_ppo_learns_a_trivial_reward(tmp_path, tiny_dir, prompts):
+    run_ppo(run_config("ppo", tmp_path / "run", tiny_dir, prompts, *FAST, "train.max_steps=20", "train.lr=1e-2"))
+    rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]
+    assert rows[0]["reward"] < 0.5 and max(r["reward"] for r in rows) > 0.9
+    last = rows[-1]
+    assert last["models_in_memory"] == 3.0  # policy, reference, critic (rule-based reward: no reward model)
+    for key in ("returns/mean", "values/mean", "value_loss", "explained_variance", "approx_kl", "clip_ratio", "kl_coef", "kl"):
+        assert key in last, key
+
+
+def test_target_kl_stops_the_epochs_early_and_adaptive_beta_moves(tmp_path, tiny_dir, prompts):
+    cfg = run_config("ppo", tmp_path / "run", tiny_dir, prompts, *FAST, "train.max_steps=3", "train.lr=1e-2",
+                     "algo.ppo_epochs=4", "algo.target_kl=1e-9", "algo.kl_control=adaptive", "algo.kl_target=0.001",
+                     "algo.kl_horizon=100", "train.eval_every=0")
+    algo = PPO(cfg)
+    algo.evaluate = lambda: {}
+    from posttrain.train.loop import Trainer
+
+    Trainer(algo, cfg.train).fit()
+    rows = [r for r in read_metrics(tmp_path / "run") if "updates" in r]
+    assert all(r["updates"] == 1.0 for r in rows)  # 4 epochs planned, stopped after the first update
+    for prev, nxt in zip(rows, rows[1:]):  # Ziegler et al.: beta *= 1 + clip(KL/target - 1, ±0.2) * n / horizon
+        err = max(-0.2, min(0.2, prev["kl"] / 0.001 - 1))
+        assert nxt["kl_coef"] == pytest.approx(prev["kl_coef"] * (1 + err * 32 / 100), rel=1e-6)
+
+
+def test_running_moments_match_numpy():
+    import torch
+
+    m = RunningMoments()
+    xs = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, -4.0])]
+    for x in xs:
+        m.update(x)
+    allx = torch.cat(xs)
+    assert m.mean == pytest.approx(float(allx.mean()), rel=1e-3)
+    assert m.var == pytest.approx(float(allx.var(unbiased=False)), rel=1e-3)
