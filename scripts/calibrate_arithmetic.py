@@ -90,7 +90,7 @@ def short_sft(model, tokenizer, records: list[dict], args) -> list[float]:
     """Plain AdamW loop, linear warm-up then constant; stops at args.steps or after args.budget_minutes."""
     encoded = [encode_messages(tokenizer, r["messages"]) for r in records]
     optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = max(1, args.steps // 10)
+    warmup = max(1, min(args.steps // 10, 5))  # short: a budget-cut run may do only a few dozen steps
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warmup))
     model.train()
     losses: list[float] = []

@@ -169,6 +169,9 @@ def isolate(s):
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
         defences.append(f"unprivileged uid {uid}")
+        stdlib = os.path.dirname(os.path.dirname(json.__file__))
+        if not os.access(stdlib, os.R_OK | os.X_OK):  # e.g. a pyenv under /root (0700): every import would fail
+            raise PermissionError(f"uid {uid} cannot read the standard library at {stdlib}")
     elif kind:
         _drop_capabilities(ctypes, call)
     call("prctl", 38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: no setuid binary can give privileges back

@@ -108,7 +108,8 @@ def _sandbox_uid() -> int | None:
 @functools.lru_cache(maxsize=None)
 def _python_for_sandbox(preferred: str | None, isolate: bool) -> str:
     """The interpreter to run: its standard library must stay readable once the run has dropped to another uid
-    (a pyenv under /root, mode 0700, is not), so as root we check with a real run and fall back."""
+    (a pyenv under /root, mode 0700, is not), so as root we check with a real run and fall back. If none works,
+    the first one is returned and every run reports that as an infra_error."""
     candidates = [preferred] if preferred else [sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"]
     if preferred or os.geteuid() != 0:
         return candidates[0]

@@ -165,6 +165,11 @@ class OnlineBase:
 
     extra_copies = 0
 
+    @property
+    def logp_temperature(self) -> float:
+        """Log-probs are scored at the sampling temperature, so the ratio is 1 before any update (PITFALLS #11)."""
+        return self.algo_cfg.temperature or 1.0
+
     def sampling_params(self, max_new_tokens: int, greedy: bool = False):
         from posttrain.rollout.base import SamplingParams
 
@@ -217,7 +222,7 @@ class OnlineBase:
         for rows in _chunks(batch.num_rows, self.cfg.train.batch_size):
             with common.autocast_context(self.cfg.model):
                 out = token_logps(self.model, batch.input_ids[rows], batch.attention_mask[rows], batch.labels(rows),
-                                  self.cfg.model.logprob_chunk, with_entropy, self.algo_cfg.temperature)
+                                  self.cfg.model.logprob_chunk, with_entropy, self.logp_temperature)
             lp, ent = out if with_entropy else (out, None)
             outs.append(lp[:, batch.prompt_width :])
             ents.append(ent[:, batch.prompt_width :] if with_entropy else None)
@@ -228,7 +233,7 @@ class OnlineBase:
         for rows in _chunks(batch.num_rows, self.cfg.train.batch_size):
             with common.autocast_context(self.cfg.model):
                 lp = self.reference.logps(batch.input_ids[rows], batch.attention_mask[rows], batch.labels(rows),
-                                          self.algo_cfg.temperature, self.cfg.model.logprob_chunk)
+                                          self.logp_temperature, self.cfg.model.logprob_chunk)
             outs.append(lp[:, batch.prompt_width :])
         return torch.cat(outs)
 
@@ -238,7 +243,7 @@ class OnlineBase:
         self.model.train()
         with common.autocast_context(self.cfg.model):
             out = token_logps(self.model, b.input_ids[rows], b.attention_mask[rows], b.labels(rows),
-                              self.cfg.model.logprob_chunk, with_entropy, self.algo_cfg.temperature)
+                              self.cfg.model.logprob_chunk, with_entropy, self.logp_temperature)
         if not with_entropy:
             return out[:, b.prompt_width :], None
         return out[0][:, b.prompt_width :], out[1][:, b.prompt_width :]

@@ -92,9 +92,12 @@ def make_pipeline(root: Path, dpo_wall: float = 40.25) -> Path:
     return root
 
 
-@pytest.fixture
-def pipeline(tmp_path):
-    return make_pipeline(tmp_path / "pipe")
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A five-stage pipeline with its report built once (plotting dominates the time); tests only read it."""
+    root = make_pipeline(tmp_path_factory.mktemp("report") / "pipe")
+    assert build_report(root) == root / "report.html"
+    return root
 
 
 # ---------- parsing the report back ----------
@@ -176,8 +179,7 @@ def last_logged(rows, key):
 # ---------- tests ----------
 
 def test_every_section_present_images_inlined_no_script(pipeline):
-    path = build_report(pipeline)
-    assert path == pipeline / "report.html"
+    path = pipeline / "report.html"
     page = parse_html(path)
     assert page.sections == list(SECTIONS)
     assert page.scripts == 0 and "http://" not in path.read_text() and "https://" not in path.read_text()
@@ -195,7 +197,7 @@ def test_every_section_present_images_inlined_no_script(pipeline):
 
 
 def test_numbers_equal_the_metrics_files(pipeline):
-    page = parse_html(build_report(pipeline))
+    page = parse_html(pipeline / "report.html")
     md = (pipeline / "report.md").read_text()
     html_rows = page.tables["final-values"][1:]
     assert html_rows == md_table(md, ["stage", "metric", "value", "step"])[1:]
@@ -209,7 +211,7 @@ def test_numbers_equal_the_metrics_files(pipeline):
 
 
 def test_comparison_table_equals_summary_with_documented_fallback(pipeline):
-    page = parse_html(build_report(pipeline))
+    page = parse_html(pipeline / "report.html")
     md = (pipeline / "report.md").read_text()
     table = page.tables["comparison"]
     assert table == md_table(md, ["stage", "command", "heldout_accuracy"])
@@ -225,7 +227,7 @@ def test_comparison_table_equals_summary_with_documented_fallback(pipeline):
 
 
 def test_samples_overoptimization_warnings_tables(pipeline):
-    page = parse_html(build_report(pipeline))
+    page = parse_html(pipeline / "report.html")
     md = (pipeline / "report.md").read_text()
     samples = page.tables["samples"]
     assert samples == md_table(md, ["stage", "prompt", "before", "after"])
@@ -251,7 +253,7 @@ def test_samples_overoptimization_warnings_tables(pipeline):
 
 
 def test_claims_confirmed_by_this_pipeline(pipeline):
-    page = parse_html(build_report(pipeline))
+    page = parse_html(pipeline / "report.html")
     claims = {r[0]: r for r in page.tables["claims"][1:]}
     assert page.tables["claims"][0][:4] == ["claim", "PPO", "DPO", "GRPO"]
     assert claims["models in memory"][1:4] == ["4", "2", "3"]
@@ -306,10 +308,11 @@ def test_single_run_dir_without_optional_parts(tmp_path):
     assert len(page.images) == 2  # curves + the kl/reward trajectory
 
 
-def test_cli_report(pipeline, tmp_path, capsys):
-    assert main(["report", str(pipeline), "--out", str(tmp_path / "out")]) == 0
+def test_cli_report(tmp_path, capsys):
+    run = write_run(tmp_path / "run", "sft", _rows("sft", 5, 0))
+    assert main(["report", str(run), "--out", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "out" / "report.html")
-    assert (tmp_path / "out" / "report.md").exists() and not (pipeline / "report.html").exists()
+    assert (tmp_path / "out" / "report.md").exists() and not (run / "report.html").exists()
     assert main(["report", str(tmp_path / "missing")]) == 2
 
 
@@ -318,7 +321,7 @@ def test_headless_chromium_renders_report(pipeline, tmp_path):
     import numpy as np
     from PIL import Image
 
-    path, shot = build_report(pipeline), tmp_path / "shot.png"
+    path, shot = pipeline / "report.html", tmp_path / "shot.png"
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",

@@ -230,16 +230,16 @@ def _digit_swap(problem: Problem, rng: random.Random) -> list[Step] | None:
     return solve(problem, corrupt=(rng.choice(candidates), lambda s: _swap_digits(s[3], rng))) if candidates else None
 
 
-def wrong_steps(problem: Problem, rng: random.Random) -> list[Step]:
-    """A worked line with one plausible slip whose final answer is wrong and >= 0 (like every true answer)."""
+def wrong_steps(problem: Problem, rng: random.Random) -> tuple[str, list[Step]]:
+    """(mistake name, worked line) with one plausible slip; the final answer is wrong and >= 0 like true ones."""
     truth = answer_of(problem)
     names = sorted(MISTAKES)
     rng.shuffle(names)
     for name in names:
         steps = MISTAKES[name](problem, rng)
         if steps is not None and steps[-1][3] != truth and min(s[3] for s in steps) >= 0:
-            return steps
-    return solve(problem, corrupt=(len(problem.ops) - 1, lambda s: s[3] + 1))  # always wrong, always >= 0
+            return name, steps
+    return "off_by_one", solve(problem, corrupt=(len(problem.ops) - 1, lambda s: s[3] + 1))  # wrong and >= 0
 
 
 # ---- records in TRL columns -------------------------------------------------------------------------------------
@@ -277,7 +277,7 @@ def _preference(problem: Problem, i: int, rng: random.Random, conversational: bo
     return {
         "prompt": _user(question(problem), conversational),
         "chosen": _assistant(completion_text(solve(problem)), conversational),
-        "rejected": _assistant(completion_text(wrong_steps(problem, rng)), conversational),
+        "rejected": _assistant(completion_text(wrong_steps(problem, rng)[1]), conversational),
     }
 
 
@@ -285,7 +285,7 @@ def _preference(problem: Problem, i: int, rng: random.Random, conversational: bo
 def _unpaired(problem: Problem, i: int, rng: random.Random, conversational: bool) -> dict:
     # Alternating labels over randomly ordered problems: balanced in every prefix, independent of the problem.
     good = i % 2 == 0
-    steps = solve(problem) if good else wrong_steps(problem, rng)
+    steps = solve(problem) if good else wrong_steps(problem, rng)[1]
     return {"prompt": _user(question(problem), conversational), "completion": _assistant(completion_text(steps), conversational), "label": good}
 
 

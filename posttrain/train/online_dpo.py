@@ -1,0 +1,104 @@
+"""Online (iterative) DPO: sample k completions per prompt with the current policy, score them, train the DPO
+family's loss on best-versus-worst pairs, repeat (Xiong et al. 2024; Guo et al. 2024, "Direct Language Model
+Alignment from Online AI Feedback"). The loss is any registered preference loss (`loss_type`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.algos.preference import PairLogps, needs_reference, preference_loss
+from posttrain.config import RunConfig, register_algo_config
+from posttrain.train import common
+from posttrain.train.loop import Iteration, Trainer
+from posttrain.train.online import OnlineBase, OnlineConfig
+from posttrain.types import LossOutput
+
+
+@register_algo_config("online-dpo")
+@dataclass
+class OnlineDPOConfig(OnlineConfig):
+    num_generations: int = 4  # k samples per prompt
+    loss_type: str = "dpo"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    orpo_lambda: float = 0.1
+    epochs: int = 1  # passes over each round's pairs
+
+
+def best_worst_pairs(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices (chosen, rejected) of each group's highest and lowest reward; groups with one value skipped.
+
+    Ties resolve to the first row, so the choice is deterministic.
+    """
+    chosen, rejected = [], []
+    for g in torch.unique(group).tolist():
+        rows = (group == g).nonzero().squeeze(-1)
+        r = rewards[rows]
+        if float(r.max()) == float(r.min()):
+            continue
+        chosen.append(int(rows[int(r.argmax())]))
+        rejected.append(int(rows[int(r.argmin())]))
+    return torch.tensor(chosen, dtype=torch.long), torch.tensor(rejected, dtype=torch.long)
+
+
+class OnlineDPO(OnlineBase):
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg, needs_reference=needs_reference(cfg.algo.loss_type))
+        self.updates_per_step = cfg.algo.epochs
+
+    @property
+    def logp_temperature(self) -> float:
+        return 1.0  # DPO's implicit reward is defined on the policy itself, not a tempered copy
+
+    def next_iteration(self, step: int) -> Iteration:
+        a = self.algo_cfg
+        batch = self.sample(step)
+        chosen, rejected = best_worst_pairs(batch.rewards, batch.group)
+        metrics = dict(batch.extra["metrics"], pairs=float(len(chosen)), reward=float(batch.rewards.mean()),
+                       models_in_memory=float(self.models_in_memory))
+        self.batch = batch
+        if len(chosen) == 0:
+            return Iteration([], metrics)  # every group tied: nothing to learn from this round
+        batch.extra.update(chosen=chosen, rejected=rejected)
+        if self.reference is not None:
+            batch.extra["ref_logp"] = self.reference_logps(batch)
+        micro = self.cfg.train.batch_size
+        updates = []
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 31 + step)
+        for _ in range(a.epochs):
+            perm = torch.randperm(len(chosen), generator=gen)
+            updates.append([perm[s : s + micro] for s in range(0, len(perm), micro)])
+        return Iteration(updates, metrics)
+
+    def totals(self, update) -> dict:
+        b = self.batch
+        rows = [torch.cat([b.extra["chosen"][p], b.extra["rejected"][p]]) for p in update]
+        return {"num_pairs": sum(len(p) for p in update), "tokens": sum(int(b.attention_mask[r].sum()) for r in rows)}
+
+    def loss(self, pairs, totals) -> LossOutput:
+        a, b = self.algo_cfg, self.batch
+        chosen, rejected = b.extra["chosen"][pairs], b.extra["rejected"][pairs]
+        rows = torch.cat([chosen, rejected])  # one forward pass for both sides
+        logp, _ = self.current_logps(rows, with_entropy=False)
+        mask = b.loss_mask[rows].float()
+        sums, lengths = (logp * mask).sum(-1), mask.sum(-1)
+        n = len(pairs)
+        ref = None
+        if "ref_logp" in b.extra:
+            ref = (b.extra["ref_logp"][rows] * mask).sum(-1)
+        logps = PairLogps(
+            chosen_logps=sums[:n], rejected_logps=sums[n:], chosen_lengths=lengths[:n], rejected_lengths=lengths[n:],
+            ref_chosen_logps=None if ref is None else ref[:n], ref_rejected_logps=None if ref is None else ref[n:],
+        )
+        out = preference_loss(a.loss_type, logps, beta=a.beta, label_smoothing=a.label_smoothing,
+                              simpo_gamma=a.simpo_gamma, orpo_lambda=a.orpo_lambda)
+        return LossOutput(out.loss * n / totals["num_pairs"], out.metrics)
+
+
+def run_online_dpo(cfg: RunConfig) -> dict:
+    common.setup_run(cfg)
+    return Trainer(OnlineDPO(cfg), cfg.train).fit()
