@@ -20,20 +20,23 @@ from pathlib import Path
 
 from posttrain.report import plots
 from posttrain.report.claims import CLAIM_ALGOS, check_claims
-from posttrain.report.load import MEASURED_FIELDS, SUMMARY_FILE, Run, Stage, fmt, is_number, last_value, load_run, measured, series
+from posttrain.report.load import (MEASURED_FIELDS, SUMMARY_FILE, Run, Stage, fmt, is_number, last_value, load_run,
+                                   measured, series)
 
 REWARD_KEYS = ("reward", "rewards/mean", "reward/mean", "rewards/total")
 # panel title -> the metric keys drawn in it (a panel appears when one of its keys was logged)
 PANELS = {
     "loss": ("loss", "eval/loss"),
     "reward": REWARD_KEYS + ("eval/reward", "eval/mean_reward"),
-    "rewards & margins": ("rewards/chosen", "rewards/rejected", "rewards/margins", "margin", "eval/rewards/margins", "eval/margin"),
+    "rewards & margins": ("rewards/chosen", "rewards/rejected", "rewards/margins", "margin",
+                          "eval/rewards/margins", "eval/margin"),
     "accuracy": ("accuracy", "rewards/accuracies", "eval/accuracy", "eval/rewards/accuracies"),
     "KL": ("kl",),
     "entropy": ("entropy",),
     "clip ratio": ("clip_ratio",),
 }
 VERDICTS = ("confirmed", "not confirmed", "not measured")
+OVEROPT_KEYS = ("kl", "gold_reward", "proxy_reward")
 
 
 @dataclass
@@ -111,7 +114,8 @@ def curves(run: Run) -> list:
             continue
         marks = sorted({w["step"] for w in run.warnings if w.get("stage") == stage.name and is_number(w.get("step"))})
         png = plots.training_curves(f"{stage.name} ({stage.command})", panels, marks)
-        blocks.append(Image(f"curves_{_safe(stage.name)}", png, f"{stage.name}: training curves (dashed red: warnings)"))
+        caption = f"{stage.name}: training curves (dashed red: warnings)"
+        blocks.append(Image(f"curves_{_safe(stage.name)}", png, caption))
         for key in _plotted_keys(stage):
             value, step = last_value(stage.rows, key)
             rows.append([stage.name, key, fmt(value), fmt(step)])
@@ -127,7 +131,8 @@ def comparison(run: Run) -> list:
     for stage in run.stages:
         values = measured(stage)
         rows.append([stage.name, stage.command] + [fmt(values[n][0]) for n in MEASURED_FIELDS])
-        notes += [f"{stage.name} {name}: {src}" for name, (v, src) in values.items() if v is not None and src != SUMMARY_FILE]
+        notes += [f"{stage.name} {name}: {src}" for name, (v, src) in values.items()
+                  if v is not None and src != SUMMARY_FILE]
     blocks = [
         f"— means not measured. Every value is from {SUMMARY_FILE}"
         + (", except (from metrics.jsonl) " + "; ".join(notes) + "." if notes else "."),
@@ -136,14 +141,17 @@ def comparison(run: Run) -> list:
         "confirmed / not confirmed when this run orders the algorithms as claimed or not; not measured when "
         "fewer than two of PPO, DPO, GRPO have the measurement.",
     ]
-    claims = [[c.name, *(c.claimed[a] for a in CLAIM_ALGOS), c.measured, c.verdict, c.rule] for c in check_claims(run.stages)]
-    blocks.append(Table("claims", ["claim", *(a.upper() for a in CLAIM_ALGOS), "measured on this run", "verdict", "rule"], claims))
+    claims = [[c.name, *(c.claimed[a] for a in CLAIM_ALGOS), c.measured, c.verdict, c.rule]
+              for c in check_claims(run.stages)]
+    header = ["claim", *(a.upper() for a in CLAIM_ALGOS), "measured on this run", "verdict", "rule"]
+    blocks.append(Table("claims", header, claims))
     return blocks
 
 
 def _trajectory(stage: Stage):
     for key in REWARD_KEYS:
-        pairs = [(r["kl"], r[key]) for r in stage.rows if not r.get("final") and is_number(r.get("kl")) and is_number(r.get(key))]
+        pairs = [(r["kl"], r[key]) for r in stage.rows
+                 if not r.get("final") and is_number(r.get("kl")) and is_number(r.get(key))]
         if pairs:
             return key, pairs
     return None, []
@@ -163,8 +171,10 @@ def frontier(run: Run) -> list:
             finals.append((stage.name, kl, reward))
             rows.append([stage.name, "final (kl_to_ref, mean_reward)", fmt(kl), fmt(reward)])
     if not rows:
-        return ["Not available: no stage logged both `kl` and a reward, and no stage has both kl_to_ref and mean_reward."]
-    return [Image("frontier", plots.frontier(trajectories, finals), "reward vs KL: lines over steps, stars the final points"),
+        return ["Not available: no stage logged both `kl` and a reward, "
+                "and no stage has both kl_to_ref and mean_reward."]
+    png = plots.frontier(trajectories, finals)
+    return [Image("frontier", png, "reward vs KL: lines over steps (circle: first step), stars the final points"),
             Table("frontier", ["stage", "point", "kl", "reward"], rows)]
 
 
@@ -195,13 +205,13 @@ def overoptimization(run: Run) -> list:
         curves[method] = ([p["kl"] for p in pts], [p["proxy_reward"] for p in pts], [p["gold_reward"] for p in pts])
         peak, last = max(pts, key=lambda p: p["gold_reward"]), pts[-1]
         peaks[method] = (peak["kl"], peak["gold_reward"])
-        rows.append([method, fmt(peak.get("step")), fmt(peak["kl"]), fmt(peak["gold_reward"]), fmt(peak["proxy_reward"]),
-                     fmt(last["kl"]), fmt(last["gold_reward"]), fmt(last["proxy_reward"])])
-    header = ["method", "peak step", "peak kl", "peak gold_reward", "peak proxy_reward", "last kl", "last gold_reward", "last proxy_reward"]
+        rows.append([method, fmt(peak.get("step"))] + [fmt(p[k]) for p in (peak, last) for k in OVEROPT_KEYS])
+    header = ["method", "peak step"] + [f"{at} {k}" for at in ("peak", "last") for k in OVEROPT_KEYS]
     return [
         "Gao et al. 2022: as the policy moves away from its start, the proxy (trained) reward keeps rising while "
         "the gold reward rises, peaks and falls. The x axis is √KL-scaled, where their gold curve is a parabola.",
-        Image("overoptimization", plots.overoptimization(curves, peaks), "proxy (dashed) and gold (solid) reward vs KL"),
+        Image("overoptimization", plots.overoptimization(curves, peaks),
+              "proxy (dashed) and gold (solid) reward vs KL; star: the gold peak"),
         Table("overoptimization", header, rows),
     ]
 
@@ -211,7 +221,8 @@ def warnings_section(run: Run) -> list:
     if not run.warnings:
         return ["No warnings.jsonl in this run."]
     counts = Counter(str(w.get("kind", "—")) for w in run.warnings)
-    rows = [[fmt(w.get("stage")), fmt(w.get("step")), str(w.get("kind", "—")), str(w.get("message", ""))] for w in run.warnings]
+    rows = [[fmt(w.get("stage")), fmt(w.get("step")), str(w.get("kind", "—")), str(w.get("message", ""))]
+            for w in run.warnings]
     return ["Counts: " + ", ".join(f"{kind} × {n}" for kind, n in counts.most_common()),
             Table("warnings", ["stage", "step", "kind", "message"], rows)]
 
@@ -246,7 +257,8 @@ def _html_block(block) -> str:
     if isinstance(block, Table):
         head = "".join(_html_cell("th", h) for h in block.header)
         body = "".join("<tr>" + "".join(_html_cell("td", c) for c in row) + "</tr>" for row in block.rows)
-        return f'<div class="wide"><table id="{block.id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+        table = f'<table id="{block.id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        return f'<div class="wide">{table}</div>'
     if isinstance(block, Image):
         data = base64.b64encode(block.png).decode("ascii")
         return (f'<figure><img alt="{html.escape(block.caption)}" src="data:image/png;base64,{data}">'
@@ -265,7 +277,9 @@ def render_html(title: str, sections: list[Section]) -> str:
 
 
 def _md_cell(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r\n", "\n").replace("\n", "<br>")
+    """GFM table cell: model outputs are shown as text, never as HTML; newlines become <br>."""
+    text = html.escape(text, quote=False).replace("\\", "\\\\").replace("|", "\\|")
+    return text.replace("\r\n", "\n").replace("\n", "<br>")
 
 
 def _md_block(block) -> str:

@@ -115,8 +115,10 @@ def _summary_stages(root: Path) -> tuple[list[dict], dict]:
     if not path.exists():
         return [], {}
     data = json.loads(path.read_text())
-    entries = data if isinstance(data, list) else data.get("stages", [])
-    header = {} if isinstance(data, list) else {k: v for k, v in data.items() if k != "stages" and not isinstance(v, (dict, list))}
+    if isinstance(data, list):
+        return [e for e in data if isinstance(e, dict) and e.get("name")], {}
+    entries = data.get("stages", [])
+    header = {k: v for k, v in data.items() if k != "stages" and not isinstance(v, (dict, list))}
     return [e for e in entries if isinstance(e, dict) and e.get("name")], header
 
 
@@ -195,8 +197,10 @@ FALLBACKS = {
     "mean_reward": lambda rows: _first_final(rows, ("eval/reward", "eval/mean_reward", "eval/rewards/mean")),
     "kl_to_ref": lambda rows: _with_source(last_value(rows, "kl")[0], "metrics.jsonl last `kl`"),
     "wall_time_s": lambda rows: _with_source(_sum(rows, "step_time_s"), "metrics.jsonl sum of `step_time_s`"),
-    "peak_mem_gb": lambda rows: _with_source(max(series(rows, "peak_mem_gb")[1], default=None), "metrics.jsonl max `peak_mem_gb`"),
-    "tokens_per_s": lambda rows: _with_source(_lower_median(series(rows, "tokens_per_s")[1]), "metrics.jsonl median `tokens_per_s`"),
+    "peak_mem_gb": lambda rows: _with_source(max(series(rows, "peak_mem_gb")[1], default=None),
+                                             "metrics.jsonl max `peak_mem_gb`"),
+    "tokens_per_s": lambda rows: _with_source(_lower_median(series(rows, "tokens_per_s")[1]),
+                                              "metrics.jsonl lower median `tokens_per_s`"),
 }
 
 

@@ -149,7 +149,10 @@ def _prepare(config: SandboxConfig):
 
 def _run(python: str, code: str, tests: str, config: SandboxConfig) -> SandboxResult:
     start = time.monotonic()
-    run_dir, work, uid = _prepare(config)
+    try:
+        run_dir, work, uid = _prepare(config)
+    except OSError as e:
+        return SandboxResult("infra_error", detail=f"could not prepare the work folder: {e}")
     settings = {
         "work": str(work), "uid": uid, "isolate": config.isolate, "guard": config.guard,
         "cpu_s": config.cpu_s or math.ceil(config.timeout_s) + 1, "memory_bytes": config.memory_mb << 20,

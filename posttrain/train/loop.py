@@ -182,6 +182,8 @@ class Trainer:
         logger = MetricsLogger(self.out_dir, self.cfg.tensorboard, resume_step=self.step if resumed else None, enabled=self.is_main)
         bar = _progress(self.cfg, self.step, self.is_main)
         last: dict = {}
+        trainable = sum(p.numel() for p in self.params)
+        once = {"params/trainable": trainable, "params/total": sum(p.numel() for m in self.algo.modules().values() for p in m.parameters())}
         try:
             while self.step < self.cfg.max_steps:
                 metrics = self._one_step()
@@ -189,7 +191,8 @@ class Trainer:
                 if self.cfg.eval_every and at % self.cfg.eval_every == 0 and at < self.cfg.max_steps:
                     metrics.update({f"eval/{k}": v for k, v in self.algo.evaluate().items()})
                 if at % max(1, self.cfg.log_every) == 0 or at == self.cfg.max_steps:
-                    last = logger.log(at, metrics)
+                    last = logger.log(at, {**metrics, **once})
+                    once = {}
                 if self.cfg.save_every and at % self.cfg.save_every == 0 and at < self.cfg.max_steps:
                     self.save()
                 bar.update(1)

@@ -3,6 +3,7 @@ every number equal to the run's files, images inlined, claims judged by their ru
 chromium is installed) the page rendered by a real browser with no console errors."""
 
 import base64
+import html
 import json
 import random
 import re
@@ -149,7 +150,7 @@ def md_tables(text: str) -> list[list[list[str]]]:
     tables, current = [], None
     for line in text.splitlines() + [""]:
         if line.startswith("|"):
-            cells = [c.strip().replace("\\|", "|").replace("\\\\", "\\").replace("<br>", "\n")
+            cells = [html.unescape(c.strip().replace("<br>", "\n").replace("\\|", "|").replace("\\\\", "\\"))
                      for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
             if not all(set(c) <= {"-"} for c in cells):
                 current = current if current is not None else []
@@ -233,6 +234,7 @@ def test_samples_overoptimization_warnings_tables(pipeline):
     assert samples == md_table(md, ["stage", "prompt", "before", "after"])
     assert ["dpo", "What is 2+3?", "dpo before | 4", "dpo after\n5"] in samples
     assert ["ppo", "12*3 = ?", "<b>37</b>", "36"] in samples  # escaped as text, not markup
+    assert "&lt;b&gt;37&lt;/b&gt;" in md and "<b>" not in md and "<b>" not in (pipeline / "report.html").read_text()
     points = json.loads((pipeline / "overoptimization.json").read_text())
     peaks = {r[0]: r for r in page.tables["overoptimization"][1:]}
     for method in ("bon", "rl"):
@@ -306,6 +308,28 @@ def test_single_run_dir_without_optional_parts(tmp_path):
     assert float(row["tokens_per_s"]) == sorted(r["tokens_per_s"] for r in rows)[2]  # lower median of 6
     assert float(row["kl_to_ref"]) == rows[-1]["kl"] and row["models_in_memory"] == "—"
     assert len(page.images) == 2  # curves + the kl/reward trajectory
+
+
+def test_summary_without_stage_dirs_and_a_stage_it_does_not_name(tmp_path):
+    """A pipeline still running: the summary names a stage whose directory is gone, a config-only stage exists,
+    and a stage directory is not in the summary yet."""
+    root = tmp_path / "pipe"
+    root.mkdir()
+    (root / "pipeline_summary.json").write_text(json.dumps({"stages": [
+        {"name": "sft", "command": "sft", "wall_time_s": 3.5, "models_in_memory": 1},
+        {"name": "dpo", "command": "dpo", "wall_time_s": 7.25, "models_in_memory": 2}]}))
+    (root / "dpo").mkdir()
+    (root / "dpo" / "config.yaml").write_text("command: dpo\n")
+    write_run(root / "grpo", "grpo", _rows("grpo", 3, 0))
+    run = load_run(root)
+    assert [(s.name, s.command, len(s.rows)) for s in run.stages] == [("sft", "sft", 0), ("dpo", "dpo", 0), ("grpo", "grpo", 4)]
+    page = parse_html(build_report(root))
+    assert page.sections == list(SECTIONS)
+    assert [r[:6] for r in page.tables["comparison"][1:3]] == [["sft", "sft", "—", "—", "—", "3.5"],
+                                                               ["dpo", "dpo", "—", "—", "—", "7.25"]]
+    claims = {r[0]: r[5] for r in page.tables["claims"][1:]}
+    assert claims == {"models in memory": NOT_MEASURED, "compute": NOT_CONFIRMED, "stability": NOT_MEASURED}
+    assert "sft: no metrics logged" in (root / "report.md").read_text()
 
 
 def test_cli_report(tmp_path, capsys):

@@ -1,0 +1,226 @@
+"""`posttrain pipeline CONFIG` and `posttrain demo`: stages declared in YAML, run one after another.
+
+Each stage runs in its own process (so its peak memory and wall time are its own), starts from the model of
+an earlier stage (`from: sft`), may name an earlier stage's model as its reward model (`reward_model: rm`),
+and is skipped when its `DONE` marker exists; an interrupted stage resumes from its newest checkpoint.
+After each stage the pipeline measures it on held-out prompts and writes `pipeline_summary.json`, then the
+report (`posttrain.report`).
+
+    output_dir: runs/demo
+    model: smollm2
+    data: task:arithmetic
+    eval: {prompts: 64, max_new_tokens: 48, rewards: [numeric]}
+    defaults: {model.autocast: bf16}          # dotted overrides for every stage
+    stages:
+      - {name: sft, command: sft, overrides: {train.max_steps: 100}}
+      - {name: rm, command: rm, from: sft}
+      - {name: ppo, command: ppo, from: sft, reward_model: rm}
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from posttrain.config import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # packaged with posttrain
+
+
+@dataclass
+class Stage:
+    name: str
+    command: str
+    start: str | None = None  # earlier stage whose final/ model this one starts from
+    reward_model: str | None = None  # earlier stage whose final/ is the reward model
+    data: str | None = None
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class Pipeline:
+    output_dir: str
+    model: str
+    data: str
+    stages: list[Stage]
+    defaults: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+
+
+def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw.update(overrides or {})
+    known = {"output_dir", "model", "data", "stages", "defaults", "eval"}
+    if unknown := set(raw) - known:
+        raise ConfigError(f"{path}: unknown pipeline keys {sorted(unknown)}; expected {sorted(known)}")
+    stages, names = [], set()
+    for i, s in enumerate(raw.get("stages") or []):
+        extra = set(s) - {"name", "command", "from", "reward_model", "data", "overrides"}
+        if extra or "command" not in s:
+            raise ConfigError(f"{path}: stage {i}: needs 'command'; unknown keys {sorted(extra)}")
+        stage = Stage(s.get("name", s["command"]), s["command"], s.get("from"), s.get("reward_model"), s.get("data"), s.get("overrides") or {})
+        for ref in (stage.start, stage.reward_model):
+            if ref is not None and ref not in names:
+                raise ConfigError(f"{path}: stage {stage.name!r} refers to {ref!r}, which is not an earlier stage")
+        names.add(stage.name)
+        stages.append(stage)
+    if not stages:
+        raise ConfigError(f"{path}: no stages")
+    return Pipeline(raw.get("output_dir", "runs/pipeline"), raw.get("model", "smollm2"), raw.get("data", "task:arithmetic"),
+                    stages, raw.get("defaults") or {}, raw.get("eval") or {})
+
+
+def stage_argv(p: Pipeline, stage: Stage, out: Path) -> list[str]:
+    """The `posttrain COMMAND key=value ...` line of a stage (written to the stage dir for reproduction)."""
+    model = str(out / stage.start / "final") if stage.start else p.model
+    pairs = {"model.name_or_path": model, "data.path": stage.data or p.data, "train.output_dir": str(out / stage.name),
+             "train.resume": True, **p.defaults, **stage.overrides}
+    if stage.reward_model:
+        pairs["algo.reward_model"] = str(out / stage.reward_model / "final")
+    return [stage.command] + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in pairs.items()]
+
+
+def run_stage(p: Pipeline, stage: Stage, out: Path) -> dict:
+    """Run one stage in a child process; returns its wall time. Skipped when already DONE."""
+    stage_dir = out / stage.name
+    if (stage_dir / "DONE").exists():
+        print(f"[pipeline] {stage.name}: done already, skipped")
+        return json.loads((stage_dir / "DONE").read_text())
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    argv = stage_argv(p, stage, out)
+    (stage_dir / "command.txt").write_text("posttrain " + " ".join(argv) + "\n")
+    print(f"[pipeline] {stage.name}: posttrain {' '.join(argv[:1])} ... (log: {stage_dir / 'stage.log'})", flush=True)
+    start = time.perf_counter()
+    with open(stage_dir / "stage.log", "a") as log:
+        code = subprocess.call([sys.executable, "-m", "posttrain.cli", *argv], stdout=log, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise SystemExit(f"[pipeline] stage {stage.name!r} failed (exit {code}); see {stage_dir / 'stage.log'}. "
+                         "Re-run the pipeline to resume it.")
+    info = {"wall_time_s": time.perf_counter() - start}
+    (stage_dir / "DONE").write_text(json.dumps(info))
+    return info
+
+
+def _metrics_summary(stage_dir: Path) -> dict:
+    from posttrain.metrics import read_metrics
+
+    rows = read_metrics(stage_dir)
+    train = [r for r in rows if "loss" in r]
+    pick = lambda key, f: f([r[key] for r in train if isinstance(r.get(key), (int, float))] or [float("nan")])  # noqa: E731
+    first = next((r for r in rows if "params/trainable" in r), {})
+    return {
+        "peak_mem_gb": pick("peak_mem_gb", max), "tokens_per_s": pick("tokens_per_s", lambda v: sum(v) / len(v)),
+        "models_in_memory": pick("models_in_memory", max) if any("models_in_memory" in r for r in train) else 1,
+        "trainable_params": first.get("params/trainable"), "steps": len(train),
+        "final_eval": {k: v for k, v in rows[-1].items() if k.startswith("eval/")} if rows else {},
+    }
+
+
+def measure_stage(p: Pipeline, stage: Stage | None, out: Path, records) -> dict:
+    """Pipeline summary entry for a stage (or for the starting model when stage is None)."""
+    from posttrain.stage_eval import evaluate_stage
+
+    ev = p.eval
+    rewards = list(ev.get("rewards", ["numeric"]))
+    if stage is None:
+        path = _resolve(p.model)
+        res = evaluate_stage(path, None, records, rewards, max_new_tokens=ev.get("max_new_tokens", 48))
+        return {"name": "base", "command": "none", "started_from": None, "path": path, **res}
+    stage_dir = out / stage.name
+    entry = {"name": stage.name, "command": stage.command, "started_from": stage.start or "base",
+             **json.loads((stage_dir / "DONE").read_text()), **_metrics_summary(stage_dir)}
+    if stage.command == "rm":
+        entry["heldout_accuracy"] = entry["final_eval"].get("eval/accuracy")
+        return entry
+    start = str(out / stage.start / "final") if stage.start else _resolve(p.model)
+    res = evaluate_stage(str(stage_dir / "final"), start, records, rewards, max_new_tokens=ev.get("max_new_tokens", 48),
+                         kl_prompts=ev.get("kl_prompts", 32))
+    return {**entry, **res}
+
+
+def _resolve(model: str) -> str:
+    from posttrain.models.loading import resolve_model_path
+
+    return resolve_model_path(model)
+
+
+def run_pipeline(p: Pipeline) -> Path:
+    from posttrain.data.formats import load_dataset_records
+
+    out = Path(p.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path = out / "pipeline_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"stages": []}
+    done = {s["name"] for s in summary["stages"]}
+    records = load_dataset_records(p.data, "prompts", "test", n=p.eval.get("prompts", 64))[: p.eval.get("prompts", 64)]
+    start = time.perf_counter()
+    if "base" not in done:
+        summary["stages"].append(measure_stage(p, None, out, records))
+    for stage in p.stages:
+        run_stage(p, stage, out)
+        if stage.name not in done:
+            summary["stages"].append(measure_stage(p, stage, out, records))
+        summary_path.write_text(json.dumps(summary, indent=1, default=str))
+    summary["wall_time_s"] = summary.get("wall_time_s", 0.0) + time.perf_counter() - start
+    summary_path.write_text(json.dumps(summary, indent=1, default=str))
+    _attach_samples(summary)
+    summary_path.write_text(json.dumps(summary, indent=1, default=str))
+    return out
+
+
+def _attach_samples(summary: dict) -> None:
+    """`samples` per stage: the same held-out prompts answered by the stage's start model and by the stage."""
+    by_name = {s["name"]: s for s in summary["stages"]}
+    for s in summary["stages"]:
+        before = by_name.get(s.get("started_from") or "", {})
+        if "answers" in s and "answers" in before:
+            s["samples"] = [{"prompt": q, "before": b, "after": a} for q, b, a in zip(s["prompts"], before["answers"], s["answers"])]
+
+
+def print_summary(out: Path) -> None:
+    summary = json.loads((out / "pipeline_summary.json").read_text())
+    cols = ["name", "heldout_accuracy", "mean_reward", "kl_to_ref", "wall_time_s", "peak_mem_gb", "models_in_memory", "tokens_per_s"]
+    print(" | ".join(cols))
+    for s in summary["stages"]:
+        print(" | ".join(_fmt(s.get(c)) for c in cols))
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v if v is not None else "-")
+
+
+def _finish(out: Path) -> int:
+    try:
+        from posttrain.report import build_report
+
+        path = build_report(out)
+        print(f"[pipeline] report: {path}")
+    except ImportError as exc:  # the report module is optional for a bare pipeline run
+        print(f"[pipeline] report not built: {exc}")
+    print_summary(out)
+    return 0
+
+
+def add_arguments(p) -> None:
+    p.add_argument("config", help="pipeline YAML")
+    p.add_argument("--output-dir", dest="output_dir")
+    p.set_defaults(func=lambda a: _finish(run_pipeline(load_pipeline(a.config, {"output_dir": a.output_dir} if a.output_dir else None))))
+
+
+def add_demo_arguments(p) -> None:
+    p.add_argument("--quick", action="store_true", help="the under-5-minute variant")
+    p.add_argument("--output-dir", dest="output_dir")
+    p.add_argument("--model", help="start model (default: the bundled SmolLM2-135M-Instruct)")
+
+    def demo(a) -> int:
+        config = CONFIG_DIR / ("demo_quick.yaml" if a.quick else "demo.yaml")
+        over = {k: v for k, v in {"output_dir": a.output_dir, "model": a.model}.items() if v}
+        return _finish(run_pipeline(load_pipeline(config, over)))
+
+    p.set_defaults(func=demo)

@@ -1,0 +1,67 @@
+"""Held-out measurements of one pipeline stage's model: accuracy and mean reward of greedy answers, KL to the
+stage's starting model, and the answers to a few fixed prompts (for the before/after table)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from posttrain.evaluate import GenEvalConfig, evaluate_policy, load_reward_fns
+
+
+def load_lm(path: str):
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models.loading import load_tokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
+
+
+@torch.no_grad()
+def sequence_kl(policy, reference, tokenizer, records, max_new_tokens: int = 48, seed: int = 0, batch_size: int = 32) -> float:
+    """Mean over prompts of the k1 estimate of KL(π‖π_ref) for a whole completion sampled from π at T = 1:
+    Σ_t log π(y_t|·) − log π_ref(y_t|·). Unbiased, since the tokens are sampled from π itself."""
+    from posttrain.data.chat import encode_prompt, end_of_turn_ids
+    from posttrain.models.forward import token_logps
+    from posttrain.rollout.base import SamplingParams
+    from posttrain.rollout.hf import HFGenerator
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, stop_token_ids=sorted(end_of_turn_ids(tokenizer)),
+                            batch_size=batch_size)
+    engine = HFGenerator(policy, tokenizer.pad_token_id, tokenizer, torch.bfloat16)
+    total, count = 0.0, 0
+    for s in range(0, len(records), batch_size):
+        ids = [encode_prompt(tokenizer, r.data["prompt"]) for r in records[s : s + batch_size]]
+        roll = engine.generate(ids, params, 1, seed=seed + s)
+        full = torch.cat([roll.prompt_ids, roll.completion_ids], 1)
+        attn = torch.cat([roll.prompt_mask, roll.completion_mask], 1)
+        labels = full.masked_fill(attn == 0, -100)
+        labels[:, : roll.prompt_ids.shape[1]] = -100
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp = token_logps(policy, full, attn, labels)
+            lr = token_logps(reference, full, attn, labels)
+        total += float((lp - lr).sum())
+        count += len(ids)
+    return total / max(count, 1)
+
+
+def evaluate_stage(model_path: str, start_path: str | None, records, rewards: list[str], sample_prompts: int = 4,
+                   max_new_tokens: int = 48, kl_prompts: int = 32) -> dict:
+    """The numbers the report's comparison table shows for one causal-LM stage."""
+    model, tokenizer = load_lm(model_path)
+    fns = load_reward_fns(rewards)
+    summary, rows = evaluate_policy(model, tokenizer, records, fns, GenEvalConfig(max_new_tokens=max_new_tokens))
+    first = next(iter(fns))
+    out = {
+        "heldout_accuracy": summary.get(f"{first}/accuracy", math.nan),
+        "mean_reward": summary.get(f"{first}/mean_reward", math.nan),
+        "answers": [r["completion"] for r in rows[:sample_prompts]],
+        "prompts": [r["prompt"] for r in rows[:sample_prompts]],
+    }
+    if start_path and start_path != model_path:
+        reference, _ = load_lm(start_path)
+        out["kl_to_ref"] = sequence_kl(model, reference, tokenizer, records[:kl_prompts], max_new_tokens)
+    else:
+        out["kl_to_ref"] = 0.0
+    return out
