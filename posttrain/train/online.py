@@ -193,12 +193,13 @@ class OnlineBase:
         lengths = rollout.completion_mask.sum(-1).tolist()
         scored = self.rewards([_prompt_text(p) for p in prompts], rollout.texts, **columns, **self._length_column(lengths))
         rewards = torch.tensor(scored.total, dtype=torch.float32)
-        if torch.isnan(rewards).any():
-            raise ValueError(f"step {step}: a reward is NaN (masked) for {int(torch.isnan(rewards).sum())} samples; "
-                             "check the gold answers or use reward_on_error=zero")
         loss_mask = rollout.completion_mask.clone()
         if a.mask_truncated:
             loss_mask[rollout.truncated] = 0
+        masked = torch.isnan(rewards)  # a reward that could not be computed (bad gold answer, sandbox failure)
+        if masked.any():
+            rewards = _fill_masked(rewards, rollout.group, masked)
+            loss_mask[masked] = 0
         batch = RolloutBatch(
             input_ids=torch.cat([rollout.prompt_ids, rollout.completion_ids], 1),
             attention_mask=torch.cat([rollout.prompt_mask, rollout.completion_mask], 1),
@@ -207,7 +208,7 @@ class OnlineBase:
             pad_id=self.tokenizer.pad_token_id,
         )
         batch.extra["sampler_logp"] = rollout.logprobs
-        batch.extra["metrics"] = {**scored.metrics(), **_length_metrics(rollout), "timing/generate_s": gen_time,
+        batch.extra["metrics"] = {**scored.metrics(), "rewards/masked_samples": float(masked.sum()), **_length_metrics(rollout), "timing/generate_s": gen_time,
                                   "completions_per_s": batch.num_rows / max(gen_time, 1e-9)}
         return batch
 
@@ -295,6 +296,17 @@ class OnlineBase:
         from posttrain.models.loading import export_model
 
         export_model(self.model, self.tokenizer, out_dir)
+
+
+def _fill_masked(rewards: torch.Tensor, group: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """NaN rewards take their group's mean of the valid ones (0 if none), so they neither add nor bias an advantage;
+    their rows are also removed from the loss by the caller."""
+    out = rewards.clone()
+    for g in torch.unique(group[masked]).tolist():
+        rows = group == g
+        valid = rows & ~masked
+        out[rows & masked] = rewards[valid].mean() if valid.any() else 0.0
+    return out
 
 
 def _chunks(n: int, size: int) -> list[torch.Tensor]:
