@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 
 # command -> ("module:function", one-line help). The function takes a RunConfig.
@@ -51,6 +52,8 @@ def _add_train_parser(sub, name: str, help_text: str) -> None:
     p.add_argument("--max-steps", dest="max_steps", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--num-processes", dest="num_processes", type=int, default=1,
+                   help="data-parallel processes on this machine (or launch with accelerate launch / torchrun)")
     if name in ("dpo", "kto", "ppo", "grpo", "online-dpo"):
         p.add_argument("--ref-model", dest="ref_model", help="reference model (default: the starting policy)")
     if name in ("ppo", "online-dpo", "grpo"):
@@ -69,6 +72,7 @@ def _split_config_and_overrides(args) -> tuple[str | None, list[str]]:
 def config_from_args(command: str, args):
     from posttrain.config import load_config
 
+    importlib.import_module(TRAIN_COMMANDS[command][0].split(":")[0])  # registers the command's algo config
     config, overrides = _split_config_and_overrides(args)
     flags = {dotted: getattr(args, name, None) for name, dotted in FLAGS.items()}
     if getattr(args, "resume", False):
@@ -106,23 +110,49 @@ def _resolve_parser(target: str):
         return lambda p: p.set_defaults(unavailable=target)
 
 
+def _without_num_processes(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow the flags; argparse stops collecting positionals at the first flag
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from posttrain.config import ConfigError
     from posttrain.data.formats import DataError
 
     try:
         if args.command in TRAIN_COMMANDS:
-            cfg = config_from_args(args.command, args)
+            cfg = config_from_args(args.command, args)  # validated before any process is started
+            if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+                from posttrain.train.distributed import launch
+
+                return launch(_without_num_processes(argv if argv is not None else sys.argv[1:]), args.num_processes)
             result = _resolve(TRAIN_COMMANDS[args.command][0])(cfg)
-            print(json.dumps(result, indent=1, default=str))
+            if os.environ.get("RANK", "0") == "0":
+                print(json.dumps(result, indent=1, default=str))
             return 0
         if getattr(args, "unavailable", None):
             print(f"posttrain {args.command}: not available in this build ({args.unavailable})", file=sys.stderr)
             return 2
         return args.func(args) or 0
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+        if args.verbose:
+            raise
         print(f"posttrain {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

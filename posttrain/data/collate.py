@@ -68,13 +68,19 @@ class BatchOrder:
     Each epoch shuffles with (seed, epoch); length grouping sorts within windows of 50 batches and then
     shuffles the batches, so batches hold similar lengths yet the order stays random. The position is
     (epoch, batch index) and is saved in checkpoints.
+
+    With several processes every rank builds the same order of *global* batches (batch_size x world) and takes
+    every world-th example of each, so the global batch is the one a single process would see; a short last
+    batch is dropped then, since a rank must never get an empty share.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True, drop_last: bool = False):
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True, drop_last: bool = False,
+                 rank: int = 0, world: int = 1):
         if not lengths:
             raise ValueError("no examples left to train on (all dropped or empty dataset)")
-        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
-        self.group_by_length, self.drop_last = group_by_length, drop_last
+        self.lengths, self.batch_size, self.seed = lengths, batch_size * world, seed
+        self.group_by_length, self.drop_last = group_by_length, drop_last or world > 1
+        self.rank, self.world = rank, world
         self.epoch, self.index = 0, 0
         self._batches = self._make_epoch(0)
 
@@ -97,7 +103,7 @@ class BatchOrder:
             self._batches = self._make_epoch(self.epoch)
         batch = self._batches[self.index]
         self.index += 1
-        return batch
+        return batch[self.rank :: self.world]
 
     @property
     def batches_per_epoch(self) -> int:

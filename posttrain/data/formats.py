@@ -2,17 +2,25 @@
 
 Every record keeps where it came from (file and line or row), so a bad record is reported as
 `data.jsonl:17: field 'chosen': expected a string or a list of messages, got int` — never a traceback.
+That covers unreadable files too: bytes that are not UTF-8, a lone surrogate escape (`"\ud800"`, which JSON
+accepts but no tokenizer can encode), nesting too deep to parse, a broken Parquet file or dataset folder.
 Column names follow TRL so datasets move both ways (DESIGN.md §3).
+
+Duplicated records are kept: repeating a row is a legitimate way to up-weight it, and GRPO treats equal prompts
+as separate groups (PITFALLS #17). They are counted and logged as a warning, so an accidental concatenation
+of a file with itself does not go unnoticed; deduplicate upstream if that is not what you want.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 ROLES = ("system", "user", "assistant", "tool")
+log = logging.getLogger("posttrain")
 
 
 class DataError(ValueError):
@@ -25,14 +33,30 @@ class Record:
     where: str  # "file:line" or "file[row]" or "task:NAME[i]"
 
 
+def _parse_json(text: str, where: str):
+    """json.loads with the two failures it can raise besides a syntax error turned into DataError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1})") from None
+
+
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = _decode(raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw, f"{path}:{lineno}")
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = _parse_json(line, f"{path}:{lineno}")
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(obj, dict):
@@ -42,8 +66,16 @@ def _read_jsonl(path: Path) -> list[Record]:
 
 
 def _read_json(path: Path) -> list[Record]:
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x})") from None
+    if not text.strip():
+        return []
+    try:
+        obj = _parse_json(text, str(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
@@ -59,16 +91,25 @@ def _read_json(path: Path) -> list[Record]:
 
 
 def _read_parquet(path: Path) -> list[Record]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(path).to_pylist()
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
     return [Record(row, f"{path}[row {i}]") for i, row in enumerate(rows)]
 
 
 def _read_hf_dataset(path: Path, split: str | None) -> list[Record]:
     from datasets import DatasetDict, load_from_disk
 
-    ds = load_from_disk(str(path))
+    try:
+        ds = load_from_disk(str(path))
+    except FileNotFoundError:
+        raise DataError(f"{path}: a folder, but not a dataset saved with `save_to_disk`") from None
+    except (IndexError, ValueError, OSError) as exc:  # an empty or damaged dataset folder
+        raise DataError(f"{path}: cannot read the saved dataset, empty or damaged ({type(exc).__name__}: {exc})") from None
     if isinstance(ds, DatasetDict):
         split = split or ("train" if "train" in ds else next(iter(ds)))
         ds = ds[split]
@@ -91,11 +132,9 @@ def read_records(spec: str, split: str = "train", task_kind: str = "sft", n: int
         rows = make_task_records(spec[5:], kind=task_kind, split=split, n=n, seed=seed)
         return [Record(r, f"{spec}[{split} {i}]") for i, r in enumerate(rows)]
     path = Path(spec)
-    if path.is_dir():
-        return _read_hf_dataset(path, None)
     if not path.exists():
         raise DataError(f"{spec}: no such file or folder")
-    reader = READERS.get(path.suffix.lower())
+    reader = (lambda p: _read_hf_dataset(p, None)) if path.is_dir() else READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{spec}: unknown data format {path.suffix!r}; use .jsonl, .json, .parquet or a saved HF dataset")
     records = reader(path)
@@ -111,6 +150,11 @@ def _check_text(value: Any, where: str, name: str, allow_empty: bool = False) ->
         raise DataError(f"{where}: field {name!r}: expected a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise DataError(f"{where}: field {name!r}: empty string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate from a JSON escape: tokenizers cannot encode it
+        raise DataError(f"{where}: field {name!r}: invalid Unicode (lone surrogate U+{ord(value[exc.start]):04X} "
+                        f"at character {exc.start})") from None
 
 
 def _check_messages(value: Any, where: str, name: str) -> None:
@@ -187,4 +231,24 @@ def load_dataset_records(spec: str, kind: str, split: str = "train", n: int = 10
     check = VALIDATORS[kind]
     for record in records:
         check(record)
+    if not spec.startswith("task:"):
+        duplicates = find_duplicates(records)
+        if duplicates:
+            first, orig = duplicates[0]
+            log.warning("%s: %d duplicated records kept (first: %s repeats %s)", spec, len(duplicates), first, orig)
     return records
+
+
+def find_duplicates(records: list[Record]) -> list[tuple[str, str]]:
+    """(where, where of its first occurrence) for every record equal to an earlier one, in order."""
+    seen: dict[int, list[Record]] = {}
+    out = []
+    for record in records:
+        key = json.dumps(record.data, sort_keys=True, default=str)
+        bucket = seen.setdefault(hash(key), [])
+        same = next((r for r in bucket if r.data == record.data), None)
+        if same is None:
+            bucket.append(record)
+        else:
+            out.append((record.where, same.where))
+    return out

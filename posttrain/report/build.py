@@ -114,7 +114,7 @@ def curves(run: Run) -> list:
             continue
         marks = sorted({w["step"] for w in run.warnings if w.get("stage") == stage.name and is_number(w.get("step"))})
         png = plots.training_curves(f"{stage.name} ({stage.command})", panels, marks)
-        caption = f"{stage.name}: training curves (dashed red: warnings)"
+        caption = f"{stage.name}: training curves" + (" (dashed red lines: steps with a warning)" if marks else "")
         blocks.append(Image(f"curves_{_safe(stage.name)}", png, caption))
         for key in _plotted_keys(stage):
             value, step = last_value(stage.rows, key)

@@ -19,9 +19,12 @@ log = logging.getLogger("posttrain")
 
 def setup_run(cfg: RunConfig) -> Path:
     """Create the run directory, save the resolved config, set CPU threads."""
+    from posttrain.train.distributed import context
+
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    if context().is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     return out
@@ -61,17 +64,27 @@ def encode_all(records: list[Record], encode, lengths_of, cfg: RunConfig, fit=No
 
 
 def record_length_report(cfg: RunConfig, name: str, report: LengthReport) -> None:
+    from posttrain.train.distributed import context
+
+    if report.dropped or report.truncated:
+        log.warning("%s data: %s (first: %s)", name, report.summary(), ", ".join(report.examples))
+    if not context().is_main:
+        return
     out = Path(cfg.train.output_dir) / "data_report.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(out.read_text()) if out.exists() else {}
     existing[name] = {"policy": report.policy, "kept": report.kept, "dropped": report.dropped, "truncated": report.truncated, "first_overlong": report.examples}
     out.write_text(json.dumps(existing, indent=1))
-    if report.dropped or report.truncated:
-        log.warning("%s data: %s (first: %s)", name, report.summary(), ", ".join(report.examples))
 
 
-def make_order(lengths: list[int], cfg: RunConfig) -> BatchOrder:
-    return BatchOrder(lengths, cfg.train.batch_size, cfg.train.seed, cfg.data.group_by_length)
+def make_order(lengths: list[int], cfg: RunConfig, batch_size: int | None = None, group_by_length: bool | None = None,
+               drop_last: bool = False) -> BatchOrder:
+    """The data order of this process: its share of each global batch when several processes train."""
+    from posttrain.train.distributed import context
+
+    ctx = context()
+    grouped = cfg.data.group_by_length if group_by_length is None else group_by_length
+    return BatchOrder(lengths, batch_size or cfg.train.batch_size, cfg.train.seed, grouped, drop_last, ctx.rank, ctx.world)
 
 
 def padded_sft_batch(items, pad_id: int) -> dict:

@@ -20,6 +20,7 @@ import torch
 from posttrain.config import TrainConfig
 from posttrain.metrics import MetricsLogger, peak_memory_gb, to_float
 from posttrain.train import checkpoint as ckpt
+from posttrain.train import distributed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,22 +87,32 @@ def _params(algo: Algorithm) -> list[torch.nn.Parameter]:
 
 
 def _run_update(algo, update, params, cfg: TrainConfig) -> tuple[dict, bool]:
-    """Forward/backward every micro-batch of one optimizer update; returns (metrics, finite)."""
-    totals = algo.totals(update)
+    """Forward/backward every micro-batch of one optimizer update; returns (metrics, finite).
+
+    Counts are summed over processes first, so every loss is normalized by the whole global update; gradients
+    are then summed over processes. A non-finite loss skips its backward but not the collective calls, so
+    ranks stay in step.
+    """
+    totals = distributed.sum_counts(algo.totals(update))
     sums: dict[str, float] = {}
-    loss_total = 0.0
+    loss_total, finite = 0.0, True
     for micro in update:
         out = algo.loss(micro, totals)
         if not torch.isfinite(out.loss.detach()):
-            return {"loss": float("nan")}, False
+            finite = False
+            continue
         out.loss.backward()
         loss_total += to_float(out.loss)
         for key, value in out.metrics.items():
             sums[key] = sums.get(key, 0.0) + to_float(value)
+    distributed.all_reduce_gradients(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    finite = distributed.all_ranks(finite and bool(torch.isfinite(grad_norm)))
+    if not finite:
+        return {"loss": float("nan")}, False
     metrics = {key: value / len(update) for key, value in sums.items()}
     metrics.update(loss=loss_total, grad_norm=to_float(grad_norm), tokens=totals.get("tokens", 0))
-    return metrics, bool(torch.isfinite(grad_norm))
+    return metrics, True
 
 
 def _mean_rows(rows: list[dict]) -> dict:
@@ -114,8 +125,9 @@ def _mean_rows(rows: list[dict]) -> dict:
 class Trainer:
     """Runs an Algorithm under a TrainConfig, writing the run directory of DESIGN.md §3."""
 
-    def __init__(self, algo: Algorithm, cfg: TrainConfig, is_main: bool = True):
-        self.algo, self.cfg, self.is_main = algo, cfg, is_main
+    def __init__(self, algo: Algorithm, cfg: TrainConfig):
+        self.algo, self.cfg = algo, cfg
+        self.is_main = distributed.context().is_main  # only rank 0 writes files
         self.out_dir = Path(cfg.output_dir)
         self.params = _params(algo)
         self.optimizer = torch.optim.AdamW(
@@ -128,12 +140,18 @@ class Trainer:
         return {"step": self.step, "algo": self.algo.state_dict(), "bad_in_a_row": self.bad_in_a_row}
 
     def save(self) -> Path | None:
-        if not self.is_main:
-            return None
-        return ckpt.save_checkpoint(
-            self.out_dir / "checkpoints", self.step, self.algo.modules(), self.optimizer, self.scheduler,
-            self._state(), keep=self.cfg.keep_checkpoints,
-        )
+        path = None
+        if self.is_main:
+            path = ckpt.save_checkpoint(
+                self.out_dir / "checkpoints", self.step, self.algo.modules(), self.optimizer, self.scheduler,
+                self._state(), keep=self.cfg.keep_checkpoints,
+            )
+        distributed.barrier()
+        return path
+
+    def evaluate(self) -> dict:
+        """Evaluation runs on rank 0; every rank receives its numbers."""
+        return distributed.broadcast_object(self.algo.evaluate() if self.is_main else None) or {}
 
     def maybe_resume(self) -> bool:
         found = ckpt.list_checkpoints(self.out_dir / "checkpoints") if self.cfg.resume else []
@@ -161,14 +179,15 @@ class Trainer:
                     )
                 rows.append({"skipped": 1.0})
                 continue
-            if rows and getattr(self.algo, "early_stop", None) is not None and self.algo.early_stop():
+            if rows and getattr(self.algo, "early_stop", None) is not None and distributed.any_rank(self.algo.early_stop()):
                 break  # PPO's trust region: this minibatch saw the policy past target_kl, so it is not applied
             self.optimizer.step()
             self.scheduler.step()
             self.bad_in_a_row = 0
             rows.append(metrics)
         self.step += 1
-        out = {**_mean_rows(rows), **iteration.metrics}
+        # each rank's loss is its share of the globally normalized loss: shares add up, other metrics average
+        out = distributed.mean_metrics({**_mean_rows(rows), **iteration.metrics}, summed=("tokens", "loss"))
         elapsed = time.perf_counter() - start
         out.update(lr=self.scheduler.get_last_lr()[0], step_time_s=elapsed, peak_mem_gb=peak_memory_gb())
         out["tokens_per_s"] = out.pop("tokens", 0) / max(elapsed, 1e-9)
@@ -189,7 +208,7 @@ class Trainer:
                 metrics = self._one_step()
                 at = self.step
                 if self.cfg.eval_every and at % self.cfg.eval_every == 0 and at < self.cfg.max_steps:
-                    metrics.update({f"eval/{k}": v for k, v in self.algo.evaluate().items()})
+                    metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
                 if at % max(1, self.cfg.log_every) == 0 or at == self.cfg.max_steps:
                     last = logger.log(at, {**metrics, **once})
                     once = {}
@@ -204,7 +223,7 @@ class Trainer:
             logger.close()
             raise SystemExit(f"interrupted at step {self.step}; checkpoint saved to {path}") from None
         bar.close()
-        final_eval = {f"eval/{k}": v for k, v in self.algo.evaluate().items()}
+        final_eval = {f"eval/{k}": v for k, v in self.evaluate().items()}
         if final_eval:
             last = logger.log(self.step, {**final_eval, "final": True})
         self.save()

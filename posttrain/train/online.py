@@ -20,6 +20,7 @@ from posttrain.models.forward import token_logps
 from posttrain.models.loading import adapter_disabled, load_causal_lm, resolve_model_path
 from posttrain.ops import IGNORE_INDEX
 from posttrain.train import common
+from posttrain.train.distributed import context
 
 
 @dataclass
@@ -128,9 +129,11 @@ class OnlineBase:
         train, held = common.load_splits(cfg, "prompts")
         self.train_prompts = self._encode_prompts(train, "train")
         self.eval_records = held
-        self.order = common.BatchOrder(
-            [len(p[1]) for p in self.train_prompts], self.algo_cfg.prompts_per_step, cfg.train.seed, False, drop_last=True
-        )
+        world = context().world
+        if self.algo_cfg.prompts_per_step % world:
+            raise ValueError(f"prompts_per_step={self.algo_cfg.prompts_per_step} must be divisible by the {world} processes")
+        self.order = common.make_order([len(p[1]) for p in self.train_prompts], cfg, self.algo_cfg.prompts_per_step // world,
+                                       group_by_length=False, drop_last=True)
         fp32 = next(self.model.parameters()).dtype == torch.float32
         autocast = torch.bfloat16 if (cfg.model.autocast == "bf16" and fp32) else None
         self.generator = HFGenerator(self.model, self.tokenizer.pad_token_id, self.tokenizer, autocast)
@@ -183,7 +186,7 @@ class OnlineBase:
         """Generate and score G completions for the next prompts of the data order."""
         a = self.algo_cfg
         picked = [self.train_prompts[i] for i in self.order.next()]
-        seed = self.cfg.train.seed * 1_000_003 + step * 101 + round_
+        seed = self.cfg.train.seed * 1_000_003 + step * 101 + round_ * 7 + context().rank * 100_003  # ranks differ
         start = time.perf_counter()
         rollout = self.generator.generate([ids for _, ids in picked], self.sampling_params(a.max_new_tokens), a.num_generations, seed)
         gen_time = time.perf_counter() - start
