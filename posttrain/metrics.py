@@ -50,7 +50,8 @@ class MetricsLogger:
                 self._tb = None
 
     def _truncate_after(self, step: int) -> None:
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        rows = _parse_rows(self.path.read_text())
+        kept = [json.dumps(row) for row in rows if row.get("step", 0) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
@@ -80,4 +81,17 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse_rows(path.read_text())
+
+
+def _parse_rows(text: str) -> list[dict]:
+    """The rows of a metrics.jsonl; a last line cut short (the process was killed mid-write) is left out."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    rows = [json.loads(line) for line in lines[:-1]]
+    if lines:
+        try:
+            rows.append(json.loads(lines[-1]))
+        except json.JSONDecodeError:
+            if text.endswith("\n"):  # a complete line that does not parse is damage, not a torn write
+                raise
+    return rows

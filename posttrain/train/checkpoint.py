@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -54,35 +55,76 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, modules: dict, optimizer, scheduler, trainer_state: dict, keep: int = 2) -> Path:
-    """Write checkpoints/step-N atomically and prune all but the newest `keep` complete ones."""
+    """Write checkpoints/step-N atomically and prune all but the newest `keep` complete ones.
+
+    A write that fails (a full disk: OSError from Python, SafetensorError from safetensors, RuntimeError from
+    torch.save) removes its temporary folder and re-raises; the checkpoints already there are untouched.
+    Temporaries left by a process that was killed while writing are removed here.
+    """
     from safetensors.torch import save_file
 
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(ckpt_root)
     final = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f".tmp-step-{step}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    for name, module in modules.items():
-        save_file(trainable_state(module), str(tmp / f"{name}.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "optim.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-    (tmp / "COMPLETE").write_text(str(step))
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir()
+        for name, module in modules.items():
+            save_file(trainable_state(module), str(tmp / f"{name}.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "optim.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        (tmp / "COMPLETE").write_text(str(step))
+        _fsync_dir(tmp)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        exc.add_note(f"checkpoint {final} was not written; the earlier checkpoints in {ckpt_root} are intact")
+        raise
     if final.exists():
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
     _fsync_dir(ckpt_root)
     for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
 
 
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder, its COMPLETE marker first: a kill midway leaves it incomplete, never half-there."""
+    (path / "COMPLETE").unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_stale_temporaries(ckpt_root: Path) -> None:
+    """Remove `.tmp-step-N-PID` folders whose writer is gone (killed mid-write); a live writer's are kept."""
+    for tmp in ckpt_root.glob(".tmp-step-*-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        pass
+    return True
+
+
 def _fsync_dir(path: Path) -> None:
+    """fsync the files of `path` and `path` itself (so a rename into it survives a power cut)."""
     for child in path.iterdir() if path.is_dir() else []:
         if child.is_file():
             with open(child, "rb") as fh:
                 os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -106,7 +148,11 @@ def load_checkpoint(path: Path, modules: dict, optimizer, scheduler) -> dict:
         with torch.no_grad():
             for key, value in state.items():
                 params[key].copy_(value)
-    blob = torch.load(path / "optim.pt", weights_only=True)
+    try:
+        blob = torch.load(path / "optim.pt", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refuses anything but tensors and plain containers
+        raise RuntimeError(f"{path / 'optim.pt'}: refused to load, it is not a plain tensor file "
+                           f"({str(exc).splitlines()[0]})") from None
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])

@@ -1,0 +1,57 @@
+"""A quick pipeline on a tiny model, end to end: every stage, the summary, the report; re-run skips done stages."""
+
+import json
+import re
+
+import yaml
+
+from posttrain.cli import main
+from posttrain.metrics import read_metrics
+
+FAST = {"model.autocast": "none", "data.max_length": 256, "data.num_eval_examples": 4, "train.progress": False,
+        "train.tensorboard": False, "data.num_examples": 32, "train.batch_size": 4}
+ONLINE = {"algo.max_new_tokens": 6, "algo.eval_max_new_tokens": 6, "algo.prompts_per_step": 4}
+
+
+def write_pipeline(tmp_path, model_dir):
+    cfg = {
+        "output_dir": str(tmp_path / "pipe"), "model": model_dir, "data": "task:arithmetic",
+        "eval": {"prompts": 4, "max_new_tokens": 6, "kl_prompts": 2}, "defaults": FAST,
+        "stages": [
+            {"name": "sft", "command": "sft", "overrides": {"train.max_steps": 3, "train.lr": 1e-3}},
+            {"name": "rm", "command": "rm", "from": "sft", "overrides": {"train.max_steps": 2}},
+            {"name": "dpo", "command": "dpo", "from": "sft", "overrides": {"train.max_steps": 2}},
+            {"name": "kto", "command": "kto", "from": "sft", "overrides": {"train.max_steps": 2}},
+            {"name": "ppo", "command": "ppo", "from": "sft", "reward_model": "rm",
+             "overrides": {"train.max_steps": 2, "algo.rewards": [], "algo.eval_rewards": ["numeric"], **ONLINE}},
+            {"name": "grpo", "command": "grpo", "from": "sft",
+             "overrides": {"train.max_steps": 2, "algo.num_generations": 4, "algo.beta": 0.04, **ONLINE}},
+        ],
+    }
+    path = tmp_path / "pipe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_quick_pipeline_end_to_end(tmp_path, tiny_dir, capsys):
+    path = write_pipeline(tmp_path, tiny_dir)
+    assert main(["pipeline", str(path)]) == 0
+    out = tmp_path / "pipe"
+    summary = json.loads((out / "pipeline_summary.json").read_text())
+    names = [s["name"] for s in summary["stages"]]
+    assert names == ["base", "sft", "rm", "dpo", "kto", "ppo", "grpo"]
+    by = {s["name"]: s for s in summary["stages"]}
+    assert by["ppo"]["models_in_memory"] == 4 and by["grpo"]["models_in_memory"] == 2 and by["sft"]["models_in_memory"] == 1
+    assert by["dpo"]["models_in_memory"] == 1  # reference log-probs precomputed, no reference held
+    for stage in ("sft", "dpo", "kto", "ppo", "grpo"):
+        assert by[stage]["kl_to_ref"] is not None and len(by[stage]["samples"]) == 4
+        peak = max(r["peak_mem_gb"] for r in read_metrics(out / stage) if "peak_mem_gb" in r)
+        assert by[stage]["peak_mem_gb"] == peak  # the summary's numbers are the metrics files' numbers
+    html = (out / "report.html").read_text()
+    for section in ("Training curves", "Comparison", "KL", "before and after"):
+        assert re.search(section, html, re.IGNORECASE), section
+    assert "data:image/png;base64," in html and (out / "report.md").exists()
+    # a re-run skips every finished stage
+    capsys.readouterr()
+    assert main(["pipeline", str(path)]) == 0
+    assert capsys.readouterr().out.count("done already, skipped") == 6
