@@ -1,13 +1,16 @@
 """posttrain DPO vs TRL's DPOTrainer: same model, same pairs in the same order, same batch, steps and optimizer.
 
-    python bench/dpo_vs_trl.py [--steps 10] [--batch-size 8] [--model smollm2] [--threads 2]
+    python bench/dpo_vs_trl.py [--steps 5] [--batch-size 4] [--model smollm2] [--threads 2] [--precision auto]
 
 Installs nothing; TRL is imported lazily (`pip install trl`). Each contender runs in its own subprocess, so the
-peak resident memory (ru_maxrss) is its own. Contenders:
-  posttrain            our defaults: fp32 weights + bf16 autocast, reference log-probs precomputed (one model)
-  trl-defaults         DPOConfig as shipped: bf16=True, gradient_checkpointing=True, reference model every step
-  trl-bf16-no-ckpt     bf16=True, gradient_checkpointing=False (the compute settings of our defaults)
-  trl-bf16-precompute  as above plus precompute_ref_log_probs=True (TRL's closest mode to ours)
+peak resident memory (ru_maxrss) is its own. Both sides keep fp32 weights and compute in `--precision`:
+bf16 autocast (TRL's default bf16=True, our model.autocast=bf16) or fp32. `auto` picks bf16 on CUDA or a CPU with
+AVX-512 and fp32 otherwise: on an AVX2-only CPU PyTorch's bf16 matmul is a slow fallback (measured 0.3 GFLOPS vs
+25 GFLOPS fp32 on the 2-core dev box), which would make a bf16 run take hours. Contenders:
+  posttrain        our defaults: reference log-probs precomputed before training (one model in memory)
+  trl-defaults     DPOConfig as shipped (gradient_checkpointing=True, reference model run every step)
+  trl-no-ckpt      gradient_checkpointing=False (the compute settings of our defaults)
+  trl-precompute   as above plus precompute_ref_log_probs=True (TRL's closest mode to ours)
 Pairs: the built-in arithmetic task's preference pairs (posttrain.data.tasks), else a synthetic set. TRL reads them
 in exactly the order posttrain's batches visited them (a sequential sampler), so the loss curves are comparable.
 
@@ -29,16 +32,17 @@ from pathlib import Path
 
 TRL_VARIANTS = {
     "trl-defaults": {},
-    "trl-bf16-no-ckpt": {"bf16": True, "gradient_checkpointing": False},
-    "trl-bf16-precompute": {"bf16": True, "gradient_checkpointing": False, "precompute_ref_log_probs": True},
+    "trl-no-ckpt": {"gradient_checkpointing": False},
+    "trl-precompute": {"gradient_checkpointing": False, "precompute_ref_log_probs": True},
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="path, hub id or 'smollm2' (the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per step (no accumulation)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=4, help="pairs per step (no accumulation)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="compute dtype of both sides")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
@@ -69,6 +73,13 @@ def make_pairs(n: int, seed: int = 0) -> tuple[list[dict], str]:
         return rows, "synthetic"
 
 
+def auto_precision() -> str:
+    import torch
+
+    fast_bf16 = torch.cuda.is_available() or "AVX512" in torch.backends.cpu.get_cpu_capability()
+    return "bf16" if fast_bf16 else "fp32"
+
+
 # ---- workers (each in its own process) -----------------------------------------------------------------------------
 
 def peak_rss_gb() -> float:
@@ -86,6 +97,7 @@ def run_posttrain(args, work: Path) -> dict:
     overrides = [
         f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", f"algo.beta={args.beta}",
         "data.eval_fraction=0", "train.tensorboard=false", "train.progress=false", f"train.num_threads={args.threads}",
+        f"model.autocast={'bf16' if args.precision == 'bf16' else 'none'}",
     ]
     flags = {"model.name_or_path": args.model, "data.path": str(work / "pairs.jsonl"), "train.output_dir": str(work / "posttrain-run")}
     cfg = load_config("dpo", None, overrides, flags)
@@ -166,7 +178,7 @@ def run_trl(args, work: Path, variant: str) -> dict:
         output_dir=str(work / f"{variant}-run"), per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
         max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, beta=args.beta, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
-        dataloader_num_workers=0, disable_tqdm=True, **TRL_VARIANTS[variant],
+        dataloader_num_workers=0, disable_tqdm=True, bf16=args.precision == "bf16", **TRL_VARIANTS[variant],
     )
     timer = Timer()
     trainer = InOrder(model=model, args=config, train_dataset=Dataset.from_list([records[i] for i in order]),
@@ -186,7 +198,7 @@ def run_trl(args, work: Path, variant: str) -> dict:
 def run_worker(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--model", args.model, "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--beta", str(args.beta),
-           "--threads", str(args.threads), "--workdir", args.workdir]
+           "--threads", str(args.threads), "--workdir", args.workdir, "--precision", args.precision]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -200,7 +212,7 @@ def run_worker(name: str, args) -> dict:
 
 def print_table(results: dict, tokens: int, source: str, args) -> None:
     print(f"\nDPO, {args.model}, {args.steps} steps x {args.batch_size} pairs, data {source}, {args.threads} threads, "
-          f"{tokens} tokens trained")
+          f"{args.precision} compute, {tokens} tokens trained")
     head = f"{'contender':<22}{'train tok/s':>12}{'total tok/s':>12}{'train s':>9}{'ref s':>7}{'peak GB':>9}{'models':>7}" \
            f"{'loss@1':>8}{'loss@' + str(args.steps):>9}{'process s':>11}"
     print(head)
@@ -220,6 +232,8 @@ def print_table(results: dict, tokens: int, source: str, args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.precision == "auto":
+        args.precision = auto_precision()
     work = Path(args.workdir)
     if args.worker:
         result = run_posttrain(args, work) if args.worker == "posttrain" else run_trl(args, work, args.worker)

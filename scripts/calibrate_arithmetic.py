@@ -44,7 +44,9 @@ def extract_answer(text: str) -> str | None:
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, records: list[dict], batch_size: int, max_new_tokens: int, bf16: bool = False) -> tuple[float, list[str]]:
+def accuracy(
+    model, tokenizer, records: list[dict], batch_size: int, max_new_tokens: int, bf16: bool = False
+) -> tuple[float, list[str]]:
     """Greedy accuracy on `prompts` records; left padding so every row's last prompt token is aligned."""
     model.eval()
     tokenizer.padding_side = "left"
@@ -118,15 +120,19 @@ def calibrate_level(args, level: int, tokenizer) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     test = make_records("prompts", split="test", n=args.n_eval, seed=args.seed, difficulty=level)
     t0 = time.perf_counter()
-    before, _ = accuracy(model, tokenizer, test, args.eval_batch_size, args.max_new_tokens, args.bf16) if args.before else (math.nan, [])
+    before, outputs = math.nan, []
+    if args.before:
+        before, outputs = accuracy(model, tokenizer, test, args.eval_batch_size, args.max_new_tokens, args.bf16)
     t1 = time.perf_counter()
+    for record, out in list(zip(test, outputs))[:2]:
+        print(f"  before SFT: answer {record['answer']:>6}  model: {out!r}")
     train = make_records("sft", split="train", n=args.steps * args.batch_size, seed=args.seed, difficulty=level)
     losses = short_sft(model, tokenizer, train, args)
     t2 = time.perf_counter()
     after, outputs = accuracy(model, tokenizer, test, args.eval_batch_size, args.max_new_tokens, args.bf16)
     t3 = time.perf_counter()
     for record, out in list(zip(test, outputs))[:3]:
-        print(f"  answer {record['answer']:>6}  model: {out!r}")
+        print(f"  after SFT:  answer {record['answer']:>6}  model: {out!r}")
     return {
         "level": level, "difficulty": repr(LEVELS[level]), "before": before, "after": after,
         "steps": len(losses), "batch_size": args.batch_size, "lr": args.lr, "n_eval": args.n_eval,
@@ -147,7 +153,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-minutes", type=float, default=8.0, help="stop the SFT after this much wall time")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast: faster only on CPUs with native bf16 (AVX512-BF16/AMX)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast: faster only on CPUs with native bf16 (AVX512-BF16, AMX); slower on AVX2")
     p.add_argument("--threads", type=int, default=2, help="the machine is shared: keep this small")
     p.add_argument("--no-before", dest="before", action="store_false", help="skip the pre-SFT evaluation")
     p.add_argument("--out", type=Path, help="append the JSON lines here too")

@@ -103,7 +103,29 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1))
 
 
+class DatasetAlgorithm:
+    """Plumbing shared by algorithms that walk a dataset with a BatchOrder (`self.order`), train `self.model`
+    and export it with `self.tokenizer`: the data position is their resumable state."""
+
+    updates_per_step = 1
+
+    def modules(self) -> dict:
+        return {"policy": self.model}
+
+    def state_dict(self) -> dict:
+        return {"order": self.order.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state["order"])
+
+    def export(self, out_dir: Path) -> None:
+        from posttrain.models.loading import export_model
+
+        export_model(self.model, self.tokenizer, out_dir)
+
+
 __all__ = [
+    "DatasetAlgorithm",
     "autocast_context", "describe_model", "encode_all", "load_policy_and_tokenizer", "load_splits", "make_order",
     "padded_sft_batch", "setup_run", "write_json",
 ]

@@ -118,7 +118,7 @@ class Reference:
             return token_logps(self.policy, input_ids, attention_mask, labels, chunk, temperature=temperature)
 
 
-class OnlineBase:
+class OnlineBase(common.DatasetAlgorithm):
     """Prompts, generation, rewards and evaluation; subclasses add their advantages and losses."""
 
     def __init__(self, cfg: RunConfig, needs_reference: bool):
@@ -286,19 +286,6 @@ class OnlineBase:
         summary, _ = evaluate_policy(self.model, self.tokenizer, self.eval_records, fns, gen_cfg)
         return {k: v for k, v in summary.items() if isinstance(v, float)}
 
-    def state_dict(self) -> dict:
-        return {"order": self.order.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.order.load_state_dict(state["order"])
-
-    def modules(self):
-        return {"policy": self.model}
-
-    def export(self, out_dir) -> None:
-        from posttrain.models.loading import export_model
-
-        export_model(self.model, self.tokenizer, out_dir)
 
 
 def _fill_masked(rewards: torch.Tensor, group: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:

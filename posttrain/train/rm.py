@@ -8,7 +8,6 @@ one forward pass. Held-out pairwise accuracy is the evaluation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +55,7 @@ def score_pairs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return scores[:half], scores[half:]
 
 
-class RewardModeling:
-    updates_per_step = 1
-
+class RewardModeling(common.DatasetAlgorithm):
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         path = resolve_model_path(cfg.model.name_or_path)
@@ -105,16 +102,6 @@ class RewardModeling:
     def evaluate(self) -> dict:
         return pairwise_accuracy(self.model, self.eval_pairs, self.pad_id, self.cfg.train.batch_size, self.cfg.model)
 
-    def state_dict(self) -> dict:
-        return {"order": self.order.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.order.load_state_dict(state["order"])
-
-    def export(self, out_dir: Path) -> None:
-        from posttrain.models.loading import export_model
-
-        export_model(self.model, self.tokenizer, out_dir)
 
 
 @torch.no_grad()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -11,7 +10,6 @@ from posttrain.config import RunConfig, register_algo_config
 from posttrain.data.chat import Encoded, encode_messages, encode_prompt_completion
 from posttrain.data.collate import apply_length_policy
 from posttrain.models.forward import token_logps
-from posttrain.models.loading import export_model
 from posttrain.ops import IGNORE_INDEX, agg_loss
 from posttrain.train import common
 from posttrain.train.loop import Iteration, Trainer
@@ -42,10 +40,8 @@ def sft_loss(model, batch: dict, totals: dict, agg: str = "token-mean", chunk: i
     return LossOutput(loss, {"padding_fraction": batch["padding_fraction"]})
 
 
-class SFT:
+class SFT(common.DatasetAlgorithm):
     """The SFT algorithm for the one loop."""
-
-    updates_per_step = 1
 
     def __init__(self, cfg: RunConfig, model=None, tokenizer=None):
         self.cfg = cfg
@@ -59,9 +55,6 @@ class SFT:
         self.eval_items, _ = common.encode_all(held, lambda r: encode_sft(r, tokenizer, use_chat), len, cfg, fit, "eval")
         self.order = common.make_order([len(x) for x in self.train_items], cfg)
         self.pad_id = tokenizer.pad_token_id
-
-    def modules(self):
-        return {"policy": self.model}
 
     def next_iteration(self, step: int) -> Iteration:
         micro = [common.padded_sft_batch([self.train_items[i] for i in self.order.next()], self.pad_id) for _ in range(self.cfg.train.grad_accum)]
@@ -96,14 +89,6 @@ class SFT:
             count += int(mask.sum())
         return {"loss": nll / max(count, 1)}
 
-    def state_dict(self) -> dict:
-        return {"order": self.order.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.order.load_state_dict(state["order"])
-
-    def export(self, out_dir: Path) -> None:
-        export_model(self.model, self.tokenizer, out_dir)
 
 
 def run_sft(cfg: RunConfig) -> dict:

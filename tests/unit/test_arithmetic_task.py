@@ -77,10 +77,10 @@ def test_answers_match_python_and_levels_hold(level):
 
 
 def test_problems_distinct_and_deterministic():
-    a = sample_problems(2000, "train", seed=7, difficulty=3)
+    a = sample_problems(2000, "train", seed=7, difficulty=4)
     assert len({p.text for p in a}) == 2000
-    assert a == sample_problems(2000, "train", seed=7, difficulty=3)
-    assert a != sample_problems(2000, "train", seed=8, difficulty=3)
+    assert a == sample_problems(2000, "train", seed=7, difficulty=4)
+    assert a != sample_problems(2000, "train", seed=8, difficulty=4)
 
 
 def test_level_too_small_raises():
@@ -111,7 +111,7 @@ def test_splits_disjoint_over_seeds_and_levels():
 
 def test_split_fraction_is_the_documented_one():
     rng = random.Random(0)
-    texts = {_random_problem(LEVELS[3], rng).text for _ in range(20_000)}
+    texts = {_random_problem(LEVELS[4], rng).text for _ in range(20_000)}
     share = sum(split_of(t) == "test" for t in texts) / len(texts)
     assert abs(share - TEST_PERCENT / 100) < 0.015
 
@@ -185,7 +185,7 @@ def test_rejected_makes_one_slip_and_propagates_it():
 
 def test_every_mistake_kind_is_used():
     rng = random.Random(0)
-    truth_and_wrong = [(answer_of(p), wrong_steps(p, rng)) for p in sample_problems(400, "train", 0, difficulty=3)]
+    truth_and_wrong = [(answer_of(p), wrong_steps(p, rng)) for p in sample_problems(400, "train", 0, difficulty=4)]
     used = Counter(name for _, (name, _) in truth_and_wrong)
     assert set(used) == set(MISTAKES) and min(used.values()) >= 10, used
     assert all(steps[-1][3] != truth for truth, (_, steps) in truth_and_wrong)

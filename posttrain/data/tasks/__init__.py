@@ -26,7 +26,9 @@ def register_task(name: str) -> Callable[[MakeRecords], MakeRecords]:
     return deco
 
 
-def make_task_records(name: str, kind: str, split: str = "train", n: int = 1000, seed: int = 0, **options) -> list[dict]:
+def make_task_records(
+    name: str, kind: str, split: str = "train", n: int = 1000, seed: int = 0, **options
+) -> list[dict]:
     """Records of the built-in task `name` (see TASKS)."""
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; built-in tasks: {sorted(TASKS)}")

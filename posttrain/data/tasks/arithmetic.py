@@ -59,11 +59,11 @@ class Difficulty:
 
 
 LEVELS: dict[int, Difficulty] = {
-    1: Difficulty(n_ops=1, ops="+-"),  # 2-digit addition or subtraction
-    2: Difficulty(n_ops=2, ops="+-"),  # two 2-digit additions/subtractions
-    3: Difficulty(n_ops=2, ops="+-*"),  # 2-digit add/sub with a one-digit multiplication
-    4: Difficulty(n_ops=2, ops="+-*", max_factor=19),  # ... with factors up to 19
-    5: Difficulty(n_ops=2, ops="+-*", min_operand=100, max_operand=999),  # 3-digit operands
+    1: Difficulty(n_ops=1, ops="+-"),  # 37 + 48: 2-digit addition or subtraction
+    2: Difficulty(n_ops=1, ops="+-*"),  # ... or a 2-digit by 1-digit product, 48 * 7
+    3: Difficulty(n_ops=2, ops="+-"),  # 37 + 48 - 19
+    4: Difficulty(n_ops=2, ops="+-*"),  # 37 + 48 * 2
+    5: Difficulty(n_ops=2, ops="+-*", min_operand=100, max_operand=999),  # 374 + 481 * 2
 }
 DEFAULT_LEVEL = 3
 
@@ -93,7 +93,9 @@ class Problem:
         return " ".join(parts)
 
 
-def solve(problem: Problem, precedence: bool = True, corrupt: tuple[int, Callable[[Step], int]] | None = None) -> list[Step]:
+def solve(
+    problem: Problem, precedence: bool = True, corrupt: tuple[int, Callable[[Step], int]] | None = None
+) -> list[Step]:
     """Reduce the expression one operator at a time ('*' first when `precedence`), left to right.
 
     corrupt = (k, fn) replaces the result of step k by fn(step); later steps use the corrupted value,
@@ -131,7 +133,9 @@ def _random_problem(d: Difficulty, rng: random.Random) -> Problem:
     return Problem(tuple(operands), ops)
 
 
-def sample_problems(n: int, split: Split, seed: int, difficulty: Difficulty | int | str = DEFAULT_LEVEL) -> list[Problem]:
+def sample_problems(
+    n: int, split: Split, seed: int, difficulty: Difficulty | int | str = DEFAULT_LEVEL
+) -> list[Problem]:
     """n distinct problems of one split, a pure function of (n, split, seed, difficulty)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -286,7 +290,11 @@ def _unpaired(problem: Problem, i: int, rng: random.Random, conversational: bool
     # Alternating labels over randomly ordered problems: balanced in every prefix, independent of the problem.
     good = i % 2 == 0
     steps = solve(problem) if good else wrong_steps(problem, rng)[1]
-    return {"prompt": _user(question(problem), conversational), "completion": _assistant(completion_text(steps), conversational), "label": good}
+    return {
+        "prompt": _user(question(problem), conversational),
+        "completion": _assistant(completion_text(steps), conversational),
+        "label": good,
+    }
 
 
 @_builder("prompts")
