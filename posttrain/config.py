@@ -33,7 +33,7 @@ class LoraConfig:
 class ModelConfig:
     name_or_path: str = "smollm2"  # "smollm2" = the bundled SmolLM2-135M-Instruct; or a folder, a .gguf file, a hub id
     dtype: str = "fp32"  # weights: fp32 | bf16
-    autocast: str = "bf16"  # compute under autocast where supported: bf16 | none
+    autocast: str = "auto"  # bf16 autocast: auto (where bf16 is fast on this hardware) | bf16 | none
     gradient_checkpointing: bool = False
     logprob_chunk: int = 1024  # tokens per chunk when computing log-probs from hidden states
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -29,7 +29,10 @@ def sequence_kl(policy, reference, tokenizer, records, max_new_tokens: int = 48,
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, stop_token_ids=sorted(end_of_turn_ids(tokenizer)),
                             batch_size=batch_size)
-    engine = HFGenerator(policy, tokenizer.pad_token_id, tokenizer, torch.bfloat16)
+    from posttrain.models.loading import bf16_is_fast
+
+    fast = bf16_is_fast()
+    engine = HFGenerator(policy, tokenizer.pad_token_id, tokenizer, torch.bfloat16 if fast else None)
     total, count = 0.0, 0
     for s in range(0, len(records), batch_size):
         ids = [encode_prompt(tokenizer, r.data["prompt"]) for r in records[s : s + batch_size]]
@@ -38,7 +41,7 @@ def sequence_kl(policy, reference, tokenizer, records, max_new_tokens: int = 48,
         attn = torch.cat([roll.prompt_mask, roll.completion_mask], 1)
         labels = full.masked_fill(attn == 0, -100)
         labels[:, : roll.prompt_ids.shape[1]] = -100
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
             lp = token_logps(policy, full, attn, labels)
             lr = token_logps(reference, full, attn, labels)
         total += float((lp - lr).sum())

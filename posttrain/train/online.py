@@ -17,7 +17,7 @@ from posttrain.config import RunConfig
 from posttrain.data.chat import encode_prompt, end_of_turn_ids
 from posttrain.data.collate import filter_by_length
 from posttrain.models.forward import token_logps
-from posttrain.models.loading import adapter_disabled, load_causal_lm, resolve_model_path
+from posttrain.models.loading import adapter_disabled, load_causal_lm, resolve_model_path, wants_bf16
 from posttrain.ops import IGNORE_INDEX
 from posttrain.train import common
 from posttrain.train.distributed import context
@@ -135,7 +135,7 @@ class OnlineBase(common.DatasetAlgorithm):
         self.order = common.make_order([len(p[1]) for p in self.train_prompts], cfg, self.algo_cfg.prompts_per_step // world,
                                        group_by_length=False, drop_last=True)
         fp32 = next(self.model.parameters()).dtype == torch.float32
-        autocast = torch.bfloat16 if (cfg.model.autocast == "bf16" and fp32) else None
+        autocast = torch.bfloat16 if (fp32 and wants_bf16(cfg.model)) else None
         self.generator = HFGenerator(self.model, self.tokenizer.pad_token_id, self.tokenizer, autocast)
         self.reference = Reference(self.model, cfg, self.algo_cfg.ref_model) if needs_reference else None
         self.rewards = build_reward_runner(self.algo_cfg, reward_model_fn=self._reward_model_fn())
@@ -282,7 +282,7 @@ class OnlineBase(common.DatasetAlgorithm):
 
         fns = load_reward_fns(self.algo_cfg.eval_rewards or [r for r in self.algo_cfg.rewards])
         gen_cfg = GenEvalConfig(max_new_tokens=self.algo_cfg.eval_max_new_tokens, batch_size=32,
-                                autocast=self.cfg.model.autocast == "bf16")
+                                autocast=wants_bf16(self.cfg.model))
         summary, _ = evaluate_policy(self.model, self.tokenizer, self.eval_records, fns, gen_cfg)
         return {k: v for k, v in summary.items() if isinstance(v, float)}
 
