@@ -1,6 +1,6 @@
 """posttrain DPO vs TRL's DPOTrainer: same model, same pairs in the same order, same batch, steps and optimizer.
 
-    python bench/dpo_vs_trl.py [--steps 5] [--batch-size 4] [--model smollm2] [--threads 2] [--precision auto]
+    python bench/dpo_vs_trl.py [--steps 3] [--batch-size 4] [--model smollm2] [--threads 2] [--precision auto]
 
 Installs nothing; TRL is imported lazily (`pip install trl`). Each contender runs in its own subprocess, so the
 peak resident memory (ru_maxrss) is its own. Both sides keep fp32 weights and compute in `--precision`:
@@ -40,7 +40,7 @@ TRL_VARIANTS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="path, hub id or 'smollm2' (the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4, help="pairs per step (no accumulation)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="compute dtype of both sides")
     p.add_argument("--lr", type=float, default=1e-5)

@@ -155,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"posttrain {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # a diverged run (NonFiniteLossError), a failed or refused checkpoint
+        if args.verbose:
+            raise
+        print(f"posttrain {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

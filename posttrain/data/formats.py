@@ -2,7 +2,7 @@
 
 Every record keeps where it came from (file and line or row), so a bad record is reported as
 `data.jsonl:17: field 'chosen': expected a string or a list of messages, got int` — never a traceback.
-That covers unreadable files too: bytes that are not UTF-8, a lone surrogate escape (`"\ud800"`, which JSON
+That covers unreadable files too: bytes that are not UTF-8, a lone surrogate escape (`"\\ud800"`, which JSON
 accepts but no tokenizer can encode), nesting too deep to parse, a broken Parquet file or dataset folder.
 Column names follow TRL so datasets move both ways (DESIGN.md §3).
 
@@ -34,7 +34,8 @@ class Record:
 
 
 def _parse_json(text: str, where: str):
-    """json.loads with the two failures it can raise besides a syntax error turned into DataError."""
+    """json.loads, with RecursionError (nesting too deep) as a DataError; syntax errors are left to the caller,
+    which knows the line."""
     try:
         return json.loads(text)
     except RecursionError:

@@ -85,10 +85,9 @@ class GRPO(OnlineBase):
             if a.kl_in == "reward":
                 seq_kl = (kl_estimate(policy, ref, "k1") * batch.loss_mask).sum(-1)
                 rewards = rewards - a.beta * seq_kl
-        batch.extra["advantages"] = group_advantages(rewards, batch.group, a.advantage)
+        batch.extra["advantages"] = masked_group_advantages(rewards, batch.group, batch.extra["reward_valid"], a.advantage)
         self.batch = batch
-        metrics.update(models_in_memory=float(self.models_in_memory), reward=float(batch.rewards.mean()),
-                       reward_std=float(batch.rewards.std()) if batch.num_rows > 1 else 0.0)
+        metrics.update(models_in_memory=float(self.models_in_memory), reward=_valid_mean(batch), reward_std=float(batch.rewards[batch.extra["reward_valid"]].std()) if batch.num_rows > 1 else 0.0)
         return Iteration(self.updates(batch.num_rows, a.minibatch_rows, a.num_iterations, step), metrics)
 
     def loss(self, rows, totals) -> LossOutput:
@@ -107,12 +106,25 @@ class GRPO(OnlineBase):
         return LossOutput(loss, metrics)
 
 
+def masked_group_advantages(rewards, group, valid, estimator: str) -> torch.Tensor:
+    """Group advantages over the valid rows only (masked rows: 0), so a masked sample changes no statistic."""
+    adv = torch.zeros_like(rewards)
+    if valid.any():
+        adv[valid] = group_advantages(rewards[valid], group[valid], estimator)
+    return adv
+
+
 def _kl_metrics(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> dict:
     """All three estimates of KL(pi || ref) per token on the sampled tokens, plus the k1 sequence sum."""
     out = {f"kl/{k}": float(masked_mean(kl_estimate(logp, ref_logp, k), mask)) for k in ("k1", "k2", "k3")}
     out["kl"] = out["kl/k3"]
     out["kl/sequence_k1"] = float(((logp - ref_logp) * mask).sum(-1).mean())
     return out
+
+
+def _valid_mean(batch: RolloutBatch) -> float:
+    valid = batch.extra["reward_valid"]
+    return float(batch.rewards[valid].mean()) if valid.any() else float("nan")
 
 
 def run_grpo(cfg: RunConfig) -> dict:

@@ -193,7 +193,10 @@ class KTO:
 
     @torch.no_grad()
     def totals(self, update) -> dict:
-        """Row and token counts of the update, and the log-probs of all its KL pairs (for z_ref over the update)."""
+        """Row and token counts of the update, and the log-probs of all its KL pairs (for z_ref over the update).
+
+        `tokens` (for tokens_per_s) counts the trained rows only; the no-grad KL rows are overhead on top.
+        """
         self.model.train()
         kl_policy = []
         for batch in update:

@@ -8,8 +8,11 @@ steps, logs, evaluates and checkpoints. Resuming restores everything, so a resum
 
 from __future__ import annotations
 
+import copy
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +138,7 @@ class Trainer:
         )
         self.scheduler = make_scheduler(self.optimizer, cfg, cfg.max_steps * max(1, algo.updates_per_step))
         self.step, self.bad_in_a_row = 0, 0
+        self._step_start, self._applied = None, False  # what a Ctrl-C in the middle of a step rolls back to
 
     def _state(self) -> dict:
         return {"step": self.step, "algo": self.algo.state_dict(), "bad_in_a_row": self.bad_in_a_row}
@@ -164,6 +168,7 @@ class Trainer:
 
     def _one_step(self) -> dict:
         start = time.perf_counter()
+        self._step_start, self._applied = copy.deepcopy(self.algo.state_dict()), False
         iteration = self.algo.next_iteration(self.step + 1)
         rows = []
         for update in iteration.updates:
@@ -182,6 +187,7 @@ class Trainer:
             if rows and getattr(self.algo, "early_stop", None) is not None and distributed.any_rank(self.algo.early_stop()):
                 break  # PPO's trust region: this minibatch saw the policy past target_kl, so it is not applied
             self.optimizer.step()
+            self._applied = True
             self.scheduler.step()
             self.bad_in_a_row = 0
             rows.append(metrics)
@@ -195,6 +201,17 @@ class Trainer:
         out["updates"] = float(len(rows))
         return out
 
+    def _save_interrupted(self, mid_step: bool) -> Path | None:
+        """The checkpoint a Ctrl-C leaves holds finished steps only. Interrupted mid-step (a second Ctrl-C, or a
+        KeyboardInterrupt raised by code), the step is rolled back if none of its updates was applied yet; if one
+        was, the newest checkpoint already on disk stands."""
+        if mid_step and self._applied:
+            found = ckpt.list_checkpoints(self.out_dir / "checkpoints")
+            return found[-1] if found else None
+        if mid_step and self._step_start is not None:
+            self.algo.load_state_dict(self._step_start)
+        return self.save()
+
     def fit(self) -> dict:
         seed_everything(self.cfg.seed)
         resumed = self.maybe_resume()
@@ -203,8 +220,9 @@ class Trainer:
         last: dict = {}
         trainable = sum(p.numel() for p in self.params)
         once = {"params/trainable": trainable, "params/total": sum(p.numel() for m in self.algo.modules().values() for p in m.parameters())}
+        stop = _CtrlC.install()
         try:
-            while self.step < self.cfg.max_steps:
+            while self.step < self.cfg.max_steps and not stop.requested:
                 metrics = self._one_step()
                 at = self.step
                 if self.cfg.eval_every and at % self.cfg.eval_every == 0 and at < self.cfg.max_steps:
@@ -216,12 +234,16 @@ class Trainer:
                     self.save()
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
+            if stop.requested and self.step < self.cfg.max_steps:
+                raise KeyboardInterrupt
         except KeyboardInterrupt:
             # Ctrl-C: keep the work done so far; `--resume` continues from here.
-            path = self.save()
+            path = self._save_interrupted(mid_step=stop.count != 1)
             bar.close()
             logger.close()
             raise SystemExit(f"interrupted at step {self.step}; checkpoint saved to {path}") from None
+        finally:
+            stop.uninstall()
         bar.close()
         final_eval = {f"eval/{k}": v for k, v in self.evaluate().items()}
         if final_eval:
@@ -237,3 +259,28 @@ def _progress(cfg: TrainConfig, initial: int, is_main: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=cfg.max_steps, initial=initial, disable=not (cfg.progress and is_main), desc="train", unit="step")
+
+
+class _CtrlC:
+    """SIGINT handler for the loop: the first Ctrl-C asks it to stop after the current step (which is then saved
+    whole); a second one interrupts at once. Only the main thread can install a signal handler."""
+
+    def __init__(self):
+        self.requested, self.count, self._previous = False, 0, None
+
+    @classmethod
+    def install(cls) -> "_CtrlC":
+        stop = cls()
+        if threading.current_thread() is threading.main_thread():
+            stop._previous = signal.signal(signal.SIGINT, stop._handle)
+        return stop
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        self.requested = True
+        if self.count > 1:
+            raise KeyboardInterrupt
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)

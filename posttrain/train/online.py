@@ -199,10 +199,11 @@ class OnlineBase(common.DatasetAlgorithm):
         loss_mask = rollout.completion_mask.clone()
         if a.mask_truncated:
             loss_mask[rollout.truncated] = 0
-        masked = torch.isnan(rewards)  # a reward that could not be computed (bad gold answer, sandbox failure)
-        if masked.any():
-            rewards = _fill_masked(rewards, rollout.group, masked)
-            loss_mask[masked] = 0
+        # NaN: a reward that could not be computed (bad gold answer, sandbox failure); inf: a broken reward. Such rows
+        # get no loss and no advantage, and their group's statistics use the valid rows only.
+        masked = ~torch.isfinite(rewards)
+        loss_mask[masked] = 0
+        rewards = rewards.masked_fill(masked, 0.0)  # finite everywhere; `reward_valid` says which rows count
         batch = RolloutBatch(
             input_ids=torch.cat([rollout.prompt_ids, rollout.completion_ids], 1),
             attention_mask=torch.cat([rollout.prompt_mask, rollout.completion_mask], 1),
@@ -210,6 +211,7 @@ class OnlineBase(common.DatasetAlgorithm):
             truncated=rollout.truncated, prompt_width=rollout.prompt_ids.shape[1], texts=rollout.texts, prompts=prompts,
             pad_id=self.tokenizer.pad_token_id,
         )
+        batch.extra["reward_valid"] = ~masked
         batch.extra["sampler_logp"] = rollout.logprobs
         batch.extra["metrics"] = {**scored.metrics(), "rewards/masked_samples": float(masked.sum()), **_length_metrics(rollout), "timing/generate_s": gen_time,
                                   "completions_per_s": batch.num_rows / max(gen_time, 1e-9)}
@@ -288,17 +290,6 @@ class OnlineBase(common.DatasetAlgorithm):
 
 
 
-def _fill_masked(rewards: torch.Tensor, group: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """NaN rewards take their group's mean of the valid ones (0 if none), so they neither add nor bias an advantage;
-    their rows are also removed from the loss by the caller."""
-    out = rewards.clone()
-    for g in torch.unique(group[masked]).tolist():
-        rows = group == g
-        valid = rows & ~masked
-        out[rows & masked] = rewards[valid].mean() if valid.any() else 0.0
-    return out
-
-
 def _chunks(n: int, size: int) -> list[torch.Tensor]:
     return [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
 
@@ -324,7 +315,8 @@ def select_rows(batch: RolloutBatch, keep: torch.Tensor) -> RolloutBatch:
         input_ids=batch.input_ids[idx], attention_mask=batch.attention_mask[idx], completion_mask=batch.completion_mask[idx],
         loss_mask=batch.loss_mask[idx], rewards=batch.rewards[idx], group=group, truncated=batch.truncated[idx],
         prompt_width=batch.prompt_width, texts=[batch.texts[i] for i in idx.tolist()],
-        prompts=[batch.prompts[i] for i in idx.tolist()], pad_id=batch.pad_id, extra=dict(batch.extra),
+        prompts=[batch.prompts[i] for i in idx.tolist()], pad_id=batch.pad_id,
+        extra={**batch.extra, "reward_valid": batch.extra["reward_valid"][idx]},
     )
 
 
@@ -351,5 +343,5 @@ def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
         loss_mask=cat(lambda b: F.pad(b.loss_mask, (0, C - b.loss_mask.shape[1]))), rewards=cat(lambda b: b.rewards),
         group=torch.cat(groups), truncated=cat(lambda b: b.truncated), prompt_width=P,
         texts=[t for b in batches for t in b.texts], prompts=[p for b in batches for p in b.prompts], pad_id=pad_id,
-        extra=dict(batches[0].extra),
+        extra={**batches[0].extra, "reward_valid": cat(lambda b: b.extra["reward_valid"])},
     )

@@ -36,7 +36,9 @@ def best_worst_pairs(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.
     """
     chosen, rejected = [], []
     for g in torch.unique(group).tolist():
-        rows = (group == g).nonzero().squeeze(-1)
+        rows = ((group == g) & ~torch.isnan(rewards)).nonzero().squeeze(-1)  # masked (NaN) samples never pair
+        if len(rows) < 2:
+            continue
         r = rewards[rows]
         if float(r.max()) == float(r.min()):
             continue
@@ -57,8 +59,10 @@ class OnlineDPO(OnlineBase):
     def next_iteration(self, step: int) -> Iteration:
         a = self.algo_cfg
         batch = self.sample(step)
-        chosen, rejected = best_worst_pairs(batch.rewards, batch.group)
-        metrics = dict(batch.extra["metrics"], pairs=float(len(chosen)), reward=float(batch.rewards.mean()),
+        valid = batch.extra["reward_valid"]
+        rewards = torch.where(valid, batch.rewards, torch.full_like(batch.rewards, float("nan")))
+        chosen, rejected = best_worst_pairs(rewards, batch.group)
+        metrics = dict(batch.extra["metrics"], pairs=float(len(chosen)), reward=float(batch.rewards[valid].mean()),
                        models_in_memory=float(self.models_in_memory))
         self.batch = batch
         if len(chosen) == 0:

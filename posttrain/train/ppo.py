@@ -116,10 +116,11 @@ class PPO(OnlineBase):
         mask = batch.loss_mask.float()
         old_logp, ref_logp = self.policy_logps(batch), self.reference_logps(batch)
         values = self._values(batch) * mask
-        scores = batch.rewards
-        if a.normalize_rewards:
-            self.moments.update(scores)
-            scores = self.moments.normalize(scores)
+        valid = batch.extra["reward_valid"]
+        scores = torch.where(valid, batch.rewards, torch.zeros_like(batch.rewards))  # masked rows: no loss tokens either
+        if a.normalize_rewards and valid.any():
+            self.moments.update(scores[valid])
+            scores = torch.where(valid, self.moments.normalize(scores), scores)
         kl = (old_logp - ref_logp) * mask  # k1 per token on the sampled tokens
         token_rewards = -self.kl_ctl.value * kl
         last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()  # the last loss token of each row
@@ -131,7 +132,7 @@ class PPO(OnlineBase):
         self.batch, self._update_kls = batch, []
         seq_kl = float(kl.sum(-1).mean())
         metrics.update(_ppo_metrics(batch, values, returns, mask), kl=seq_kl, kl_coef=self.kl_ctl.value,
-                       reward=float(batch.rewards.mean()), models_in_memory=float(self.models_in_memory))
+                       reward=float(batch.rewards[valid].mean()), models_in_memory=float(self.models_in_memory))
         self.kl_ctl.update(seq_kl, batch.num_rows)
         return Iteration(self.updates(batch.num_rows, a.minibatch_rows, a.ppo_epochs, step), metrics)
 

@@ -117,7 +117,7 @@ def _param_fingerprint(model) -> str:
         for name, p in model.named_parameters():
             flat = p.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes()
-            digest.update(f"{name}{tuple(p.shape)}{float(flat.double().sum())!r}".encode() + sample)
+            digest.update(f"{name}{tuple(p.shape)}{float(flat.sum(dtype=torch.float64))!r}".encode() + sample)
     return digest.hexdigest()
 
 
@@ -145,21 +145,39 @@ def data_hash(items: list[Encoded]) -> str:
 
 
 @contextlib.contextmanager
-def scoring_model(policy, model_cfg, ref_model: str | None):
-    """The reference as a model to run, for as long as the `with` lasts; a loaded `ref_model` is freed after it."""
-    source = reference_source(policy, ref_model)
-    if source == "ref_model":
-        frozen = load_causal_lm(model_cfg, resolve_model_path(ref_model), trainable=False)
-        try:
-            yield frozen
-        finally:
-            del frozen
-            gc.collect()
-    elif source == "adapter_off":
-        with adapter_disabled(policy):
-            yield policy
-    else:
+def _loaded(policy, model_cfg, ref_model):
+    frozen = load_causal_lm(model_cfg, resolve_model_path(ref_model), trainable=False)
+    try:
+        yield frozen
+    finally:
+        del frozen
+        gc.collect()
+
+
+@contextlib.contextmanager
+def _adapter_off(policy, model_cfg, ref_model):
+    with adapter_disabled(policy):
         yield policy
+
+
+@contextlib.contextmanager
+def _as_is(policy, model_cfg, ref_model):
+    yield policy
+
+
+# How each source is run once, for the precompute pass (a loaded checkpoint is freed when the pass ends) ...
+SCORING = {"ref_model": _loaded, "adapter_off": _adapter_off, "initial_policy": _as_is}
+# ... and what is kept for every step when precompute_ref=False (None: the policy with its adapter switched off).
+LIVE = {
+    "ref_model": lambda policy, model_cfg, ref_model: load_causal_lm(model_cfg, resolve_model_path(ref_model), trainable=False),
+    "adapter_off": lambda policy, model_cfg, ref_model: None,
+    "initial_policy": lambda policy, model_cfg, ref_model: copy.deepcopy(policy).eval().requires_grad_(False),
+}
+
+
+def scoring_model(policy, model_cfg, ref_model: str | None):
+    """The reference as a model to run for as long as the `with` lasts."""
+    return SCORING[reference_source(policy, ref_model)](policy, model_cfg, ref_model)
 
 
 # ---- the stored table ----------------------------------------------------------------------------------------------
@@ -220,12 +238,7 @@ class LiveReference:
     def __init__(self, policy, model_cfg, ref_model: str | None):
         self.model_cfg, self.policy = model_cfg, policy
         self.source = reference_source(policy, ref_model)
-        if self.source == "ref_model":
-            self.model = load_causal_lm(model_cfg, resolve_model_path(ref_model), trainable=False)
-        elif self.source == "initial_policy":
-            self.model = copy.deepcopy(policy).eval().requires_grad_(False)
-        else:
-            self.model = None  # the policy with its adapter switched off
+        self.model = LIVE[self.source](policy, model_cfg, ref_model)
         self.models_in_memory = 1 if self.model is None else 2
 
     @torch.no_grad()
@@ -255,6 +268,7 @@ def precompute(policy, cfg, columns: dict[str, RefColumn], pad_id: int, ref_mode
             for col, missing in todo.items():
                 sums = score_sequences(model, [columns[col].items[i] for i in missing], pad_id, 2 * cfg.train.batch_size, cfg.model)
                 table[col][1].update(zip(missing, sums.tolist()))
+        del model  # a loaded ref_model must not outlive the pass
     if computed or set(stored) != set(table):
         _write_table(path, identity, table)
     dense = {}

@@ -258,11 +258,17 @@ def test_degenerate_pairs_are_dropped_and_counted(tmp_path, tiny_dir, caplog):
     assert "dropped 3 pairs whose chosen == rejected" in caplog.text
 
 
-def test_live_reference_matches_precomputed(tmp_path, tiny_dir, data):
+@pytest.mark.parametrize("lora", [False, True])
+def test_live_reference_matches_precomputed(tmp_path, tiny_dir, data, lora):
+    """precompute_ref=False: a frozen copy next to the policy (2 models), or with LoRA the adapter switched off
+    per batch (1 model); either way the same numbers as the precomputed table."""
+    extra = ["model.lora.enabled=true", "model.lora.r=4", "train.lr=5e-2"] if lora else []
     for precompute in (True, False):
-        run_dpo(make_cfg(tmp_path, tiny_dir, data, f"algo.precompute_ref={precompute}", "train.max_steps=4", run=f"run-{precompute}"))
+        cfg = make_cfg(tmp_path, tiny_dir, data, f"algo.precompute_ref={precompute}", "train.max_steps=4", *extra, run=f"run-{precompute}")
+        run_dpo(cfg)
     pre, live = (read_metrics(tmp_path / f"run-{p}") for p in (True, False))
-    assert pre[0]["models_in_memory"] == 1 and live[0]["models_in_memory"] == 2
+    assert pre[0]["models_in_memory"] == 1 and live[0]["models_in_memory"] == (1 if lora else 2)
+    assert live[0]["loss"] == pytest.approx(LN2, abs=1e-6) and live[-2]["rewards/margins"] != 0.0
     for a, b in zip(pre, live):
         if "loss" in a:
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)

@@ -50,8 +50,8 @@ def flaky_reward(prompts, completions, **_):
 
 
 def slow_vowel_reward(prompts, completions, **_):
-    """The tiny vowel reward, 0.3 s per batch: slows a stage down enough to be interrupted in the middle."""
-    time.sleep(0.3)
+    """The tiny vowel reward, 0.25 s per batch: slows a stage down enough to be interrupted in the middle."""
+    time.sleep(0.25)
     return [sum(ch in "aeiou" for ch in c) / len(c) if c else 0.0 for c in completions]
 
 

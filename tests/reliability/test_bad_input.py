@@ -147,7 +147,8 @@ def _empty_inputs(tmp_path):
         "empty.jsonl": "the dataset is empty", "blank.jsonl": "the dataset is empty", "empty.json": "the dataset is empty",
         "list.json": "the dataset is empty", "empty.parquet": "not a readable Parquet file",
         "junk.parquet": "not a readable Parquet file", "rows0.parquet": "the dataset is empty",
-        "hf0": "cannot read the saved dataset, empty or damaged", "not_a_dataset": "a folder, but not a dataset saved with `save_to_disk`",
+        "hf0": "cannot read the saved dataset, empty or damaged",
+        "not_a_dataset": "a folder, but not a dataset saved with `save_to_disk`",
     }
 
 
@@ -163,7 +164,8 @@ ODD = "zero\u200bwidth \u200fRTL\u202e override \u05e9\u05dc\u05d5\u05dd e\u0301
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_odd_unicode_loads_and_encodes(tmp_path, fmt, tok):
     """Zero-width, bidi controls, combining marks and emoji are ordinary text: read intact, tokenized without error."""
-    rows = [{"prompt": ODD, "completion": ODD}, {"messages": [{"role": "user", "content": ODD}, {"role": "assistant", "content": ODD}]}]
+    messages = [{"role": "user", "content": ODD}, {"role": "assistant", "content": ODD}]
+    rows = [{"prompt": ODD, "completion": ODD}, {"messages": messages}]
     rows = rows if fmt in ("jsonl", "json") else rows[:1]  # one schema per columnar table
     spec, _ = write_dataset(fmt, tmp_path, rows)
     records = load_dataset_records(spec, "sft")
@@ -250,7 +252,8 @@ def test_overlong_rl_prompts_are_dropped_and_counted(tmp_path, model_dir):
 def test_identical_chosen_and_rejected_are_dropped_and_counted_by_posttrain_dpo(tmp_path, model_dir):
     rows = [{"prompt": f"{i}+1=", "chosen": f"ok {i + 1}", "rejected": f"no {i + 2}"} for i in range(17)]
     rows += [{"prompt": "same", "chosen": "yes", "rejected": "yes"}, {"prompt": "ws", "chosen": "yes", "rejected": " yes "},
-             {"prompt": "msgs", "chosen": [{"role": "assistant", "content": "x"}], "rejected": [{"role": "assistant", "content": "x"}]}]
+             {"prompt": "msgs", "chosen": [{"role": "assistant", "content": "x"}],
+              "rejected": [{"role": "assistant", "content": "x"}]}]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     code = main(["dpo", "--model", model_dir, "--data", data, "--output-dir", str(tmp_path / "dpo"), "--max-steps", "1",
                  "model.autocast=none", "train.progress=false", "train.tensorboard=false", "data.eval_fraction=0",
@@ -261,7 +264,7 @@ def test_identical_chosen_and_rejected_are_dropped_and_counted_by_posttrain_dpo(
     assert report["first_degenerate"] == [f"{data}:18", f"{data}:19", f"{data}:20"]
 
 
-def test_odd_unicode_trains_through_the_cli(tmp_path, model_dir, capsys):
+def test_odd_unicode_trains_through_the_cli(tmp_path, model_dir):
     rows = [{"prompt": ODD, "completion": f"{ODD} {i}"} for i in range(4)]
     assert _sft_run(tmp_path / "run", model_dir, write_jsonl(tmp_path / "u.jsonl", rows)) == 0
     assert (tmp_path / "run" / "final" / "config.json").exists()

@@ -40,8 +40,8 @@ class Child:
     def __init__(self, log_dir: Path, args: list[str], trigger: Path | None = None, sig: int | None = None):
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir, self.trigger, self.sig = log_dir, trigger, sig
-        self.proc = subprocess.Popen([sys.executable, str(WORKER), *args], env=child_env(),
-                                     stdout=open(log_dir / "child.out", "w"), stderr=open(log_dir / "child.err", "w"))
+        with open(log_dir / "child.out", "w") as out, open(log_dir / "child.err", "w") as err:
+            self.proc = subprocess.Popen([sys.executable, str(WORKER), *args], env=child_env(), stdout=out, stderr=err)
         self.signalled = False
         self.watcher = threading.Thread(target=self._watch, daemon=True)
         if trigger is not None:
@@ -82,7 +82,8 @@ def setup(tmp_path_factory):
     killed, in_save, grpo = root / "killed", root / "killed_in_save", root / "grpo_int"
     s["children"] = {
         # SIGKILL from outside once step 4 is checkpointed; the 0.4 s per step keeps the run from ending first
-        "killed": Child(killed, ["--step-delay", "0.4", *sft_cli(s, killed)], killed / "checkpoints/step-4/COMPLETE", signal.SIGKILL),
+        "killed": Child(killed, ["--step-delay", "0.4", *sft_cli(s, killed)], killed / "checkpoints/step-4/COMPLETE",
+                        signal.SIGKILL),
         # SIGKILL from inside, between two files of the second checkpoint's temporary folder
         "in_save": Child(in_save, ["--kill-in-save", "2", *sft_cli(s, in_save)]),
         # Ctrl-C (SIGINT) once step 2 is checkpointed
@@ -214,7 +215,9 @@ def test_failed_checkpoint_write_leaves_the_previous_one_intact(setup, monkeypat
     assert_same_metrics(setup["reference"], out)
 
 
-def test_ctrl_c_in_grpo_saves_a_checkpoint_exits_cleanly_and_resumes_exactly(setup):
+def test_ctrl_c_in_grpo_saves_a_checkpoint_and_exits_cleanly(setup):
+    """A real SIGINT from outside, once step 2 is checkpointed: exit status 1, one line, no traceback, a complete
+    checkpoint at the step it names, and `resume` finishes the run from there."""
     out, child = setup["root"] / "grpo_int", setup["children"]["grpo"]
     assert child.wait() == 1
     err = child.err()
@@ -225,7 +228,40 @@ def test_ctrl_c_in_grpo_saves_a_checkpoint_exits_cleanly_and_resumes_exactly(set
     assert 2 <= step < 6 and path == out / "checkpoints" / f"step-{step}" and (path / "COMPLETE").exists()
     assert not (out / "final").exists()
     run_grpo(run_config("grpo", out, setup["model"], setup["prompts"], *GRPO_ARGS, "train.resume=true"))
-    assert_same_metrics(setup["root"] / "grpo_ref", out, GRPO_KEYS)
+    assert (out / "final" / "config.json").exists() and read_metrics(out)[-1]["step"] == 6
+
+
+@pytest.mark.parametrize("command", ["sft", "grpo"])
+def test_ctrl_c_in_the_middle_of_a_step_resumes_exactly(setup, monkeypatch, command):
+    """SIGINT arrives while step 3 is between its rollout/batch and its update (delivered by the process to itself,
+    so it lands there every time); after resuming, the metrics are those of the uninterrupted run."""
+    from posttrain.train import loop
+    from posttrain.train.grpo import GRPO
+    from posttrain.train.sft import SFT
+
+    args, data, reference = {"sft": (SFT_ARGS, setup["data"], setup["reference"]),
+                             "grpo": (GRPO_ARGS, setup["prompts"], setup["root"] / "grpo_ref")}[command]
+    out = setup["root"] / f"mid_step_{command}"
+    cfg = run_config(command, out, setup["model"], data, *args)
+    from posttrain.train import common
+
+    common.setup_run(cfg)
+    algo = {"sft": SFT, "grpo": GRPO}[command](cfg)
+    real_update, calls = loop._run_update, []
+
+    def update_then_ctrl_c(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # the update of step 3: its batch has been drawn, its optimizer step not yet taken
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_update(*a, **k)
+
+    monkeypatch.setattr(loop, "_run_update", update_then_ctrl_c)
+    with pytest.raises(SystemExit, match="interrupted"):
+        loop.Trainer(algo, cfg.train).fit()
+    monkeypatch.setattr(loop, "_run_update", real_update)
+    run = {"sft": run_sft, "grpo": run_grpo}[command]
+    run(run_config(command, out, setup["model"], data, *args, "train.resume=true"))
+    assert_same_metrics(reference, out, GRPO_KEYS if command == "grpo" else ("loss", "grad_norm", "lr", "padding_fraction"))
 
 
 PIPELINE = """
@@ -240,7 +276,7 @@ stages:
   - name: grpo
     command: grpo
     from: sft
-    overrides: {{train.max_steps: 10, train.save_every: 2, algo.rewards: ["crash_worker:slow_vowel_reward"],
+    overrides: {{train.max_steps: 6, train.save_every: 2, algo.rewards: ["crash_worker:slow_vowel_reward"],
                 algo.max_new_tokens: 4, algo.prompts_per_step: 2, algo.num_generations: 4, train.batch_size: 8}}
 """
 
@@ -281,10 +317,11 @@ def test_pipeline_killed_in_its_second_stage_resumes_that_stage(setup, monkeypat
     pipeline.run_pipeline(pipeline.load_pipeline(config))
     assert "[pipeline] sft: done already, skipped" in capsys.readouterr().out
     assert len(stages) == 3  # sft, the killed grpo, the resumed grpo
-    assert (out / "sft" / "stage.log").read_text() == before["sft_log"] and (out / "sft" / "DONE").read_text() == before["sft_done"]
+    assert (out / "sft" / "stage.log").read_text() == before["sft_log"]
+    assert (out / "sft" / "DONE").read_text() == before["sft_done"]
     assert (out / "grpo" / "DONE").exists()
     rows = read_metrics(out / "grpo")
-    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 11))
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))
     # resumed, not restarted: the rows logged before the kill are kept byte for byte (their timings included)
     assert (out / "grpo" / "metrics.jsonl").read_text().splitlines()[:2] == before["grpo_rows"]
     summary = json.loads((out / "pipeline_summary.json").read_text())
