@@ -21,6 +21,22 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ siblings (matmul_peak) importable from workers
 
 
+WAIT_POLICIES = ("passive", "active", "inherit")
+
+
+def set_wait_policy(policy: str) -> str:
+    """Set OMP_WAIT_POLICY for this process and the workers it starts; must run before torch is imported.
+
+    PyTorch's OpenMP threads spin at barriers by default; on a small box shared with other jobs a spinning thread
+    waits for a descheduled sibling, and 2 threads ran 3-4x slower than 1 on the 2-core dev box (a small fp32
+    matmul 60x slower). PASSIVE lets waiting threads sleep; both contenders get the same policy."""
+    if "torch" in sys.modules and policy != "inherit":
+        raise RuntimeError("set_wait_policy must run before torch is imported")
+    if policy != "inherit":
+        os.environ["OMP_WAIT_POLICY"] = policy.upper()
+    return os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default: active spinning)")
+
+
 def peak_rss_gb() -> float:
     """This process's resident-memory high mark (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -135,12 +151,14 @@ def require_trl():
 
 
 def machine_peak(threads: int) -> dict:
-    """fp32 and bf16 matmul peaks (GFLOPS) at `threads`; "best" is the faster one (the MFU denominator)."""
+    """fp32 and bf16 matmul peaks (GFLOPS) at `threads`; "best" is the faster one (the MFU denominator) and
+    decides whether the TRL contenders tuned for this machine use bf16."""
     from matmul_peak import measure_peak
 
     fp32 = measure_peak("fp32", (512, 1024), repeats=5, threads=threads)["gflops"]
     bf16 = measure_peak("bf16", (256, 512), repeats=2, threads=threads)["gflops"]
-    return {"fp32": fp32, "bf16": bf16, "best": max(fp32, bf16), "best_dtype": "fp32" if fp32 >= bf16 else "bf16"}
+    return {"fp32": fp32, "bf16": bf16, "best": max(fp32, bf16), "best_dtype": "fp32" if fp32 >= bf16 else "bf16",
+            "bf16_fast": bf16 > fp32}
 
 
 def format_table(columns: list[tuple[str, int, str]], rows: list[dict]) -> str:

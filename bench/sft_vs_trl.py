@@ -1,7 +1,7 @@
 """posttrain SFT vs TRL's SFTTrainer: same model, same records in the same order, same batch, steps, optimizer
 and learning-rate schedule; loss on the assistant's answer only.
 
-    python bench/sft_vs_trl.py [--steps 2] [--batch-size 4] [--model smollm2] [--threads 2]
+    python bench/sft_vs_trl.py [--steps 4] [--batch-size 4] [--model smollm2] [--threads 2]
 
 Installs nothing; TRL is imported lazily (`pip install trl`). Each contender runs in its own subprocess, so the
 peak resident memory (ru_maxrss) is its own. Contenders:
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import random
 import sys
 import time
@@ -42,12 +43,13 @@ TRL_VARIANTS = {"trl-best": "best", "trl-defaults": "defaults"}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="path, hub id or 'smollm2' (the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (no accumulation)")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--trl-defaults-steps", type=int, default=0, help="steps of trl-defaults; 0 = 1 where bf16 is slow, else --steps")
     p.add_argument("--contenders", default="posttrain,trl-best,trl-defaults", help="comma-separated subset; posttrain first")
+    p.add_argument("--omp-wait-policy", default="passive", choices=H.WAIT_POLICIES, help="OMP_WAIT_POLICY of every contender")
     p.add_argument("--workdir", default="/tmp/posttrain-bench-sft")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -171,7 +173,8 @@ def print_report(rows: list[dict], results: dict, lengths: list[int], args, peak
     tokens = sum(lengths)
     print(f"\nSFT, {args.model}, {args.steps} steps x {args.batch_size} sequences, data {source}, {args.threads} threads, "
           f"{tokens} tokens in {args.steps} steps (non-pad, our encoding)")
-    print(f"matmul peak: fp32 {peak['fp32']:.1f} GFLOPS, bf16 {peak['bf16']:.1f} GFLOPS (MFU vs {peak['best_dtype']})")
+    print(f"matmul peak: fp32 {peak['fp32']:.1f} GFLOPS, bf16 {peak['bf16']:.1f} GFLOPS (MFU vs {peak['best_dtype']}); "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     cols = [("contender", 15, ""), ("steps", 6, "d"), ("tok/s", 8, ".0f"), ("MFU %", 7, ".1f"), ("s/step", 8, ".1f"),
             ("peak GB", 8, ".2f"), ("pad %", 7, ".1f"), ("loss@1", 8, ".4f"), ("loss@last", 10, ".4f"), ("process s", 10, ".1f")]
     print(H.format_table(cols, rows))
@@ -188,6 +191,9 @@ def print_report(rows: list[dict], results: dict, lengths: list[int], args, peak
     for name, r in results.items():
         if "trl_lengths" in r and r["trl_lengths"] != lengths[: len(r["trl_lengths"])]:
             print(f"  note: {name} tokenized {sum(r['trl_lengths'])} tokens where ours has {sum(lengths[: len(r['trl_lengths'])])}")
+    if "autocast=bf16" in results["posttrain"]["settings"] and not peak["bf16_fast"]:
+        print("  WARNING: posttrain's model.autocast=auto chose bf16 although bf16 matmuls are slower here "
+              "(posttrain.models.loading.bf16_is_fast misjudged; its small probe matmul is noisy under load)")
     print(H.describe_load(results))
     print(f"load average now: {load_average()}")
 
@@ -202,8 +208,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if H.worker_or_none(args, WORKERS):
         return
+    policy = H.set_wait_policy(args.omp_wait_policy)  # before torch is imported
     from posttrain.data.tasks import write_jsonl
-    from posttrain.models.loading import bf16_is_fast
 
     start = time.perf_counter()
     names = [n.strip() for n in args.contenders.split(",") if n.strip()]
@@ -211,12 +217,11 @@ def main(argv=None) -> None:
         raise SystemExit("posttrain must run first: it fixes the order of the records the others read")
     work = Path(args.workdir)
     records, source = make_records(args.steps * args.batch_size)  # one epoch: every batch full, each record seen once
-    bf16_fast = bf16_is_fast()
-    H.write_setup(work, {"records": records, "bf16_fast": bf16_fast,
-                         "trl_defaults_steps": args.trl_defaults_steps or (args.steps if bf16_fast else 1)})
-    write_jsonl(records, work / "sft.jsonl")
-    print(f"load average: {load_average()}; measuring the matmul peak ...", flush=True)
+    print(f"load average: {load_average()}; OMP_WAIT_POLICY={policy}; measuring the matmul peak ...", flush=True)
     peak = H.machine_peak(args.threads)
+    H.write_setup(work, {"records": records, "bf16_fast": peak["bf16_fast"],
+                         "trl_defaults_steps": args.trl_defaults_steps or (args.steps if peak["bf16_fast"] else 1)})
+    write_jsonl(records, work / "sft.jsonl")
     results = {}
     for name in names:
         print(f"running {name} ...", flush=True)

@@ -22,7 +22,6 @@ from posttrain.config import RunConfig, register_algo_config
 from posttrain.data.chat import Encoded, encode_prompt_completion
 from posttrain.data.collate import apply_length_policy
 from posttrain.data.formats import Record
-from posttrain.models.loading import export_model
 from posttrain.train import common, reference
 from posttrain.train.loop import Iteration, Trainer
 from posttrain.types import LossOutput
@@ -121,10 +120,9 @@ def pair_logps(model, batch: dict, ref: torch.Tensor | None, chunk: int) -> Pair
     return PairLogps(sums[:half], sums[half:], lengths[:half], lengths[half:], ref_c, ref_r)
 
 
-class DPO:
+class DPO(common.DatasetAlgorithm):
     """The DPO family for the one loop."""
 
-    updates_per_step = 1
 
     def __init__(self, cfg: RunConfig, model=None, tokenizer=None):
         self.cfg, algo = cfg, cfg.algo
@@ -165,11 +163,10 @@ class DPO:
             columns["eval.rejected"] = reference.RefColumn([p.rejected for p in self.eval_items])
         return columns
 
-    def modules(self):
-        return {"policy": self.model}
 
     def next_iteration(self, step: int) -> Iteration:
-        micro = [pair_batch([self.train_items[i] for i in self.order.next()], self.pad_id, "train") for _ in range(self.cfg.train.grad_accum)]
+        batches = [self.order.next() for _ in range(self.cfg.train.grad_accum)]
+        micro = [pair_batch([self.train_items[i] for i in idx], self.pad_id, "train") for idx in batches]
         metrics, self._once = self._once, {}
         return Iteration([micro], metrics)
 
@@ -208,14 +205,6 @@ class DPO:
         self.model.train()
         return {key: value / len(self.eval_items) for key, value in sums.items()}
 
-    def state_dict(self) -> dict:
-        return {"order": self.order.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.order.load_state_dict(state["order"])
-
-    def export(self, out_dir: Path) -> None:
-        export_model(self.model, self.tokenizer, out_dir)
 
 
 def run_dpo(cfg: RunConfig) -> dict:

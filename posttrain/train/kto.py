@@ -17,7 +17,6 @@ import dataclasses
 import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -25,7 +24,6 @@ from posttrain.algos.kto import kto_loss, mismatched_indices
 from posttrain.config import RunConfig, register_algo_config
 from posttrain.data.chat import Encoded, encode_prompt_completion
 from posttrain.data.formats import Record, read_records
-from posttrain.models.loading import export_model
 from posttrain.train import common, reference
 from posttrain.train.dpo import disable_dropout, fit_both, once_metrics, report_degenerate, split_degenerate
 from posttrain.train.loop import Iteration, Trainer
@@ -139,10 +137,9 @@ def reward_accuracy(rewards: torch.Tensor, desirable: torch.Tensor, pair: torch.
 
 # ---- the algorithm -------------------------------------------------------------------------------------------------
 
-class KTO:
+class KTO(common.DatasetAlgorithm):
     """KTO for the one loop."""
 
-    updates_per_step = 1
 
     def __init__(self, cfg: RunConfig, model=None, tokenizer=None):
         self.cfg, algo = cfg, cfg.algo
@@ -154,7 +151,8 @@ class KTO:
         kind = data_kind(cfg.data.path)
         train, held = common.load_splits(cfg, kind)
         self.train_items, self.eval_items = self._load("train", train, kind), self._load("eval", held, kind)
-        self.order = common.make_order([len(x.seq) for x in self.train_items], cfg)
+        # no length grouping: on paired data length often tracks the label, and one-sided batches starve z_ref
+        self.order = common.make_order([len(x.seq) for x in self.train_items], cfg, group_by_length=False)
         train_cfg = cfg.train
         needed = reference.planned_indices(self.order, train_cfg.max_steps * train_cfg.grad_accum)
         columns = {
@@ -163,7 +161,9 @@ class KTO:
         }
         if self.eval_items:
             columns["eval.completion"] = reference.RefColumn([x.seq for x in self.eval_items])
-        self.reference, ref_metrics = reference.build_reference(model, cfg, columns, self.pad_id, algo.ref_model, algo.precompute_ref)
+        self.reference, ref_metrics = reference.build_reference(
+            model, cfg, columns, self.pad_id, algo.ref_model, algo.precompute_ref
+        )
         self._once = once_metrics(model, ref_metrics)
 
     def _load(self, name: str, records: list[Record], kind: str) -> list[KTOItem]:
@@ -183,11 +183,10 @@ class KTO:
             report_degenerate(self.cfg, name, dropped)
         return [dataclasses.replace(x, index=i) for i, x in enumerate(items)]
 
-    def modules(self):
-        return {"policy": self.model}
 
     def next_iteration(self, step: int) -> Iteration:
-        micro = [kto_batch([self.train_items[i] for i in self.order.next()], self.pad_id, "train") for _ in range(self.cfg.train.grad_accum)]
+        batches = [self.order.next() for _ in range(self.cfg.train.grad_accum)]
+        micro = [kto_batch([self.train_items[i] for i in idx], self.pad_id, "train") for idx in batches]
         metrics, self._once = self._once, {}
         return Iteration([micro], metrics)
 
@@ -234,8 +233,9 @@ class KTO:
             return {}
         self.model.eval()
         rewards = []
-        for start in range(0, len(self.eval_items), self.cfg.train.batch_size):
-            logps, ref = self._logratio_parts(kto_batch(self.eval_items[start : start + self.cfg.train.batch_size], self.pad_id, "eval"))
+        bs = self.cfg.train.batch_size
+        for start in range(0, len(self.eval_items), bs):
+            logps, ref = self._logratio_parts(kto_batch(self.eval_items[start : start + bs], self.pad_id, "eval"))
             rewards.append(self.cfg.algo.beta * (logps.float() - ref))
         self.model.train()
         rewards = torch.cat(rewards)
@@ -250,14 +250,6 @@ class KTO:
         accuracy = reward_accuracy(rewards, desirable, torch.tensor([x.pair for x in self.eval_items]))
         return out if accuracy is None else {**out, "rewards/accuracies": accuracy}
 
-    def state_dict(self) -> dict:
-        return {"order": self.order.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.order.load_state_dict(state["order"])
-
-    def export(self, out_dir: Path) -> None:
-        export_model(self.model, self.tokenizer, out_dir)
 
 
 def run_kto(cfg: RunConfig) -> dict:

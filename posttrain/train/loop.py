@@ -98,6 +98,7 @@ def _run_update(algo, update, params, cfg: TrainConfig) -> tuple[dict, bool]:
     """
     totals = distributed.sum_counts(algo.totals(update))
     sums: dict[str, float] = {}
+    seen: dict[str, int] = {}  # per key: a metric absent from some micro-batches (e.g. KTO's one-sided ones) averages over the rest
     loss_total, finite = 0.0, True
     for micro in update:
         out = algo.loss(micro, totals)
@@ -108,12 +109,13 @@ def _run_update(algo, update, params, cfg: TrainConfig) -> tuple[dict, bool]:
         loss_total += to_float(out.loss)
         for key, value in out.metrics.items():
             sums[key] = sums.get(key, 0.0) + to_float(value)
+            seen[key] = seen.get(key, 0) + 1
     distributed.all_reduce_gradients(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
     finite = distributed.all_ranks(finite and bool(torch.isfinite(grad_norm)))
     if not finite:
         return {"loss": float("nan")}, False
-    metrics = {key: value / len(update) for key, value in sums.items()}
+    metrics = {key: value / seen[key] for key, value in sums.items()}
     metrics.update(loss=loss_total, grad_norm=to_float(grad_norm), tokens=totals.get("tokens", 0))
     return metrics, True
 

@@ -217,7 +217,8 @@ def test_separate_ref_model_is_loaded_only_for_the_pass(tmp_path, tiny_dir, data
     assert algo._once["models_in_memory"] == 1
     ref = load_causal_lm(cfg.model, other, trainable=False)
     items = [p.chosen for p in algo.train_items]
-    torch.testing.assert_close(algo.reference.tables["train.chosen"], policy_logps(ref, items, algo.pad_id, cfg.model), atol=1e-5, rtol=0)
+    expected = policy_logps(ref, items, algo.pad_id, cfg.model)
+    torch.testing.assert_close(algo.reference.tables["train.chosen"], expected, atol=1e-5, rtol=0)
     batch = pair_batch(algo.train_items[:8], algo.pad_id, "train")
     assert abs(algo.loss(batch, algo.totals([batch])).loss.item() - LN2) > 1e-3
 
@@ -264,7 +265,8 @@ def test_live_reference_matches_precomputed(tmp_path, tiny_dir, data, lora):
     per batch (1 model); either way the same numbers as the precomputed table."""
     extra = ["model.lora.enabled=true", "model.lora.r=4", "train.lr=5e-2"] if lora else []
     for precompute in (True, False):
-        cfg = make_cfg(tmp_path, tiny_dir, data, f"algo.precompute_ref={precompute}", "train.max_steps=4", *extra, run=f"run-{precompute}")
+        args = (f"algo.precompute_ref={precompute}", "train.max_steps=4", *extra)
+        cfg = make_cfg(tmp_path, tiny_dir, data, *args, run=f"run-{precompute}")
         run_dpo(cfg)
     pre, live = (read_metrics(tmp_path / f"run-{p}") for p in (True, False))
     assert pre[0]["models_in_memory"] == 1 and live[0]["models_in_memory"] == (1 if lora else 2)
@@ -277,15 +279,14 @@ def test_live_reference_matches_precomputed(tmp_path, tiny_dir, data, lora):
 
 def test_resume_gives_the_same_metrics_and_reuses_the_reference(tmp_path, tiny_dir):
     data = write_pairs(tmp_path / "pairs.jsonl", n=60)
-    cfg = make_cfg(tmp_path, tiny_dir, data, "train.max_steps=6", "train.save_every=3", "train.batch_size=4", "train.grad_accum=2")
-    run_dpo(cfg)
+    args = ("train.max_steps=6", "train.save_every=3", "train.batch_size=4", "train.grad_accum=2")
+    run_dpo(make_cfg(tmp_path, tiny_dir, data, *args))
     straight = read_metrics(tmp_path / "run")
     ref_hash = file_hash(tmp_path / "run" / reference.REFERENCE_FILE)
     assert straight[0]["reference/computed"] < 2 * 57 + 6  # only the pairs 6 steps visit, plus the eval split
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-6")
     shutil.rmtree(tmp_path / "run" / "final")
-    resumed_cfg = make_cfg(tmp_path, tiny_dir, data, "train.max_steps=6", "train.save_every=3", "train.batch_size=4", "train.grad_accum=2", "train.resume=true")
-    run_dpo(resumed_cfg)
+    run_dpo(make_cfg(tmp_path, tiny_dir, data, *args, "train.resume=true"))
     resumed = read_metrics(tmp_path / "run")
     assert resumed[3]["reference/computed"] == 0 and resumed[3]["reference/reused"] > 0
     assert file_hash(tmp_path / "run" / reference.REFERENCE_FILE) == ref_hash

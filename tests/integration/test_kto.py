@@ -162,7 +162,8 @@ def test_gradient_accumulation_is_exact(tmp_path, tiny_dir, unpaired):
 
 def test_live_reference_matches_precomputed(tmp_path, tiny_dir, unpaired):
     for precompute in (True, False):
-        run_kto(make_cfg(tmp_path, tiny_dir, unpaired, f"algo.precompute_ref={precompute}", "train.max_steps=4", run=f"run-{precompute}"))
+        args = (f"algo.precompute_ref={precompute}", "train.max_steps=4")
+        run_kto(make_cfg(tmp_path, tiny_dir, unpaired, *args, run=f"run-{precompute}"))
     pre, live = (read_metrics(tmp_path / f"run-{p}") for p in (True, False))
     assert pre[0]["models_in_memory"] == 1 and live[0]["models_in_memory"] == 2
     for a, b in zip(pre, live):
