@@ -72,6 +72,7 @@ def run_posttrain(args, work: Path) -> dict:
 
     from posttrain.config import load_config
     from posttrain.models.loading import wants_bf16
+    from posttrain.ops import IGNORE_INDEX
     from posttrain.train import common
     from posttrain.train.loop import Trainer
     from posttrain.train.sft import SFT
@@ -90,9 +91,10 @@ def run_posttrain(args, work: Path) -> dict:
     trainer.fit()
     steps = H.metrics_rows(work / "posttrain-run")
     lengths = [len(algo.train_items[i]) for i in visited]
+    labels = sum(sum(1 for t in algo.train_items[i].labels[1:] if t != IGNORE_INDEX) for i in visited)
     H.write_setup(work, {"order": visited}, "order")
     return {
-        "lengths": lengths, "step_s": [r["step_time_s"] for r in steps], "losses": [r["loss"] for r in steps],
+        "lengths": lengths, "labels": labels, "step_s": [r["step_time_s"] for r in steps], "losses": [r["loss"] for r in steps],
         "padding": sum(r["padding_fraction"] for r in steps) / len(steps), "threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in algo.model.parameters()),
         "settings": f"autocast={'bf16' if wants_bf16(cfg.model) else 'fp32'}, ckpt={'on' if cfg.model.gradient_checkpointing else 'off'}",
@@ -139,9 +141,11 @@ def run_trl(args, work: Path, variant: str) -> dict:
     timer = H.trl_step_timer()
     trainer = InOrder(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[timer])
     trainer.train()
-    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]][: steps * args.batch_size]
+    seen = trainer.train_dataset[: steps * args.batch_size]
+    lengths = [len(ids) for ids in seen["input_ids"]]
+    labels = sum(sum(1 for t in lab[1:] if t != -100) for lab in seen["labels"])
     return {
-        "step_s": timer.step_s, "losses": [log["loss"] for log in timer.logs], "trl_lengths": lengths,
+        "step_s": timer.step_s, "losses": [log["loss"] for log in timer.logs], "trl_lengths": lengths, "labels": labels,
         "padding": padding_fraction(lengths, args.batch_size), "threads": torch.get_num_threads(), "trl_version": trl.__version__,
         "settings": f"bf16={config.bf16}, ckpt={'on' if config.gradient_checkpointing else 'off'}",
     }
@@ -194,6 +198,9 @@ def print_report(rows: list[dict], results: dict, lengths: list[int], args, peak
     if "autocast=bf16" in results["posttrain"]["settings"] and not peak["bf16_fast"]:
         print("  WARNING: posttrain's model.autocast=auto chose bf16 although bf16 matmuls are slower here "
               "(posttrain.models.loading.bf16_is_fast misjudged; its small probe matmul is noisy under load)")
+    per_seq = [f"{name} {r['labels'] / len(r.get('trl_lengths', lengths)):.2f}" for name, r in results.items()]
+    print(f"trained labels per sequence: {', '.join(per_seq)} (TRL also trains the newline after <|im_end|>, an easy "
+          "token, so its mean loss reads a few % lower)")
     print(H.describe_load(results))
     print(f"load average now: {load_average()}")
 

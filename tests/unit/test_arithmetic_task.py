@@ -11,6 +11,7 @@ import pytest
 
 from posttrain.data.tasks import TASKS, make_task_records, write_jsonl
 from posttrain.data.tasks.arithmetic import (
+    DEFAULT_LEVEL,
     LEVELS,
     MISTAKES,
     TEST_PERCENT,
@@ -83,6 +84,11 @@ def test_problems_distinct_and_deterministic():
     assert a != sample_problems(2000, "train", seed=8, difficulty=4)
 
 
+def test_default_level_is_the_default_difficulty():
+    assert LEVELS[DEFAULT_LEVEL] == Difficulty()
+    assert make_records("prompts", n=20, seed=0) == make_records("prompts", n=20, seed=0, difficulty=Difficulty())
+
+
 def test_level_too_small_raises():
     tiny = Difficulty(n_ops=1, ops="+", min_operand=1, max_operand=3)  # 9 problems in all
     with pytest.raises(ValueError, match="too small"):
@@ -116,10 +122,11 @@ def test_split_fraction_is_the_documented_one():
     assert abs(share - TEST_PERCENT / 100) < 0.015
 
 
-def test_records_of_splits_disjoint():
-    train = {_expression(r["prompt"]) for r in make_records("prompts", "train", n=3000, seed=0)}
-    test = {_expression(r["prompt"]) for r in make_records("prompts", "test", n=3000, seed=0)}
-    assert len(train) == len(test) == 3000 and not train & test
+@pytest.mark.parametrize("level, n", [(1, 2000), (4, 3000)])  # level 1 has only 2,513 test problems in all
+def test_records_of_splits_disjoint(level, n):
+    train = {_expression(r["prompt"]) for r in make_records("prompts", "train", n=n, seed=0, difficulty=level)}
+    test = {_expression(r["prompt"]) for r in make_records("prompts", "test", n=n, seed=0, difficulty=level)}
+    assert len(train) == len(test) == n and not train & test
 
 
 # ---- records ------------------------------------------------------------------------------------------------------
@@ -129,6 +136,12 @@ def test_records_deterministic(kind):
     a = make_records(kind, "train", n=200, seed=5)
     assert json.dumps(a) == json.dumps(make_records(kind, "train", n=200, seed=5))
     assert json.dumps(a) != json.dumps(make_records(kind, "train", n=200, seed=6))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fewer_records_are_a_prefix_of_more(kind):
+    """Growing n keeps the earlier records, so a small dataset is a subset of a larger one."""
+    assert make_records(kind, "test", n=300, seed=0) == make_records(kind, "test", n=700, seed=0)[:300]
 
 
 def _check_user(prompt, conversational):

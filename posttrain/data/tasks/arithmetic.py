@@ -2,20 +2,30 @@
 
 A problem is an expression such as `37 + 48 * 2` (usual precedence, every intermediate result >= 0).
 The user asks "What is 37 + 48 * 2? Give the final answer as 'The answer is N.'"; the reference completion
-works it out in one short line, `48*2=96, 37+96=133. The answer is 133.` (about 20-28 SmolLM2 tokens: digits are
-single tokens). Wrong completions keep that format and make one plausible slip (MISTAKES): an off-by-one step,
-a forgotten carry or borrow, left-to-right evaluation ignoring precedence, or two swapped digits — the error
-propagates through the later steps, so the line stays self-consistent except at the slip.
+works it out in one compact line, `48*2=96, 37+96=133. The answer is 133.` SmolLM2 tokenizes every digit
+on its own, so a completion with its <|im_end|> is ~18 tokens for one operator (levels 1-2), ~29 for two
+(levels 3-4) and up to 38 at level 5 (evaluate that one with max_new_tokens >= 40).
+Wrong completions keep that format and make one plausible slip (MISTAKES): an off-by-one step, a forgotten
+carry or borrow, left-to-right evaluation ignoring precedence, or two swapped digits; the slip propagates
+through the later steps, so the line is consistent except at the slip.
 
 Train and test never share a problem: the split of a problem is a hash of its canonical text (20% test),
 so the partition holds across seeds and difficulty levels, not just within one call.
 
-Calibration (scripts/calibrate_arithmetic.py, SmolLM2-135M-Instruct, greedy decoding on 100 held-out problems,
-short SFT on train problems: AdamW lr 1e-4, batch 16, assistant tokens only, bf16 autocast on 2 CPU threads):
+Calibration: `scripts/calibrate_arithmetic.py --batch-size 8 --budget-minutes 8` on SmolLM2-135M-Instruct
+(the bundled GGUF Q4_1 weights, de-quantized), greedy accuracy on the same 100 test problems (seed 0) before
+and after a short full fine-tune on train problems: AdamW lr 1e-4, 5 warm-up steps, loss on assistant tokens,
+fp32, 2 threads on a CPU shared with other jobs (hence few steps in the 8-minute budget).
 
-    CALIBRATION_TABLE
+    level  problems                        before  after  SFT steps x batch  SFT min  eval min (both)
+    1      2-digit a + b, a - b             13%     45%    23 x 8             8.5      6.3
+    2      ... or 2-digit x 1-digit         12%     19%    18 x 8             8.1      7.2
+    4      2 operators, + - x (37 + 48*2)    2%      4%    10 x 8             8.3      8.3
 
-Default level: DEFAULT_LEVEL_PLACEHOLDER
+The default is level 1: 45% after the short SFT, inside the 20-60% band, the middle of it, where GRPO
+groups most often mix right and wrong answers. Level 2 is the next step up if a longer SFT pushes level 1
+past 60%; two operators (levels 3-5) are out of reach of a 135M model at this budget. Not single-digit:
+before SFT the model is right on 13% only, so the gains of SFT and RL are measurable.
 """
 
 from __future__ import annotations
@@ -39,11 +49,11 @@ ANSWER_FORMAT = "Give the final answer as 'The answer is N.'"
 
 @dataclass(frozen=True)
 class Difficulty:
-    """Which expressions a level draws."""
+    """Which expressions a level draws; the defaults are the calibrated default level."""
 
-    n_ops: int = 2
+    n_ops: int = 1
     """operators per expression (the worked line has this many steps)"""
-    ops: str = "+-*"
+    ops: str = "+-"
     """operators drawn uniformly from this string"""
     min_operand: int = 10
     """operands of + and - (and the first operand) are drawn from [min_operand, max_operand]"""
@@ -65,7 +75,7 @@ LEVELS: dict[int, Difficulty] = {
     4: Difficulty(n_ops=2, ops="+-*"),  # 37 + 48 * 2
     5: Difficulty(n_ops=2, ops="+-*", min_operand=100, max_operand=999),  # 374 + 481 * 2
 }
-DEFAULT_LEVEL = 3
+DEFAULT_LEVEL = 1  # calibrated: see the module docstring
 
 
 def get_difficulty(difficulty: Difficulty | int | str) -> Difficulty:
@@ -136,7 +146,7 @@ def _random_problem(d: Difficulty, rng: random.Random) -> Problem:
 def sample_problems(
     n: int, split: Split, seed: int, difficulty: Difficulty | int | str = DEFAULT_LEVEL
 ) -> list[Problem]:
-    """n distinct problems of one split, a pure function of (n, split, seed, difficulty)."""
+    """n distinct problems of one split, a pure function of (split, seed, difficulty): n only cuts a stream."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     d = get_difficulty(difficulty)
