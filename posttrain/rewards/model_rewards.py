@@ -93,8 +93,26 @@ class RewardModelReward:
         return scores
 
     def __call__(self, prompts, completions, **_) -> list[float]:
-        texts, special = _texts(self.tokenizer, prompts, completions, generation_prompt=False)
-        return self.score_texts(texts, special)
+        """Scores of prompt + completion, tokenized exactly as `posttrain rm` tokenized its training pairs
+        (chat template, completion up to and including its end-of-turn token), so the score is read at the
+        token the head was trained on."""
+        import torch
+
+        from posttrain.data.chat import encode_prompt_completion
+        from posttrain.data.collate import pad_batch
+        from posttrain.models.forward import reward_scores
+
+        use_chat = bool(getattr(self.tokenizer, "chat_template", None))
+        ids = [encode_prompt_completion(self.tokenizer, p, c, use_chat).input_ids for p, c in zip(prompts, completions, strict=True)]
+        if self.max_length:
+            ids = [row[-self.max_length :] for row in ids]
+        scores: list[float] = []
+        with torch.no_grad():
+            for start in range(0, len(ids), self.batch_size):
+                batch = pad_batch(ids[start : start + self.batch_size], self.tokenizer.pad_token_id or 0, "right")
+                batch = {k: v.to(_device(self.model)) for k, v in batch.items()}
+                scores += reward_scores(self.model, batch["input_ids"], batch["attention_mask"]).tolist()
+        return scores
 
 
 def _single_token_ids(tokenizer, variants) -> list[int]:

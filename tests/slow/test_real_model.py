@@ -37,7 +37,7 @@ def test_sft_on_the_demo_task_raises_heldout_accuracy(tmp_path, smollm2):
         return evaluate_policy(model, load_tokenizer(path), records, fns, gen)[0]["numeric/accuracy"]
 
     before = accuracy(smollm2)
-    cfg = load_config("sft", None, ["train.max_steps=40", "train.batch_size=8", "train.lr=1e-4", "train.warmup_steps=3",
+    cfg = load_config("sft", None, ["train.max_steps=30", "train.batch_size=8", "train.lr=1e-4", "train.warmup_steps=3",
                                     "data.num_examples=320", "train.progress=false", "train.tensorboard=false"],
                       {"model.name_or_path": smollm2, "data.path": "task:arithmetic", "train.output_dir": str(tmp_path / "sft")})
     run_sft(cfg)

@@ -67,16 +67,24 @@ def causal_lm():
     return LlamaForCausalLM(config()).eval()
 
 
-def reference_scores(model, tok, texts):
-    """Each text alone, unpadded, through the model's own forward: no padding, so its last position is the
+def reference_scores(model, tok, texts=None, ids=None):
+    """Each sequence alone, unpadded, through the model's own forward: no padding, so its last position is the
     last real token (pad_token_id unset so that a trailing EOS is not mistaken for padding)."""
     pad = model.config.pad_token_id
     model.config.pad_token_id = None
+    ids = ids if ids is not None else [tok.encode(t) for t in texts]
     try:
         with torch.no_grad():
-            return [model(input_ids=torch.tensor([tok.encode(t)])).logits[0, 0].item() for t in texts]
+            return [model(input_ids=torch.tensor([row])).logits[0, 0].item() for row in ids]
     finally:
         model.config.pad_token_id = pad
+
+
+def training_ids(tok, prompts, completions, use_chat):
+    """The ids `posttrain rm` trains on (and RewardModelReward scores): prompt + completion + its end token."""
+    from posttrain.data.chat import encode_prompt_completion
+
+    return [encode_prompt_completion(tok, p, c, use_chat).input_ids for p, c in zip(prompts, completions)]
 
 
 def test_last_token_index_from_mask():
@@ -89,8 +97,7 @@ def test_last_token_index_from_mask():
 def test_reward_model_score_is_the_same_padded_unpadded_and_batched(request, arch, side):
     reward_model = request.getfixturevalue({"llama": "reward_model", "gpt2": "gpt2_reward_model"}[arch])
     tok = make_tokenizer(side)
-    texts = [p + c for p, c in zip(PROMPTS, COMPLETIONS)]
-    expected = reference_scores(reward_model, tok, texts)
+    expected = reference_scores(reward_model, tok, ids=training_ids(tok, PROMPTS, COMPLETIONS, use_chat=False))
     batched = RewardModelReward(reward_model, tok, batch_size=8)(PROMPTS, COMPLETIONS)  # padded to the longest
     alone = RewardModelReward(reward_model, tok, batch_size=1)(PROMPTS, COMPLETIONS)  # no padding at all
     torch.testing.assert_close(torch.tensor(batched), torch.tensor(expected), atol=1e-5, rtol=1e-5)
@@ -114,7 +121,9 @@ def test_reward_model_uses_the_chat_template(reward_model):
     templated = [tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": c}],
                                          tokenize=False) for p, c in zip(PROMPTS, COMPLETIONS)]
     assert templated[0] == "user : the cat </s> assistant :  sat on mat </s> </s> "
-    expected = reference_scores(reward_model, tok, templated)
+    expected = reference_scores(reward_model, tok, ids=training_ids(tok, PROMPTS, COMPLETIONS, use_chat=True))
+    # scored up to and including the end-of-turn token, as in training: the template's trailing text is not read
+    assert len(training_ids(tok, PROMPTS[:1], COMPLETIONS[:1], True)[0]) < len(tok.encode(templated[0]))
     torch.testing.assert_close(torch.tensor(rm(PROMPTS, COMPLETIONS)), torch.tensor(expected), atol=1e-5, rtol=1e-5)
     conversational = [[{"role": "user", "content": p}] for p in PROMPTS]
     torch.testing.assert_close(torch.tensor(rm(conversational, COMPLETIONS)), torch.tensor(expected))
