@@ -106,15 +106,19 @@ def bf16_is_fast(device_type: str = "cpu") -> bool:
     if device_type == "cuda":
         return True
     if device_type not in _FAST_BF16:
+        if "AVX512" not in torch.backends.cpu.get_cpu_capability():  # no native bf16 below AVX-512: never fast
+            _FAST_BF16[device_type] = False
+            return False
         a, b = torch.randn(128, 256), torch.randn(256, 256)
 
-        def best(dtype):
+        def best(dtype):  # the fastest of several runs: robust to another process taking the core for a moment
             x, y = a.to(dtype), b.to(dtype)
-            x @ y
-            start = time.perf_counter()
-            for _ in range(3):
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
                 x @ y
-            return time.perf_counter() - start
+                times.append(time.perf_counter() - start)
+            return min(times)
 
         _FAST_BF16[device_type] = best(torch.bfloat16) * 1.2 < best(torch.float32)
     return _FAST_BF16[device_type]

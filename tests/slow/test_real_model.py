@@ -29,15 +29,15 @@ def test_sft_on_the_demo_task_raises_heldout_accuracy(tmp_path, smollm2):
     from posttrain.models.loading import load_tokenizer
     from posttrain.train.sft import run_sft
 
-    records = load_dataset_records("task:arithmetic", "prompts", "test", n=48)
-    fns, gen = load_reward_fns(["numeric"]), GenEvalConfig(max_new_tokens=40)
+    records = load_dataset_records("task:arithmetic", "prompts", "test", n=40)
+    fns, gen = load_reward_fns(["numeric"]), GenEvalConfig(max_new_tokens=24)
 
     def accuracy(path):
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         return evaluate_policy(model, load_tokenizer(path), records, fns, gen)[0]["numeric/accuracy"]
 
     before = accuracy(smollm2)
-    cfg = load_config("sft", None, ["train.max_steps=30", "train.batch_size=8", "train.lr=1e-4", "train.warmup_steps=3",
+    cfg = load_config("sft", None, ["train.max_steps=12", "train.batch_size=8", "train.lr=2e-4", "train.warmup_steps=2",
                                     "data.num_examples=320", "train.progress=false", "train.tensorboard=false"],
                       {"model.name_or_path": smollm2, "data.path": "task:arithmetic", "train.output_dir": str(tmp_path / "sft")})
     run_sft(cfg)
