@@ -1,7 +1,7 @@
 """posttrain GRPO vs TRL's GRPOTrainer: same model, prompts in the same order, reward, G, completion length,
 temperature, batch, steps and optimizer; with the KL penalty off (beta 0) and on (beta 0.04).
 
-    python bench/grpo_vs_trl.py [--steps 2] [--prompts-per-step 2] [--num-generations 8] [--max-new-tokens 32]
+    python bench/grpo_vs_trl.py [--steps 1] [--prompts-per-step 2] [--num-generations 8] [--max-new-tokens 32]
 
 Installs nothing; TRL is imported lazily (`pip install trl`) and generates with transformers (use_vllm=False).
 Each contender runs in its own subprocess, so the peak resident memory (ru_maxrss) is its own. A step samples
@@ -56,7 +56,7 @@ CONTENDERS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="path, hub id or 'smollm2' (the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=1)
     p.add_argument("--prompts-per-step", type=int, default=2)
     p.add_argument("--num-generations", type=int, default=8, help="G completions per prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)

@@ -1,7 +1,7 @@
 """posttrain SFT vs TRL's SFTTrainer: same model, same records in the same order, same batch, steps, optimizer
 and learning-rate schedule; loss on the assistant's answer only.
 
-    python bench/sft_vs_trl.py [--steps 4] [--batch-size 4] [--model smollm2] [--threads 2]
+    python bench/sft_vs_trl.py [--steps 4] [--batch-size 8] [--model smollm2] [--threads 2]
 
 Installs nothing; TRL is imported lazily (`pip install trl`). Each contender runs in its own subprocess, so the
 peak resident memory (ru_maxrss) is its own. Contenders:
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="path, hub id or 'smollm2' (the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per step (no accumulation)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (no accumulation)")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--trl-defaults-steps", type=int, default=0, help="steps of trl-defaults; 0 = 1 where bf16 is slow, else --steps")
