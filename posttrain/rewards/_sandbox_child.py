@@ -130,6 +130,58 @@ def _readonly_filesystem(call, work):
             raise OSError(f"{path} is still writable (remount failed for {failed})")
 
 
+# Landlock (Linux >= 5.13, unprivileged): syscalls 444-446 on x86_64 and aarch64 alike; access bits per ABI version.
+LANDLOCK_FS_BITS = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 5: (1 << 16) - 1}
+LANDLOCK_FILE_RIGHTS = 1 | 2 | 4 | (1 << 14) | (1 << 15)  # execute, write, read, truncate, ioctl: valid on a file
+LANDLOCK_READ = 1 | 4 | 8  # execute, read file, read dir
+
+
+def _landlock(ctypes, call, work, read_roots):
+    """Confine the filesystem view to ``read_roots`` (read-only: the interpreter and its standard library) and
+    ``work`` (read-write); deny TCP bind/connect (ABI >= 4) and signals to processes outside (ABI >= 6).
+    Returns the ABI version, or None when the kernel has no Landlock. Needs PR_SET_NO_NEW_PRIVS first."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    abi = libc.syscall(444, None, 0, 1)  # LANDLOCK_CREATE_RULESET_VERSION
+    if abi < 1:
+        return None
+    fs = LANDLOCK_FS_BITS[max(v for v in LANDLOCK_FS_BITS if v <= abi)]
+    attr = (ctypes.c_uint64 * 3)(fs, 3 if abi >= 4 else 0, 2 if abi >= 6 else 0)  # net: bind+connect; scope: signal
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
+    ruleset = libc.syscall(444, ctypes.byref(attr), ctypes.c_size_t(size), 0)
+    if ruleset < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset failed")
+
+    class PathBeneath(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+    rules = [(root, LANDLOCK_READ & fs) for root in read_roots] + [("/dev/null", 2 | 4), (work, fs)]
+    for path, access in rules:
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue  # a root this machine lacks (/lib64 on aarch64)
+        try:
+            if not os.path.isdir(path):
+                access &= LANDLOCK_FILE_RIGHTS
+            rule = PathBeneath(access, fd)
+            if libc.syscall(445, ruleset, 1, ctypes.byref(rule), 0) != 0:  # LANDLOCK_RULE_PATH_BENEATH
+                raise OSError(ctypes.get_errno(), f"landlock_add_rule {path} failed")
+        finally:
+            os.close(fd)
+    if libc.syscall(446, ruleset, 0) != 0:
+        raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
+    os.close(ruleset)
+    return abi
+
+
+def _interpreter_roots():
+    """What the interpreter reads after start-up: its standard library (sys.path under -S) and system libraries."""
+    roots = {os.path.realpath(p) for p in sys.path if p and os.path.exists(p)}
+    roots |= {os.path.realpath(sys.base_prefix + "/lib"), "/usr/lib", "/lib", "/lib64", "/usr/lib64"}
+    return sorted(roots)
+
+
 def _drop_capabilities(ctypes, call):
     """capset(2) to empty sets: after unshare(CLONE_NEWUSER) we hold every capability in the new namespace."""
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
@@ -175,6 +227,10 @@ def isolate(s):
     elif kind:
         _drop_capabilities(ctypes, call)
     call("prctl", 38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: no setuid binary can give privileges back
+    abi = _landlock(ctypes, call, s["work"], _interpreter_roots()) if s["isolate"] else None
+    if abi:
+        defences.append(f"landlock v{abi}: no file outside the work folder and the standard library"
+                        + (", no TCP" if abi >= 4 else "") + (", no signals out" if abi >= 6 else ""))
     call("prctl", 4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no same-uid process may ptrace us or read our memory
     os.chdir(s["work"])
     for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:

@@ -11,6 +11,9 @@ Defences, each reported in ``SandboxResult.defences`` when active (``probe()`` l
 - as root, or through an unprivileged user namespace where the kernel allows it: new mount and network namespaces;
   the whole filesystem is remounted read-only except the work folder (itself noexec), /proc is hidden, and the
   network namespace has no interface up, so no connection leaves the process, 127.0.0.1 included;
+- Landlock where the kernel has it (Linux >= 5.13, no privilege needed): nothing outside the work folder and the
+  interpreter's standard library can be read, world-readable files included (training data, checkpoints, the
+  source tree); TCP bind/connect and signals to outside processes are refused too;
 - a Python-level guard (an audit hook, which cannot be removed once installed) that refuses sockets, new
   processes and writes outside the work folder. It is the only write/network defence where namespaces are
   refused, and it can be circumvented by code that deliberately patches the standard library it relies on;

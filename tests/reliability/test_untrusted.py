@@ -23,6 +23,7 @@ from tiny import addition_sft_rows, run_config, tiny_model_dir, write_jsonl
 FAST = SandboxConfig(timeout_s=2.0, memory_mb=256)
 DEFENCES = probe(FAST).defences
 OTHER_UID = any(d.startswith("unprivileged uid") for d in DEFENCES)
+LANDLOCK = any(d.startswith("landlock") for d in DEFENCES)
 OS_LAYERS = any(d.startswith("namespaces") for d in DEFENCES)
 # each file attack with the Python guard on, and (where the OS layers work) off: the OS must hold on its own
 CONFIGS = [FAST] + ([SandboxConfig(timeout_s=2.0, memory_mb=256, guard=False)] if OS_LAYERS else [])
@@ -47,8 +48,8 @@ def private_file(tmp_path):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_private_files_and_home_are_unreadable(private_file, config):
-    if not OTHER_UID:
-        pytest.xfail("the sandbox drops to another uid only when started as root; otherwise it can read the user's files")
+    if not OTHER_UID and not LANDLOCK:
+        pytest.xfail("neither another uid (not root) nor Landlock (old kernel): the user's own files stay readable")
     path, secret = private_file
     result = _read(path, config)
     assert result.status == "failed" and secret not in result.output and "Permission denied" in result.output
@@ -56,13 +57,11 @@ def test_private_files_and_home_are_unreadable(private_file, config):
     assert home.status == "failed" and "Permission denied" in home.output
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GAP: the sandbox sees the host filesystem read-only, so any world-readable file (training data, a run's "
-    "checkpoints, other users' files under /tmp, the source tree) can be read and its content printed into the "
-    "reward logs. Fix: mount an empty tmpfs over / in the sandbox's mount namespace and bind only the interpreter's "
-    "prefix and the work folder (or pivot_root into such a tree)"))
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_world_readable_files_outside_the_work_folder_are_unreadable(config):
+    """Training data, checkpoints, the source tree: readable by anyone, yet not by the code under test."""
+    if not LANDLOCK:
+        pytest.xfail("this kernel has no Landlock: the sandbox sees the host filesystem read-only")
     folder = tempfile.mkdtemp(prefix="posttrain_public_")
     try:
         os.chmod(folder, 0o755)
@@ -71,7 +70,9 @@ def test_world_readable_files_outside_the_work_folder_are_unreadable(config):
         Path(path).write_text(secret)
         os.chmod(path, 0o644)
         result = _read(path, config)
-        assert result.status == "failed" and secret not in result.output
+        assert result.status == "failed" and secret not in result.output and "Permission denied" in result.output
+        listing = run_tests(f"import os\nprint(os.listdir({os.getcwd()!r}))\n", "assert True", config)
+        assert listing.status == "failed" and "Permission denied" in listing.output
     finally:
         shutil.rmtree(folder)
 
