@@ -22,6 +22,7 @@ TRAIN_COMMANDS = {
     "ppo": ("posttrain.train.ppo:run_ppo", "PPO (RLHF) with a critic, a reward model and a KL penalty"),
     "grpo": ("posttrain.train.grpo:run_grpo", "GRPO / Dr. GRPO / RLOO / DAPO with verifiable rewards"),
     "online-dpo": ("posttrain.train.online_dpo:run_online_dpo", "iterative DPO on best-vs-worst sampled pairs"),
+    "overopt": ("posttrain.overopt:run_overopt", "reward over-optimization: proxy vs gold reward against KL (best-of-n, PPO)"),
 }
 
 # everyday flags -> dotted config keys (DESIGN.md §3)
@@ -56,9 +57,10 @@ def _add_train_parser(sub, name: str, help_text: str) -> None:
                    help="data-parallel processes on this machine (or launch with accelerate launch / torchrun)")
     if name in ("dpo", "kto", "ppo", "grpo", "online-dpo"):
         p.add_argument("--ref-model", dest="ref_model", help="reference model (default: the starting policy)")
-    if name in ("ppo", "online-dpo", "grpo"):
+    if name in ("ppo", "online-dpo", "grpo", "overopt"):
         p.add_argument("--reward-model", dest="reward_model", help="reward model folder")
-        p.add_argument("--reward", action="append", help="reward function name or module:function (repeatable)")
+        if name != "overopt":
+            p.add_argument("--reward", action="append", help="reward function name or module:function (repeatable)")
 
 
 def _split_config_and_overrides(args) -> tuple[str | None, list[str]]:

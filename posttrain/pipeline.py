@@ -30,6 +30,7 @@ import yaml
 
 from posttrain.config import ConfigError
 
+ANALYSIS_COMMANDS = ("overopt",)
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # packaged with posttrain
 
 
@@ -110,7 +111,7 @@ def run_stage(p: Pipeline, stage: Stage, out: Path) -> dict:
 def _metrics_summary(stage_dir: Path) -> dict:
     from posttrain.metrics import read_metrics
 
-    rows = read_metrics(stage_dir)
+    rows = read_metrics(stage_dir) if (stage_dir / "metrics.jsonl").exists() else []
     train = [r for r in rows if "loss" in r]
     pick = lambda key, f: f([r[key] for r in train if isinstance(r.get(key), (int, float))] or [float("nan")])  # noqa: E731
     first = next((r for r in rows if "params/trainable" in r), {})
@@ -137,6 +138,8 @@ def measure_stage(p: Pipeline, stage: Stage | None, out: Path, records) -> dict:
              **json.loads((stage_dir / "DONE").read_text()), **_metrics_summary(stage_dir)}
     if stage.command == "rm":
         entry["heldout_accuracy"] = entry["final_eval"].get("eval/accuracy")
+        return entry
+    if stage.command in ANALYSIS_COMMANDS:  # measures other stages; trains nothing
         return entry
     start = str(out / stage.start / "final") if stage.start else _resolve(p.model)
     res = evaluate_stage(str(stage_dir / "final"), start, records, rewards, max_new_tokens=ev.get("max_new_tokens", 48),
@@ -215,11 +218,12 @@ def add_arguments(p) -> None:
 
 def add_demo_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="the under-5-minute variant")
+    p.add_argument("--overopt", action="store_true", help="the reward over-optimization experiment (configs/overopt.yaml)")
     p.add_argument("--output-dir", dest="output_dir")
     p.add_argument("--model", help="start model (default: the bundled SmolLM2-135M-Instruct)")
 
     def demo(a) -> int:
-        config = CONFIG_DIR / ("demo_quick.yaml" if a.quick else "demo.yaml")
+        config = CONFIG_DIR / ("overopt.yaml" if a.overopt else "demo_quick.yaml" if a.quick else "demo.yaml")
         over = {k: v for k, v in {"output_dir": a.output_dir, "model": a.model}.items() if v}
         return _finish(run_pipeline(load_pipeline(config, over)))
 

@@ -9,6 +9,8 @@ steps, logs, evaluates and checkpoints. Resuming restores everything, so a resum
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import math
 import random
 import signal
@@ -24,6 +26,9 @@ from posttrain.config import TrainConfig
 from posttrain.metrics import MetricsLogger, peak_memory_gb, to_float
 from posttrain.train import checkpoint as ckpt
 from posttrain.train import distributed
+
+
+log = logging.getLogger("posttrain")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -140,10 +145,14 @@ class Trainer:
         )
         self.scheduler = make_scheduler(self.optimizer, cfg, cfg.max_steps * max(1, algo.updates_per_step))
         self.step, self.bad_in_a_row = 0, 0
+        self.monitor = getattr(algo, "monitor", None)  # failure-mode monitors (online algorithms)
         self._step_start, self._applied = None, False  # what a Ctrl-C in the middle of a step rolls back to
 
     def _state(self) -> dict:
-        return {"step": self.step, "algo": self.algo.state_dict(), "bad_in_a_row": self.bad_in_a_row}
+        state = {"step": self.step, "algo": self.algo.state_dict(), "bad_in_a_row": self.bad_in_a_row}
+        if self.monitor is not None:
+            state["monitor"] = self.monitor.state_dict()
+        return state
 
     def save(self) -> Path | None:
         path = None
@@ -166,7 +175,29 @@ class Trainer:
         state = ckpt.load_checkpoint(found[-1], self.algo.modules(), self.optimizer, self.scheduler)
         self.step, self.bad_in_a_row = state["step"], state.get("bad_in_a_row", 0)
         self.algo.load_state_dict(state["algo"])
+        if self.monitor is not None and "monitor" in state:
+            self.monitor.load_state_dict(state["monitor"])
+        self._drop_warnings_after(self.step)
         return True
+
+    def _drop_warnings_after(self, step: int) -> None:
+        """On resume, warnings of steps past the checkpoint are raised again by the replayed steps."""
+        path = self.out_dir / "warnings.jsonl"
+        if self.is_main and path.exists():
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def _watch(self, step: int, metrics: dict) -> None:
+        """Failure-mode alerts: logged as warnings with their step, kept in warnings.jsonl and the metrics."""
+        if self.monitor is None:
+            return
+        for alert in self.monitor.observe(step, metrics):
+            metrics[f"alerts/{alert.kind}"] = 1.0
+            if self.is_main:
+                log.warning("step %d: %s: %s", step, alert.kind, alert.message)
+                with open(self.out_dir / "warnings.jsonl", "a") as f:
+                    f.write(json.dumps(alert.as_dict()) + "\n")
 
     def _one_step(self) -> dict:
         start = time.perf_counter()
@@ -229,6 +260,7 @@ class Trainer:
                 at = self.step
                 if self.cfg.eval_every and at % self.cfg.eval_every == 0 and at < self.cfg.max_steps:
                     metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+                self._watch(at, metrics)
                 if at % max(1, self.cfg.log_every) == 0 or at == self.cfg.max_steps:
                     last = logger.log(at, {**metrics, **once})
                     once = {}

@@ -20,6 +20,7 @@ from posttrain.models.forward import token_logps
 from posttrain.models.loading import adapter_disabled, load_causal_lm, resolve_model_path, wants_bf16
 from posttrain.ops import IGNORE_INDEX
 from posttrain.train import common
+from posttrain.train.monitors import distinct_n
 from posttrain.train.distributed import context
 
 
@@ -44,6 +45,7 @@ class OnlineConfig:
     mask_truncated: bool = False  # completions that hit max_new_tokens get no loss (DAPO overlong filtering)
     eval_rewards: list[str] = field(default_factory=list)  # held-out scoring; default: `rewards`
     eval_max_new_tokens: int = 48
+    monitor: dict = field(default_factory=dict)  # MonitorConfig options (train/monitors.py); {enabled: false} turns off
 
 
 @dataclass
@@ -140,6 +142,7 @@ class OnlineBase(common.DatasetAlgorithm):
         self.reference = Reference(self.model, cfg, self.algo_cfg.ref_model) if needs_reference else None
         self.rewards = build_reward_runner(self.algo_cfg, reward_model_fn=self._reward_model_fn())
         self.batch: RolloutBatch | None = None
+        self.monitor = _make_monitor(self.algo_cfg.monitor)
 
     def _encode_prompts(self, records, name: str):
         """(record, prompt ids) pairs; prompts over max_prompt_length are dropped and counted, never truncated
@@ -283,11 +286,27 @@ class OnlineBase(common.DatasetAlgorithm):
         from posttrain.evaluate import GenEvalConfig, evaluate_policy, load_reward_fns
 
         fns = load_reward_fns(self.algo_cfg.eval_rewards or [r for r in self.algo_cfg.rewards])
+        if getattr(self, "reward_model", None) is not None:  # the trained-on (proxy) score of the same answers
+            from posttrain.rewards.model_rewards import RewardModelReward
+
+            fns["reward_model"] = RewardModelReward(self.reward_model, self.tokenizer)
         gen_cfg = GenEvalConfig(max_new_tokens=self.algo_cfg.eval_max_new_tokens, batch_size=32,
                                 autocast=wants_bf16(self.cfg.model))
         summary, _ = evaluate_policy(self.model, self.tokenizer, self.eval_records, fns, gen_cfg)
         return {k: v for k, v in summary.items() if isinstance(v, float)}
 
+
+
+def _make_monitor(options: dict):
+    from dataclasses import fields
+
+    from posttrain.train.monitors import FailureMonitor, MonitorConfig
+
+    known = {f.name for f in fields(MonitorConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"algo.monitor: unknown option(s) {unknown}; valid: {sorted(known)}")
+    return FailureMonitor(MonitorConfig(**options))
 
 
 def _chunks(n: int, size: int) -> list[torch.Tensor]:
@@ -304,6 +323,8 @@ def _length_metrics(rollout) -> dict:
         "completions/mean_length": float(lengths.mean()),
         "completions/max_length": float(lengths.max()),
         "completions/truncated_fraction": float(rollout.truncated.float().mean()),
+        "completions/distinct_2": distinct_n([ids[m.bool()].tolist() for ids, m in
+                                              zip(rollout.completion_ids, rollout.completion_mask)]),
     }
 
 

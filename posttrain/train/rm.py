@@ -27,6 +27,7 @@ from posttrain.types import LossOutput
 class RMConfig:
     use_chat_template: bool = True
     center_coef: float = 0.0  # weight of (r_w + r_l)^2; 0 disables
+    label_noise: float = 0.0  # fraction of training pairs swapped (seeded): a deliberately noisy proxy reward model
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_coef: float = 0.0) -> torch.Tensor:
@@ -42,6 +43,16 @@ def encode_pair(record, tokenizer, use_chat: bool) -> tuple[list[int], list[int]
     chosen = encode_prompt_completion(tokenizer, data["prompt"], data["chosen"], use_chat).input_ids
     rejected = encode_prompt_completion(tokenizer, data["prompt"], data["rejected"], use_chat).input_ids
     return chosen, rejected
+
+
+def swap_labels(pairs: list, fraction: float, seed: int) -> tuple[list, int]:
+    """Swap chosen and rejected in round(fraction * len) pairs picked by a seeded permutation."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"algo.label_noise must be in [0, 1], got {fraction}")
+    import random
+
+    picked = set(random.Random(seed).sample(range(len(pairs)), round(fraction * len(pairs))))
+    return [(r, c) if i in picked else (c, r) for i, (c, r) in enumerate(pairs)], len(picked)
 
 
 def pair_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
@@ -71,6 +82,9 @@ class RewardModeling(common.DatasetAlgorithm):
         train, held = common.load_splits(cfg, "preference")
         enc = lambda r: encode_pair(r, self.tokenizer, cfg.algo.use_chat_template)  # noqa: E731
         self.train_pairs, _ = common.encode_all(train, enc, lambda p: max(map(len, p)), cfg)
+        self.train_pairs, flipped = swap_labels(self.train_pairs, cfg.algo.label_noise, cfg.train.seed)
+        if flipped:
+            common.log.warning("label_noise=%s: %d of %d training pairs swapped", cfg.algo.label_noise, flipped, len(self.train_pairs))
         self.eval_pairs, _ = common.encode_all(held, enc, lambda p: max(map(len, p)), cfg, name="eval")
         self.order = common.make_order([max(map(len, p)) for p in self.train_pairs], cfg)
         self.pad_id = self.tokenizer.pad_token_id

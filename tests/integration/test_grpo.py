@@ -1,5 +1,6 @@
 """GRPO on a tiny Llama: learns a trivially learnable reward; truncation masking; sampler/trainer log-probs."""
 
+import json
 from collections import Counter
 
 import pytest
@@ -28,8 +29,15 @@ def test_grpo_learns_a_trivial_reward(tmp_path, tiny_dir, prompts):
     assert max(r["reward"] for r in rows) > 0.9
     assert rows[-1]["models_in_memory"] == 2.0  # policy + frozen reference (no LoRA)
     for key in ("kl/k1", "kl/k2", "kl/k3", "entropy", "clip_ratio/low", "clip_ratio/high", "zero_variance_groups",
-                "completions/mean_length", "completions/truncated_fraction", "rewards/vowel_reward/mean"):
+                "completions/mean_length", "completions/truncated_fraction", "rewards/vowel_reward/mean",
+                "completions/distinct_2"):
         assert key in rows[-1], key
+    # the policy learns to emit vowels only: its rollouts' distinct bigrams collapse and the monitor says so, once
+    alerts = [json.loads(line) for line in (tmp_path / "run" / "warnings.jsonl").read_text().splitlines()]
+    collapse = [a for a in alerts if a["kind"] == "mode_collapse"]
+    assert len(collapse) == 1 and rows[collapse[0]["step"] - 1]["alerts/mode_collapse"] == 1.0
+    assert rows[collapse[0]["step"] - 1]["completions/distinct_2"] < 0.25 * rows[0]["completions/distinct_2"]
+    assert all(r["completions/distinct_2"] >= 0.25 * rows[0]["completions/distinct_2"] for r in rows[:collapse[0]["step"] - 1])
 
 
 def test_sampler_logprobs_match_trainer_recompute(tmp_path, tiny_dir, prompts):
