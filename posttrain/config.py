@@ -57,6 +57,7 @@ class DataConfig:
 class TrainConfig:
     output_dir: str = "runs/run"
     max_steps: int = 100
+    max_minutes: float = 0.0  # also stop (final eval, checkpoint, export) once this much wall time has passed; 0 = off
     batch_size: int = 8  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-5

@@ -255,7 +255,11 @@ class Trainer:
         once = {"params/trainable": trainable, "params/total": sum(p.numel() for m in self.algo.modules().values() for p in m.parameters())}
         stop = _CtrlC.install()
         try:
+            deadline = time.monotonic() + 60 * self.cfg.max_minutes if self.cfg.max_minutes > 0 else math.inf
             while self.step < self.cfg.max_steps and not stop.requested:
+                if deadline < math.inf and distributed.any_rank(time.monotonic() > deadline):
+                    log.warning("train.max_minutes=%s reached at step %d", self.cfg.max_minutes, self.step)
+                    break
                 metrics = self._one_step()
                 at = self.step
                 if self.cfg.eval_every and at % self.cfg.eval_every == 0 and at < self.cfg.max_steps:

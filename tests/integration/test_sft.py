@@ -125,3 +125,18 @@ def test_cli_sft_runs_and_reports_bad_data(tmp_path, tiny_dir, sft_data, capsys)
     assert main(["sft", "--model", tiny_dir, "--data", str(bad), "--output-dir", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:1: field 'messages[1].content': expected a string, got int" in err and "Traceback" not in err
+
+
+def test_max_minutes_stops_early_then_evaluates_and_exports(tmp_path, tiny_dir, sft_data, monkeypatch):
+    """A time budget ends the run at a step boundary as max_steps would: final eval, checkpoint, final/."""
+    import posttrain.train.loop as loop
+
+    clock = iter(range(0, 10_000, 25))  # every call to the loop's clock: 25 s later
+    monkeypatch.setattr(loop.time, "monotonic", lambda: float(next(clock)))
+    cfg = run_config("sft", tmp_path / "run", tiny_dir, sft_data, "train.max_steps=50", "train.max_minutes=1",
+                     "train.eval_every=1000")
+    run_sft(cfg)
+    steps = [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert steps == [1, 2]  # deadline at 60 s; the checks before steps 1, 2, 3 read 25, 50, 75 s
+    assert (tmp_path / "run" / "final" / "config.json").exists()
+    assert any(r.get("final") for r in read_metrics(tmp_path / "run"))
