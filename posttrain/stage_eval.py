@@ -12,16 +12,21 @@ from posttrain.evaluate import GenEvalConfig, evaluate_policy, load_reward_fns
 
 def load_lm(path: str):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from posttrain.models.loading import load_tokenizer
+
+    hf_logging.disable_progress_bar()  # the pipeline's terminal shows its own lines and the summary table
 
     return AutoModelForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
 
 
 @torch.no_grad()
 def sequence_kl(policy, reference, tokenizer, records, max_new_tokens: int = 48, seed: int = 0, batch_size: int = 32) -> float:
-    """Mean over prompts of the k1 estimate of KL(π‖π_ref) for a whole completion sampled from π at T = 1:
-    Σ_t log π(y_t|·) − log π_ref(y_t|·). Unbiased, since the tokens are sampled from π itself."""
+    """Mean over prompts of KL(π‖π_ref) for a whole completion sampled from π at T = 1, estimated as the sum over
+    its tokens of k3 = (ρ − 1) − log ρ with ρ = π_ref(y_t|·) / π(y_t|·) (Schulman 2020). Each term is an unbiased,
+    never negative estimate of that position's KL(π(·|y_<t) ‖ π_ref(·|y_<t)), and by the chain rule their sum's
+    expectation is the sequence KL. The plain k1 sum is unbiased too but, on a few dozen prompts, often negative."""
     from posttrain.data.chat import encode_prompt, end_of_turn_ids
     from posttrain.models.forward import token_logps
     from posttrain.rollout.base import SamplingParams
@@ -44,7 +49,8 @@ def sequence_kl(policy, reference, tokenizer, records, max_new_tokens: int = 48,
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
             lp = token_logps(policy, full, attn, labels)
             lr = token_logps(reference, full, attn, labels)
-        total += float((lp - lr).sum())
+        log_ratio = (lr - lp).masked_fill(labels == -100, 0.0)
+        total += float((torch.expm1(log_ratio) - log_ratio).sum())
         count += len(ids)
     return total / max(count, 1)
 

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The real-model figures of the closing notes, reproducible: run after `posttrain demo` (it needs runs/demo/sft/final).
+#   bash scripts/real_model_experiments.sh preference   # DPO, IPO, SimPO, ORPO, KTO from the demo's SFT model
+#   bash scripts/real_model_experiments.sh grpo         # GRPO with the numeric verifier, 30-minute budget
+#   bash scripts/real_model_experiments.sh overopt      # posttrain demo --overopt
+# Each run writes runs/exp/NAME; `held-out accuracy` is `posttrain eval` (greedy) on 64 test prompts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PT=.venv/bin/posttrain
+SFT=runs/demo/sft/final
+COMMON=(model.autocast=auto train.progress=false train.log_every=1 train.save_every=0 data.max_length=160
+        data.num_eval_examples=64)
+
+heldout() {  # model -> prints numeric accuracy on 64 held-out prompts
+  $PT eval --model "$1" --data task:arithmetic --reward numeric --limit 64 --max-new-tokens 24 \
+    --output "$1/../heldout.jsonl" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["numeric/accuracy"])'
+}
+
+preference() {
+  echo "start (SFT) held-out accuracy: $(heldout $SFT)"
+  for loss in dpo ipo simpo orpo; do
+    extra=()
+    [ "$loss" = simpo ] && extra=(algo.beta=2.0 algo.simpo_gamma=1.0)
+    [ "$loss" = ipo ] && extra=(algo.beta=0.5)
+    $PT dpo --model $SFT --data task:arithmetic --output-dir runs/exp/$loss "${COMMON[@]}" algo.loss_type=$loss \
+      train.max_steps=32 train.batch_size=4 train.lr=2e-5 data.num_examples=128 "${extra[@]}" > runs/exp.$loss.log 2>&1
+    echo "$loss: $(python3 - runs/exp/$loss <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
+final = [r for r in rows if r.get("final")][-1]
+print(f"held-out pairwise acc {final.get('eval/rewards/accuracies')}, margin {final.get('eval/rewards/margins'):.3f}, "
+      f"tokens/s {sum(r['tokens_per_s'] for r in rows if 'tokens_per_s' in r) / sum(1 for r in rows if 'tokens_per_s' in r):.0f}",
+      end="")
+EOF
+), task accuracy $(heldout runs/exp/$loss/final)"
+  done
+  $PT kto --model $SFT --data task:arithmetic --output-dir runs/exp/kto "${COMMON[@]}" train.max_steps=32 \
+    train.batch_size=8 train.lr=2e-5 data.num_examples=128 > runs/exp.kto.log 2>&1
+  echo "kto: $(python3 -c 'import json,sys; r=[json.loads(l) for l in open("runs/exp/kto/metrics.jsonl")]; f=[x for x in r if x.get("final")][-1]; print("held-out acc(desirable>undesirable)", f.get("eval/rewards/accuracies"), end="")'), task accuracy $(heldout runs/exp/kto/final)"
+}
+
+grpo() {
+  echo "start (SFT) held-out accuracy: $(heldout $SFT)"
+  $PT grpo --model $SFT --data task:arithmetic --output-dir runs/exp/grpo "${COMMON[@]}" train.max_steps=1000 \
+    train.max_minutes=${GRPO_MINUTES:-27} train.schedule=constant train.lr=1e-5 train.batch_size=32 train.eval_every=10 \
+    algo.rewards=[numeric] algo.prompts_per_step=4 algo.num_generations=8 algo.max_new_tokens=24 \
+    algo.eval_max_new_tokens=24 algo.beta=0.0 data.num_examples=2000 > runs/exp.grpo.log 2>&1
+  echo "grpo: $(grep -c '"loss"' runs/exp/grpo/metrics.jsonl) steps; task accuracy $(heldout runs/exp/grpo/final)"
+}
+
+overopt() { $PT demo --overopt; }
+
+mkdir -p runs/exp
+"$@"
