@@ -238,8 +238,13 @@ def preference_loss(
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
     orpo_lambda: float = 0.1,
+    nll_weight: float = 0.0,
 ) -> LossOutput:
     """Mean loss over the batch of pairs for loss `name` (see `PREFERENCE_LOSSES`) and its metrics.
+
+    nll_weight: α of an added NLL term on the chosen completion, α·(−log π(y_w)/|y_w|) (RPO: Pang et al. 2024,
+    "Iterative Reasoning Preference Optimization", eq. 3; TRL's `rpo_alpha`). Pairs that differ in a token or two
+    (a wrong digit) otherwise let DPO lower the chosen completion's likelihood along with the rejected one's.
 
     logps: PairLogps with (B,) tensors. Returns LossOutput(loss: 0-d tensor in ≥ fp32, metrics: detached 0-d tensors
     `rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/accuracies`, `logps/chosen`, `logps/rejected`
@@ -255,6 +260,10 @@ def preference_loss(
     lp = _upcast(logps)
     hp = PreferenceHParams(beta, label_smoothing, simpo_gamma, orpo_lambda)
     losses, chosen_rewards, rejected_rewards, extra = spec.fn(lp, hp)
+    if nll_weight:
+        nll = lp.chosen_nll if lp.chosen_nll is not None else -lp.chosen_logps / lp.chosen_lengths
+        losses = losses + nll_weight * nll
+        extra = {**extra, "nll_loss": nll.mean()}
     metrics = {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),

@@ -37,6 +37,7 @@ class DPOConfig:
     label_smoothing: float = 0.0  # ε, assumed label-flip rate (cdpo/dpo, robust, simpo)
     simpo_gamma: float = 0.5  # SimPO's target margin γ
     orpo_lambda: float = 0.1  # ORPO's weight λ of the odds-ratio term
+    nll_weight: float = 0.0  # α of an NLL term on the chosen completion (RPO; TRL's rpo_alpha); 0 = off
     precompute_ref: bool = True  # one reference pass before training (one model in memory); False: every step
     ref_model: str | None = None  # another reference checkpoint; default: the initial policy (reference.py)
     use_chat_template: bool = True
@@ -181,7 +182,8 @@ class DPO(common.DatasetAlgorithm):
         ref = self.reference.logps(batch) if self.reference is not None else None
         with common.autocast_context(self.cfg.model):
             logps = pair_logps(self.model, batch, ref, self.cfg.model.logprob_chunk)
-        return preference_loss(algo.loss_type, logps, algo.beta, algo.label_smoothing, algo.simpo_gamma, algo.orpo_lambda)
+        return preference_loss(algo.loss_type, logps, algo.beta, algo.label_smoothing, algo.simpo_gamma, algo.orpo_lambda,
+                               algo.nll_weight)
 
     def loss(self, micro, totals) -> LossOutput:
         self.model.train()

@@ -59,6 +59,20 @@ def test_dpo_hand_computed():
     assert m["logps/rejected"].item() == pytest.approx(-6.5)
 
 
+def test_rpo_nll_term_hand_computed_and_raises_the_chosen_logp():
+    # NLL of the chosen completions: 5/4 and 8/8; α = 0.5 adds 0.5 * mean(1.25, 1.0) = 0.5625 to DPO's loss
+    base, rpo = preference_loss("dpo", make(), beta=0.5), preference_loss("dpo", make(), beta=0.5, nll_weight=0.5)
+    assert rpo.loss.item() == pytest.approx(base.loss.item() + 0.5625, abs=1e-12)
+    assert rpo.metrics["nll_loss"].item() == pytest.approx(1.125)
+    lp_base, lp_rpo = make(requires_grad=True), make(requires_grad=True)
+    preference_loss("dpo", lp_base, beta=0.5).loss.backward()
+    preference_loss("dpo", lp_rpo, beta=0.5, nll_weight=0.5).loss.backward()
+    # d/d chosen_logps gains -α / (len · B): -0.5/(4·2) and -0.5/(8·2); the rejected gradient is unchanged
+    extra = lp_rpo.chosen_logps.grad - lp_base.chosen_logps.grad
+    assert extra.tolist() == pytest.approx([-0.0625, -0.03125])
+    assert torch.equal(lp_rpo.rejected_logps.grad, lp_base.rejected_logps.grad)
+
+
 @pytest.mark.parametrize("name", ["dpo", "cdpo"])
 def test_cdpo_label_smoothing_hand_computed(name):
     beta, eps = 0.3, 0.2
