@@ -195,7 +195,9 @@ def print_summary(out: Path) -> None:
 
 
 def _fmt(v) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else str(v if v is not None else "-")
+    if isinstance(v, float):
+        return "-" if v != v else f"{v:.3f}"  # NaN: not measured (a stage that trains nothing)
+    return str(v if v is not None else "-")
 
 
 def _finish(out: Path) -> int:
