@@ -78,6 +78,8 @@ class FailureMonitor:
             kind_message = check(values)
             if kind_message:
                 found[kind_message[0]] = kind_message[1]
+        if gold_key(values) is None and "reward_hacking" in self.active:
+            found.setdefault("reward_hacking", "")  # no evaluation at this step: the last verdict stands
         alerts = [Alert(step, kind, message) for kind, message in found.items() if kind not in self.active]
         self.active = set(found)
         return alerts

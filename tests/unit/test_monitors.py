@@ -23,6 +23,8 @@ def test_reward_hacking_is_proxy_up_while_gold_falls_from_its_best():
             {"reward": 0.6, "eval/numeric/accuracy": 0.47},  # within the tolerance (0.05)
             {"reward": 0.8, "eval/numeric/accuracy": 0.30},  # hacked: proxy up, gold 0.20 below its best
             {"reward": 0.9, "eval/numeric/accuracy": 0.28},  # still hacked: not repeated
+            {"reward": 0.95},  # a step without evaluation changes nothing
+            {"reward": 0.97, "eval/numeric/accuracy": 0.27},  # still hacked: not repeated
             {"reward": 0.3, "eval/numeric/accuracy": 0.30}]  # proxy fell too: plain degradation, not hacking
     assert _run(rows) == [(4, "reward_hacking")]
 
