@@ -33,6 +33,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _harness as H  # noqa: E402
+
 TRL_VARIANTS = {
     "trl-defaults": {},
     "trl-no-ckpt": {"gradient_checkpointing": False},
@@ -149,7 +153,7 @@ def run_trl(args, work: Path, variant: str) -> dict:
     import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.models.loading import resolve_model_path
 
@@ -161,20 +165,6 @@ def run_trl(args, work: Path, variant: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.step_s, self.losses, self._t = [], [], 0.0
-
-        def on_step_begin(self, *a, **k):
-            self._t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            self.step_s.append(time.perf_counter() - self._t)
-
-        def on_log(self, _args, _state, _control, logs=None, **k):
-            if logs and "loss" in logs:
-                self.losses.append(logs["loss"])
 
     class InOrder(trl.DPOTrainer):
         ref_s = 0.0
@@ -189,14 +179,14 @@ def run_trl(args, work: Path, variant: str) -> dict:
             return out
 
     config = trl_config(trl, args, work, variant)
-    timer = Timer()
+    timer = H.trl_step_timer()
     trainer = InOrder(model=model, args=config, train_dataset=Dataset.from_list([records[i] for i in order]),
                       processing_class=tokenizer, callbacks=[timer])
     trainer.train()
     ds = trainer.train_dataset
     trl_tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]))
     return {
-        "trl_tokens": trl_tokens, "train_s": sum(timer.step_s), "ref_s": InOrder.ref_s, "losses": timer.losses,
+        "trl_tokens": trl_tokens, "train_s": sum(timer.step_s), "ref_s": InOrder.ref_s, "losses": [log["loss"] for log in timer.logs],
         "peak_gb": peak_rss_gb(), "threads": torch.get_num_threads(), "trl_version": trl.__version__,
         "models_in_memory": 1 if config.precompute_ref_log_probs else 2,
     }
