@@ -72,6 +72,9 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
+    # Checkpoints without optimizer state (HF Trainer's save_only_model): a third of the size for full fine-tuning
+    # with AdamW, but a run cannot resume from them (resume refuses with a clear error).
+    save_only_model: bool = False
     resume: bool = False
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     progress: bool = True

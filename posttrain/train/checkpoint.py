@@ -54,12 +54,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(ckpt_root: Path, step: int, modules: dict, optimizer, scheduler, trainer_state: dict, keep: int = 2) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, modules: dict, optimizer, scheduler, trainer_state: dict, keep: int = 2,
+                    only_model: bool = False) -> Path:
     """Write checkpoints/step-N atomically and prune all but the newest `keep` complete ones.
 
     A write that fails (a full disk: OSError from Python, SafetensorError from safetensors, RuntimeError from
     torch.save) removes its temporary folder and re-raises; the checkpoints already there are untouched.
     Temporaries left by a process that was killed while writing are removed here.
+    `only_model` leaves out optim.pt (optimizer, scheduler and RNG state): such a checkpoint cannot be resumed.
     """
     from safetensors.torch import save_file
 
@@ -73,7 +75,9 @@ def save_checkpoint(ckpt_root: Path, step: int, modules: dict, optimizer, schedu
         tmp.mkdir()
         for name, module in modules.items():
             save_file(trainable_state(module), str(tmp / f"{name}.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "optim.pt")
+        if not only_model:
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+                       tmp / "optim.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         (tmp / "COMPLETE").write_text(str(step))
         _fsync_dir(tmp)
@@ -138,6 +142,10 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 def load_checkpoint(path: Path, modules: dict, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG from `path`; returns the trainer state."""
     from safetensors.torch import load_file
+
+    if not (path / "optim.pt").exists():
+        raise RuntimeError(f"{path} holds no optimizer state (written with train.save_only_model=true), so the run "
+                           "cannot resume from it; start afresh with train.resume=false or from its weights")
 
     for name, module in modules.items():
         state = load_file(str(path / f"{name}.safetensors"))

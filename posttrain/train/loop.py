@@ -159,7 +159,7 @@ class Trainer:
         if self.is_main:
             path = ckpt.save_checkpoint(
                 self.out_dir / "checkpoints", self.step, self.algo.modules(), self.optimizer, self.scheduler,
-                self._state(), keep=self.cfg.keep_checkpoints,
+                self._state(), keep=self.cfg.keep_checkpoints, only_model=self.cfg.save_only_model,
             )
         distributed.barrier()
         return path

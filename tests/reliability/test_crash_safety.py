@@ -215,6 +215,19 @@ def test_failed_checkpoint_write_leaves_the_previous_one_intact(setup, monkeypat
     assert_same_metrics(setup["reference"], out)
 
 
+def test_save_only_model_checkpoints_are_small_and_refuse_to_resume(setup):
+    """train.save_only_model: weights and trainer state only (no optimizer), and resuming says why it cannot."""
+    out = setup["root"] / "only_model"
+    run_sft(run_config("sft", out, setup["model"], setup["data"], *SFT_ARGS, "train.save_only_model=true"))
+    assert checkpoint_names(out) == ["step-6", "step-8"]
+    for path in ckpt.list_checkpoints(out / "checkpoints"):
+        assert not (path / "optim.pt").exists() and (path / "policy.safetensors").exists()
+    assert_same_metrics(setup["reference"], out)  # the training itself is unchanged
+    with pytest.raises(RuntimeError, match="holds no optimizer state .*save_only_model"):
+        run_sft(run_config("sft", out, setup["model"], setup["data"], *SFT_ARGS, "train.resume=true",
+                           "train.save_only_model=true"))
+
+
 def test_ctrl_c_in_grpo_saves_a_checkpoint_and_exits_cleanly(setup):
     """A real SIGINT from outside, once step 2 is checkpointed: exit status 1, one line, no traceback, a complete
     checkpoint at the step it names, and `resume` finishes the run from there."""
