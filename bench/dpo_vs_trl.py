@@ -1,14 +1,16 @@
 """posttrain DPO vs TRL's DPOTrainer: same model, same pairs in the same order, same batch, steps and optimizer.
 
     python bench/dpo_vs_trl.py [--steps 2] [--batch-size 4] [--model smollm2] [--threads 2] [--precision auto]
-        [--contenders posttrain,trl-defaults,trl-no-ckpt,trl-precompute]
+        [--contenders posttrain,posttrain-two-rows,trl-defaults,trl-no-ckpt,trl-precompute]
 
 Installs nothing; TRL is imported lazily (`pip install trl`). Each contender runs in its own subprocess, so the
 peak resident memory (ru_maxrss) is its own. Both sides keep fp32 weights and compute in `--precision`:
 bf16 autocast (TRL's default bf16=True, our model.autocast=bf16) or fp32. `auto` picks bf16 on CUDA or a CPU with
 AVX-512 and fp32 otherwise: on an AVX2-only CPU PyTorch's bf16 matmul is a slow fallback (measured 0.3 GFLOPS vs
 25 GFLOPS fp32 on the 2-core dev box), which would make a bf16 run take hours. Contenders:
-  posttrain        our defaults: reference log-probs precomputed before training (one model in memory)
+  posttrain        our defaults: reference log-probs precomputed before training (one model in memory), each
+                   pair one row [prompt | chosen | rejected] (algo.share_prompt, posttrain.models.shared_prefix)
+  posttrain-two-rows  algo.share_prompt=false: chosen and rejected as two padded rows, as TRL does
   trl-defaults     DPOConfig as shipped (gradient_checkpointing=True, reference model run every step)
   trl-no-ckpt      gradient_checkpointing=False (the compute settings of our defaults; not run by default)
   trl-precompute   gradient_checkpointing=False, precompute_ref_log_probs=True (TRL's closest mode to ours)
@@ -53,8 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--contenders", default="posttrain,trl-defaults,trl-precompute",
-                   help=f"comma-separated, from posttrain,{','.join(TRL_VARIANTS)}")
+    p.add_argument("--contenders", default="posttrain,posttrain-two-rows,trl-defaults,trl-precompute",
+                   help=f"comma-separated, from posttrain,posttrain-two-rows,{','.join(TRL_VARIANTS)}")
     p.add_argument("--workdir", default="/tmp/posttrain-bench-dpo")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -94,7 +96,7 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_posttrain(args, work: Path) -> dict:
+def run_posttrain(args, work: Path, share_prompt: bool = True) -> dict:
     import torch
 
     from posttrain.config import load_config
@@ -105,9 +107,10 @@ def run_posttrain(args, work: Path) -> dict:
     overrides = [
         f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", f"algo.beta={args.beta}",
         "data.eval_fraction=0", "train.tensorboard=false", "train.progress=false", f"train.num_threads={args.threads}",
-        f"model.autocast={'bf16' if args.precision == 'bf16' else 'none'}",
+        f"model.autocast={'bf16' if args.precision == 'bf16' else 'none'}", f"algo.share_prompt={share_prompt}",
     ]
-    flags = {"model.name_or_path": args.model, "data.path": str(work / "pairs.jsonl"), "train.output_dir": str(work / "posttrain-run")}
+    run_dir = work / ("posttrain-run" if share_prompt else "posttrain-two-rows-run")
+    flags = {"model.name_or_path": args.model, "data.path": str(work / "pairs.jsonl"), "train.output_dir": str(run_dir)}
     cfg = load_config("dpo", None, overrides, flags)
     common.setup_run(cfg)
     algo = DPO(cfg)
@@ -124,9 +127,10 @@ def run_posttrain(args, work: Path) -> dict:
     trainer.save = lambda: None  # the bench times training, not checkpoint writing
     algo.export = lambda out_dir: None
     trainer.fit()
-    rows = [json.loads(line) for line in (work / "posttrain-run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
-    (work / "order.json").write_text(json.dumps(visited))
+    if share_prompt:
+        (work / "order.json").write_text(json.dumps(visited))
     tokens = sum(len(algo.train_items[i].chosen) + len(algo.train_items[i].rejected) for i in visited)
     return {
         "tokens": tokens, "train_s": sum(r["step_time_s"] for r in steps), "ref_s": steps[0].get("reference/seconds", 0.0),
@@ -235,7 +239,10 @@ def main(argv=None) -> None:
         args.precision = auto_precision()
     work = Path(args.workdir)
     if args.worker:
-        result = run_posttrain(args, work) if args.worker == "posttrain" else run_trl(args, work, args.worker)
+        if args.worker.startswith("posttrain"):
+            result = run_posttrain(args, work, share_prompt=args.worker != "posttrain-two-rows")
+        else:
+            result = run_trl(args, work, args.worker)
         (work / f"{args.worker}.json").write_text(json.dumps(result))
         return
     work.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from posttrain.config import RunConfig, register_algo_config
 from posttrain.data.chat import Encoded, encode_prompt_completion
 from posttrain.data.collate import apply_length_policy
 from posttrain.data.formats import Record
+from posttrain.models.shared_prefix import pack_pairs, supports_shared_prefix
 from posttrain.train import common, reference
 from posttrain.train.loop import Iteration, Trainer
 from posttrain.types import LossOutput
@@ -41,6 +42,9 @@ class DPOConfig:
     precompute_ref: bool = True  # one reference pass before training (one model in memory); False: every step
     ref_model: str | None = None  # another reference checkpoint; default: the initial policy (reference.py)
     use_chat_template: bool = True
+    # chosen and rejected in one row around their common prompt (posttrain.models.shared_prefix): the prompt is
+    # encoded once per pair, same log-probs; False: two padded rows per pair, as TRL does
+    share_prompt: bool = True
     disable_dropout: bool = True  # dropout would make policy != reference at step 0 (TRL does the same)
 
 
@@ -106,10 +110,20 @@ def encode_pair(record: Record, tokenizer, use_chat: bool) -> tuple[Encoded, Enc
     return chosen, rejected
 
 
-def pair_batch(items: list[PairItem], pad_id: int, split: str) -> dict:
-    """Chosen rows then rejected rows, one right-padded batch: input_ids, attention_mask, labels (2B, T)."""
-    batch = reference.padded([p.chosen for p in items] + [p.rejected for p in items], pad_id)
+def pair_batch(items: list[PairItem], pad_id: int, split: str, share_prompt: bool = False) -> dict:
+    """A micro-batch of B pairs: with `share_prompt`, B rows [prompt | chosen | rejected] (shared_prefix.pack_pairs);
+    otherwise chosen rows then rejected rows, one right-padded batch of 2B rows (input_ids, attention_mask, labels).
+    Either way the log-probs come out as 2B sums, chosen first."""
+    if share_prompt:
+        batch = pack_pairs([(p.chosen, p.rejected) for p in items], pad_id)
+        forward_tokens = int((batch["segments"] >= 0).sum())
+    else:
+        batch = reference.padded([p.chosen for p in items] + [p.rejected for p in items], pad_id)
+        forward_tokens = int(batch["attention_mask"].sum())
     batch["ref_keys"] = [(f"{split}.chosen", p.index) for p in items] + [(f"{split}.rejected", p.index) for p in items]
+    batch["num_pairs"] = len(items)
+    batch["pair_tokens"] = sum(len(p.chosen) + len(p.rejected) for p in items)  # what two separate rows would hold
+    batch["forward_tokens"] = forward_tokens
     return batch
 
 
@@ -131,6 +145,7 @@ class DPO(common.DatasetAlgorithm):
         if model is None:
             model, tokenizer = common.load_policy_and_tokenizer(cfg)
         self.model, self.tokenizer, self.pad_id = model, tokenizer, tokenizer.pad_token_id
+        self.share_prompt = algo.share_prompt and supports_shared_prefix(model)
         if algo.disable_dropout:
             disable_dropout(model)
         train, held = common.load_splits(cfg, "preference")
@@ -167,14 +182,15 @@ class DPO(common.DatasetAlgorithm):
 
     def next_iteration(self, step: int) -> Iteration:
         batches = [self.order.next() for _ in range(self.cfg.train.grad_accum)]
-        micro = [pair_batch([self.train_items[i] for i in idx], self.pad_id, "train") for idx in batches]
+        micro = [pair_batch([self.train_items[i] for i in idx], self.pad_id, "train", self.share_prompt) for idx in batches]
         metrics, self._once = self._once, {}
         return Iteration([micro], metrics)
 
     def totals(self, update) -> dict:
         return {
-            "num_pairs": sum(b["input_ids"].shape[0] // 2 for b in update),
-            "tokens": sum(int(b["attention_mask"].sum()) for b in update),
+            "num_pairs": sum(b["num_pairs"] for b in update),
+            # tokens/s counts the pairs' tokens (two full sequences each), the same unit for shared and unshared rows
+            "tokens": sum(b["pair_tokens"] for b in update),
         }
 
     def _loss(self, batch: dict) -> LossOutput:
@@ -188,8 +204,8 @@ class DPO(common.DatasetAlgorithm):
     def loss(self, micro, totals) -> LossOutput:
         self.model.train()
         out = self._loss(micro)
-        pairs = micro["input_ids"].shape[0] // 2
-        return LossOutput(out.loss * (pairs / totals["num_pairs"]), out.metrics)
+        metrics = {**out.metrics, "forward_token_fraction": micro["forward_tokens"] / micro["pair_tokens"]}
+        return LossOutput(out.loss * (micro["num_pairs"] / totals["num_pairs"]), metrics)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -201,7 +217,7 @@ class DPO(common.DatasetAlgorithm):
         bs = self.cfg.train.batch_size
         for start in range(0, len(self.eval_items), bs):
             chunk = self.eval_items[start : start + bs]
-            out = self._loss(pair_batch(chunk, self.pad_id, "eval"))
+            out = self._loss(pair_batch(chunk, self.pad_id, "eval", self.share_prompt))
             for key, value in {"loss": out.loss, **out.metrics}.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * len(chunk)
         self.model.train()

