@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real-model figures of the closing notes, reproducible: run after `posttrain demo` (it needs runs/demo/sft/final).
 #   bash scripts/real_model_experiments.sh preference   # DPO, IPO, SimPO, ORPO, KTO from the demo's SFT model
-#   bash scripts/real_model_experiments.sh grpo         # GRPO with the numeric verifier, 30-minute budget
+#   bash scripts/real_model_experiments.sh grpo [KEY=VALUE ...]  # GRPO with the numeric verifier, 30-minute budget
 #   bash scripts/real_model_experiments.sh overopt      # posttrain demo --overopt
 # Each run writes runs/exp/NAME; `held-out accuracy` is `posttrain eval` (greedy) on 64 test prompts.
 set -euo pipefail
@@ -44,7 +44,7 @@ grpo() {
   $PT grpo --model $SFT --data task:arithmetic --output-dir runs/exp/grpo "${COMMON[@]}" train.max_steps=1000 \
     train.max_minutes=${GRPO_MINUTES:-27} train.schedule=constant train.lr=1e-5 train.batch_size=32 train.eval_every=10 \
     algo.rewards=[numeric] algo.prompts_per_step=4 algo.num_generations=8 algo.max_new_tokens=24 \
-    algo.eval_max_new_tokens=24 algo.beta=0.0 data.num_examples=2000 > runs/exp.grpo.log 2>&1
+    algo.eval_max_new_tokens=24 algo.beta=0.0 data.num_examples=2000 "$@" > runs/exp.grpo.log 2>&1
   echo "grpo: $(grep -c '"loss"' runs/exp/grpo/metrics.jsonl) steps; task accuracy $(heldout runs/exp/grpo/final)"
 }
 

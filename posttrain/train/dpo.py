@@ -170,12 +170,13 @@ class DPO(common.DatasetAlgorithm):
     def _ref_columns(self) -> dict[str, reference.RefColumn]:
         train = self.cfg.train
         needed = reference.planned_indices(self.order, train.max_steps * train.grad_accum)
+        share = lambda split: f"{split}.rejected" if self.share_prompt else None  # noqa: E731
         columns = {
-            "train.chosen": reference.RefColumn([p.chosen for p in self.train_items], needed),
+            "train.chosen": reference.RefColumn([p.chosen for p in self.train_items], needed, share("train")),
             "train.rejected": reference.RefColumn([p.rejected for p in self.train_items], needed),
         }
         if self.eval_items:
-            columns["eval.chosen"] = reference.RefColumn([p.chosen for p in self.eval_items])
+            columns["eval.chosen"] = reference.RefColumn([p.chosen for p in self.eval_items], None, share("eval"))
             columns["eval.rejected"] = reference.RefColumn([p.rejected for p in self.eval_items])
         return columns
 

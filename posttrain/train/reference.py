@@ -48,10 +48,13 @@ class RefColumn:
     """One group of sequences the reference scores (e.g. the train split's chosen completions).
 
     items[i] is the sequence of example i; needed lists the indices this run will look up (None = all).
+    shares_prompt_with names a column whose item i has the same prompt: the two are scored in one row
+    (`shared_prefix.pack_pairs`), the prompt encoded once.
     """
 
     items: list[Encoded]
     needed: list[int] | None = None
+    shares_prompt_with: str | None = None
 
 
 def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +94,24 @@ def score_sequences(model, items: list[Encoded], pad_id: int, batch_size: int, m
         out[idx] = sums.float().cpu()
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def score_pairs(model, pairs: list[tuple[Encoded, Encoded]], pad_id: int, batch_size: int, model_cfg):
+    """score_sequences for (first, second) pairs that share a prompt, one row per pair -> (N,), (N,) fp32."""
+    from posttrain.models.shared_prefix import pack_pairs
+
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    firsts, seconds = torch.empty(len(pairs)), torch.empty(len(pairs))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        with autocast_context(model_cfg):
+            sums, _ = sequence_logps(model, pack_pairs([pairs[i] for i in idx], pad_id), model_cfg.logprob_chunk)
+        firsts[idx], seconds[idx] = sums[: len(idx)].float().cpu(), sums[len(idx):].float().cpu()
+    model.train(was_training)
+    return firsts, seconds
 
 
 def planned_indices(order: BatchOrder, n_batches: int) -> list[int]:
@@ -270,9 +291,7 @@ def precompute(policy, cfg, columns: dict[str, RefColumn], pad_id: int, ref_mode
     computed = sum(map(len, todo.values()))
     if computed:
         with scoring_model(policy, cfg.model, ref_model) as model:
-            for col, missing in todo.items():
-                sums = score_sequences(model, [columns[col].items[i] for i in missing], pad_id, 2 * cfg.train.batch_size, cfg.model)
-                table[col][1].update(zip(missing, sums.tolist()))
+            _score_missing(model, columns, todo, table, pad_id, cfg)
         del model  # a loaded ref_model must not outlive the pass
     if computed or set(stored) != set(table):
         _write_table(path, identity, table)
@@ -287,6 +306,26 @@ def precompute(policy, cfg, columns: dict[str, RefColumn], pad_id: int, ref_mode
         "reference/seconds": time.perf_counter() - start,
     }
     return PrecomputedReference(dense), metrics
+
+
+def _score_missing(model, columns: dict[str, RefColumn], todo: dict[str, list[int]], table: dict, pad_id: int, cfg) -> None:
+    """Score todo[col] of every column into table[col]; indices missing from a column and its prompt partner go
+    through one shared-prompt row each, the rest through rows of their own."""
+    from posttrain.models.shared_prefix import supports_shared_prefix
+
+    batch_size = 2 * cfg.train.batch_size
+    for col in todo:
+        partner = columns[col].shares_prompt_with
+        if partner in todo and supports_shared_prefix(model):
+            both = sorted(set(todo[col]) & set(todo[partner]))
+            pairs = [(columns[col].items[i], columns[partner].items[i]) for i in both]
+            firsts, seconds = score_pairs(model, pairs, pad_id, batch_size, cfg.model)
+            table[col][1].update(zip(both, firsts.tolist()))
+            table[partner][1].update(zip(both, seconds.tolist()))
+            todo[col] = [i for i in todo[col] if i not in set(both)]
+            todo[partner] = [i for i in todo[partner] if i not in set(both)]
+        sums = score_sequences(model, [columns[col].items[i] for i in todo[col]], pad_id, batch_size, cfg.model)
+        table[col][1].update(zip(todo[col], sums.tolist()))
 
 
 def build_reference(policy, cfg, columns: dict[str, RefColumn], pad_id: int, ref_model: str | None, precompute_ref: bool):

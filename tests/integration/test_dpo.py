@@ -191,6 +191,18 @@ def test_shared_prompt_rows_train_exactly_like_two_rows(tmp_path, tiny_dir, data
     assert runs[False][0]["forward_token_fraction"] == 1.0 and runs[True][0]["forward_token_fraction"] < 0.8
 
 
+def test_shared_prompt_reference_pass_matches_separate_rows(tmp_path, tiny_dir, data):
+    """The precomputed reference scores each pair in one row too: the same table as two rows per pair."""
+    tables = {}
+    for share in (True, False):
+        algo = build(make_cfg(tmp_path, tiny_dir, data, f"algo.share_prompt={share}", run=f"run-{share}"))
+        tables[share] = algo.reference.tables
+    assert set(tables[True]) == set(tables[False]) == {"train.chosen", "train.rejected", "eval.chosen", "eval.rejected"}
+    for col in tables[False]:
+        assert not torch.isnan(tables[True][col]).all()
+        torch.testing.assert_close(tables[True][col], tables[False][col], atol=2e-5, rtol=0, equal_nan=True)
+
+
 def test_lora_reference_is_the_adapter_off_base(tmp_path, tiny_dir, data):
     cfg = make_cfg(tmp_path, tiny_dir, data, "model.lora.enabled=true", "model.lora.r=4", "train.max_steps=5", "train.lr=5e-2")
     algo = build(cfg)
