@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import torch
 
+from posttrain.models.forward import _unwrap
 from posttrain.ops import IGNORE_INDEX, hidden_logprobs
 
 # attention implementations that take an arbitrary 4D mask (flash-attention kernels do not)
 MASKABLE = ("sdpa", "eager")
 
 
+def _attention(model) -> str:
+    return getattr(_unwrap(model).config, "_attn_implementation", "eager")
+
+
 def supports_shared_prefix(model) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(inner.config, "_attn_implementation", "eager") in MASKABLE
+    return _attention(model) in MASKABLE
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -51,9 +55,9 @@ def pack_pairs(pairs: list[tuple], pad_id: int) -> dict:
     """
     B = len(pairs)
     rows, positions, segments, index, label, seq = [], [], [], [], [], []
-    T = max(len(a) + len(b) - common_prefix(a.input_ids, b.input_ids) for a, b in pairs)
-    for row, (first, second) in enumerate(pairs):
-        L = common_prefix(first.input_ids, second.input_ids)
+    prefixes = [common_prefix(a.input_ids, b.input_ids) for a, b in pairs]
+    T = max(len(a) + len(b) - L for (a, b), L in zip(pairs, prefixes))
+    for row, ((first, second), L) in enumerate(zip(pairs, prefixes)):
         n1, n2 = len(first), len(second)
         ids = first.input_ids + second.input_ids[L:]
         pad = T - len(ids)
@@ -93,9 +97,9 @@ def shared_prefix_logps(model, batch: dict, chunk_size: int = 1024) -> tuple[tor
     """Summed log-probs of the labelled tokens of each of the 2B sequences of a `pack_pairs` batch, and their
     counts: (2B,) fp32 each, firsts then seconds. One decoder pass over B rows; the output head runs in chunks
     on the labelled positions only (`ops.hidden_logprobs`)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = _unwrap(model)
     decoder = getattr(inner, inner.base_model_prefix)
-    eager = getattr(inner.config, "_attn_implementation", "eager") == "eager"
+    eager = _attention(model) == "eager"
     device = batch["input_ids"].device
     mask = block_mask(batch["segments"], next(inner.parameters()).dtype if eager else None)
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],

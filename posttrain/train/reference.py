@@ -322,8 +322,9 @@ def _score_missing(model, columns: dict[str, RefColumn], todo: dict[str, list[in
             firsts, seconds = score_pairs(model, pairs, pad_id, batch_size, cfg.model)
             table[col][1].update(zip(both, firsts.tolist()))
             table[partner][1].update(zip(both, seconds.tolist()))
-            todo[col] = [i for i in todo[col] if i not in set(both)]
-            todo[partner] = [i for i in todo[partner] if i not in set(both)]
+            done = set(both)
+            todo[col] = [i for i in todo[col] if i not in done]
+            todo[partner] = [i for i in todo[partner] if i not in done]
         sums = score_sequences(model, [columns[col].items[i] for i in todo[col]], pad_id, batch_size, cfg.model)
         table[col][1].update(zip(todo[col], sums.tolist()))
 

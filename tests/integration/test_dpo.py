@@ -129,12 +129,8 @@ def test_reference_free_losses_load_no_reference(tmp_path, tiny_dir, data, monke
     assert read_metrics(tmp_path / "run")[0]["models_in_memory"] == 1
 
 
-def test_prompt_tokens_get_no_gradient(tmp_path, tiny_dir, data, tok):
-    """The last hidden state at t only feeds the prediction of token t+1: its gradient must be exactly 0 wherever
-    token t+1 is a prompt token or padding, and non-zero where it is a completion token."""
-    algo = build(make_cfg(tmp_path, tiny_dir, data))
-    items = algo.train_items[:4]
-    batch = pair_batch(items, algo.pad_id, "train")
+def loss_and_hidden_grad(algo, batch):
+    """The micro-batch loss and, per position, the gradient magnitude on the decoder's last hidden state (rows, T)."""
     captured = {}
 
     def keep(module, inputs, output):
@@ -145,7 +141,16 @@ def test_prompt_tokens_get_no_gradient(tmp_path, tiny_dir, data, tok):
     out = algo.loss(batch, algo.totals([batch]))
     handle.remove()
     out.loss.backward()
-    grad = captured["h"].grad.abs().sum(-1)  # (2B, T)
+    return out, captured["h"].grad.abs().sum(-1)
+
+
+def test_prompt_tokens_get_no_gradient(tmp_path, tiny_dir, data, tok):
+    """The last hidden state at t only feeds the prediction of token t+1: its gradient must be exactly 0 wherever
+    token t+1 is a prompt token or padding, and non-zero where it is a completion token."""
+    algo = build(make_cfg(tmp_path, tiny_dir, data))
+    items = algo.train_items[:4]
+    batch = pair_batch(items, algo.pad_id, "train")
+    out, grad = loss_and_hidden_grad(algo, batch)  # grad: (2B, T)
     target_is_completion = torch.zeros_like(grad, dtype=torch.bool)
     target_is_completion[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
     assert (grad[~target_is_completion] == 0).all()
@@ -162,17 +167,8 @@ def test_shared_prompt_rows_get_gradient_only_where_a_completion_token_is_predic
     last one predicts the first token of both answers) get gradient, every other position exactly none."""
     algo = build(make_cfg(tmp_path, tiny_dir, data))
     batch = pair_batch(algo.train_items[:4], algo.pad_id, "train", share_prompt=True)
-    captured = {}
-
-    def keep(module, inputs, output):
-        output.retain_grad()
-        captured["h"] = output
-
-    handle = algo.model.model.norm.register_forward_hook(keep)
-    out = algo.loss(batch, algo.totals([batch]))
-    handle.remove()
-    out.loss.backward()
-    grad = captured["h"].grad.abs().sum(-1).reshape(-1)  # (B*T,)
+    out, grad = loss_and_hidden_grad(algo, batch)
+    grad = grad.reshape(-1)  # (B*T,)
     predicts = torch.zeros_like(grad, dtype=torch.bool)
     predicts[batch["score_index"]] = True
     assert (grad[~predicts] == 0).all() and (grad[predicts] > 0).all()
