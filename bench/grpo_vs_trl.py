@@ -9,8 +9,13 @@ G completions for each of `--prompts-per-step` prompts, scores them with posttra
 (TRL calls it through `numeric_reward` below, which takes the text out of TRL's message-list completions)
 and makes one optimizer update over the rollout in micro-batches of `--micro-batch` rows. Contenders:
   posttrain       our defaults: model.autocast=auto (bf16 only where it is fast), no gradient checkpointing,
-                  each prompt's KV cache shared by its G samples; beta 0 (no reference model loaded)
-  posttrain-kl    the same with beta=--kl-beta (a frozen reference copy, k3 estimator in the loss)
+                  each prompt's KV cache shared by its G samples, each group's completions scored in one row
+                  around its prompt (algo.share_prompt); beta 0 (no reference model loaded). One change from
+                  the defaults so both sides do the same work: every row is trained (skip_inert_rows=false)
+  posttrain-skip  the defaults as shipped: rows with advantage 0 (groups whose rewards are all equal) get no
+                  forward pass; the gradient is the same, the saving depends on the zero-variance fraction
+  posttrain-kl    `posttrain` with beta=--kl-beta (a frozen reference copy, k3 estimator in the loss)
+  posttrain-padded  `posttrain` with algo.share_prompt=false: one padded row per completion, as TRL does
   trl-best        GRPOConfig tuned for this machine: bf16 only where it is fast, gradient_checkpointing=False
   trl-best-kl     the same with beta=--kl-beta
   trl-ckpt        GRPOConfig as shipped except bf16 where bf16 is slow: gradient_checkpointing=True
@@ -25,7 +30,9 @@ Figures: completions/s = completions generated / total optimizer-step wall time 
 forward, backward, update). gen % = generation time / step time. Generation MFU = 2 * params * completion
 tokens / generation seconds; step MFU counts 2 * params per generated token, 6 * params per trained token
 (prompt + completion) and, with beta > 0, 2 * params per reference-scored token, over the step time; both over
-the machine's measured matmul peak (bench/matmul_peak.py). Mean reward is of each contender's own samples.
+the machine's measured matmul peak (bench/matmul_peak.py). Trained tokens are the ones the forward passes ran:
+`fwd tok %` of the padded rows' tokens for posttrain (a shared prompt counts once, a skipped row not at all),
+100 % for TRL. `0-var %`: groups whose rewards were all equal. Mean reward is of each contender's own samples.
 """
 
 from __future__ import annotations
@@ -44,8 +51,10 @@ from matmul_peak import FLOPS_PER_TOKEN, load_average  # noqa: E402
 
 # contender -> (side, settings, KL on)
 CONTENDERS = {
-    "posttrain": ("posttrain", "defaults", False),
-    "posttrain-kl": ("posttrain", "defaults", True),
+    "posttrain": ("posttrain", "equal-work", False),
+    "posttrain-skip": ("posttrain", "skip", False),
+    "posttrain-kl": ("posttrain", "equal-work", True),
+    "posttrain-padded": ("posttrain", "padded", False),
     "trl-best": ("trl", "best", False),
     "trl-best-kl": ("trl", "best", True),
     "trl-ckpt": ("trl", "ckpt", False),
@@ -84,7 +93,11 @@ def numeric_reward(prompts, completions, answer, **kwargs) -> list[float]:
 
 # ---- workers (each in its own process) -----------------------------------------------------------------------------
 
-def run_posttrain(args, work: Path, kl: bool) -> dict:
+POSTTRAIN_VARIANTS = {"equal-work": ["algo.skip_inert_rows=false"], "skip": [],
+                      "padded": ["algo.skip_inert_rows=false", "algo.share_prompt=false"]}
+
+
+def run_posttrain(args, work: Path, kl: bool, variant: str) -> dict:
     import torch
 
     from posttrain.config import load_config
@@ -99,8 +112,9 @@ def run_posttrain(args, work: Path, kl: bool) -> dict:
         "train.tensorboard=false", "train.progress=false", f"train.num_threads={args.threads}", "algo.rewards=[numeric]",
         f"algo.num_generations={args.num_generations}", f"algo.prompts_per_step={args.prompts_per_step}",
         f"algo.max_new_tokens={args.max_new_tokens}", f"algo.temperature={args.temperature}", f"algo.beta={beta}",
+        *POSTTRAIN_VARIANTS[variant],
     ]
-    name = "posttrain-kl" if kl else "posttrain"
+    name = "posttrain-kl" if kl else "posttrain" if variant == "equal-work" else f"posttrain-{variant}"
     flags = {"model.name_or_path": args.model, "data.path": str(work / "prompts.jsonl"), "train.output_dir": str(work / f"{name}-run")}
     cfg = load_config("grpo", None, overrides, flags)
     common.setup_run(cfg)
@@ -109,7 +123,7 @@ def run_posttrain(args, work: Path, kl: bool) -> dict:
     trainer = Trainer(algo, cfg.train)
     H.no_saving(trainer, algo)
     trainer.fit()
-    if not kl:
+    if name == "posttrain":
         H.write_setup(work, {"order": visited}, "order")
     steps = H.metrics_rows(work / f"{name}-run")
     rows = args.prompts_per_step * args.num_generations
@@ -117,6 +131,8 @@ def run_posttrain(args, work: Path, kl: bool) -> dict:
         "step_s": [r["step_time_s"] for r in steps], "gen_s": [r["timing/generate_s"] for r in steps],
         "rewards": [r["reward"] for r in steps], "completion_tokens": [r["completions/mean_length"] * rows for r in steps],
         "train_tokens": [r["tokens_per_s"] * r["step_time_s"] for r in steps], "kl": [r.get("kl") for r in steps],
+        "forward_fraction": [r["forward_token_fraction"] for r in steps],
+        "zero_variance": [r["zero_variance_groups"] for r in steps],
         "params": sum(p.numel() for p in algo.model.parameters()), "models": algo.models_in_memory, "beta": beta,
         "settings": f"autocast={'bf16' if wants_bf16(cfg.model) else 'fp32'}, ckpt={'on' if cfg.model.gradient_checkpointing else 'off'}",
         "threads": torch.get_num_threads(),
@@ -181,7 +197,7 @@ def run_trl(args, work: Path, variant: str, kl: bool) -> dict:
 
 def _worker(args, work: Path, name: str) -> dict:
     side, variant, kl = CONTENDERS[name]
-    return run_posttrain(args, work, kl) if side == "posttrain" else run_trl(args, work, variant, kl)
+    return run_posttrain(args, work, kl, variant) if side == "posttrain" else run_trl(args, work, variant, kl)
 
 
 WORKERS = {name: functools.partial(_worker, name=name) for name in CONTENDERS}
@@ -195,7 +211,10 @@ def summarize(results: dict, args, peak: dict) -> list[dict]:
     rows = []
     for name, r in results.items():
         n, step_s, gen_s = len(r["step_s"]), sum(r["step_s"]), sum(r["gen_s"])
-        gen_tokens, train_tokens = sum(r["completion_tokens"]), sum(r["train_tokens"])
+        gen_tokens = sum(r["completion_tokens"])
+        # tokens the training forward passes actually ran (a shared prompt counts once, skipped rows not at all)
+        fraction = r.get("forward_fraction", [1.0] * n)
+        train_tokens = sum(t * f for t, f in zip(r["train_tokens"], fraction))
         flops = params * (FLOPS_PER_TOKEN["generate"] * gen_tokens + FLOPS_PER_TOKEN["train"] * train_tokens
                           + (FLOPS_PER_TOKEN["forward"] * train_tokens if r["beta"] > 0 else 0))
         rows.append({
@@ -203,6 +222,7 @@ def summarize(results: dict, args, peak: dict) -> list[dict]:
             "gen %": 100 * gen_s / step_s, "gen MFU %": 100 * FLOPS_PER_TOKEN["generate"] * params * gen_tokens / gen_s / (peak["best"] * 1e9),
             "step MFU %": 100 * flops / step_s / (peak["best"] * 1e9), "compl len": gen_tokens / (per_step * n),
             "reward": sum(r["rewards"]) / n, "peak GB": r["peak_gb"], "models": r["models"], "process s": r["wall_s"],
+            "fwd tok %": 100 * sum(fraction) / n, "0-var %": 100 * sum(r["zero_variance"]) / n if "zero_variance" in r else float("nan"),
             "settings": r["settings"],
         })
     return rows
@@ -216,7 +236,8 @@ def print_report(rows: list[dict], results: dict, args, peak: dict) -> None:
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     cols = [("contender", 14, ""), ("beta", 6, ".2f"), ("steps", 6, "d"), ("compl/s", 8, ".2f"), ("s/step", 8, ".1f"),
             ("gen %", 6, ".0f"), ("gen MFU %", 10, ".1f"), ("step MFU %", 11, ".1f"), ("compl len", 10, ".1f"),
-            ("reward", 7, ".3f"), ("peak GB", 8, ".2f"), ("models", 7, "d"), ("process s", 10, ".1f")]
+            ("reward", 7, ".3f"), ("0-var %", 8, ".0f"), ("fwd tok %", 10, ".0f"), ("peak GB", 8, ".2f"), ("models", 7, "d"),
+            ("process s", 10, ".1f")]
     print(H.format_table(cols, rows))
     for row in rows:
         print(f"  {row['contender']:<14} {row['settings']}")

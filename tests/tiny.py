@@ -83,3 +83,10 @@ def vowel_reward(prompts, completions, **_):
 
 def prompt_rows(n: int = 32):
     return [{"prompt": f"say {i}", "answer": str(i)} for i in range(n)]
+
+
+def vowel_reward_on_odd_prompts(prompts, completions, **_):
+    """`vowel_reward` for prompts ending in an odd digit, a constant 0.5 otherwise: half the groups have zero
+    variance, so half the rows of a GRPO rollout have advantage 0."""
+    dense = vowel_reward(prompts, completions)
+    return [r if p.rstrip()[-1] in "13579" else 0.5 for p, r in zip(prompts, dense)]

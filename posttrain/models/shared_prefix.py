@@ -1,4 +1,5 @@
-"""Two sequences that share a prefix, scored in one row: the prompt of a preference pair is encoded once.
+"""Sequences that share a prefix, scored in one row: the prompt of a preference pair or of a GRPO group is
+encoded once.
 
 A pair (prompt+chosen, prompt+rejected) of lengths Lc and Lr whose first L tokens agree becomes one row
     [ common prefix (L) | chosen tail (Lc - L) | rejected tail (Lr - L) ]
@@ -93,21 +94,78 @@ def block_mask(segments: torch.Tensor, additive_dtype: torch.dtype | None = None
         ~allowed, torch.finfo(additive_dtype).min)
 
 
-def shared_prefix_logps(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the labelled tokens of each of the 2B sequences of a `pack_pairs` batch, and their
-    counts: (2B,) fp32 each, firsts then seconds. One decoder pass over B rows; the output head runs in chunks
-    on the labelled positions only (`ops.hidden_logprobs`)."""
+def _packed_token_logps(model, batch: dict, chunk_size: int, with_entropy: bool = False, temperature: float = 1.0):
+    """One decoder pass over a packed batch; (N,) fp32 log-probs [and entropies] of its `score_label` tokens, each
+    predicted by the hidden state at `score_index`. The output head runs in chunks on those positions only."""
     inner = _unwrap(model)
     decoder = getattr(inner, inner.base_model_prefix)
     eager = _attention(model) == "eager"
-    device = batch["input_ids"].device
     mask = block_mask(batch["segments"], next(inner.parameters()).dtype if eager else None)
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
                      use_cache=False).last_hidden_state
     picked = hidden.reshape(-1, hidden.shape[-1])[batch["score_index"]]
     head = inner.get_output_embeddings()
-    logp = hidden_logprobs(picked[None], head, batch["score_label"][None], chunk_size)[0]
+    out = hidden_logprobs(picked[None], head, batch["score_label"][None], chunk_size, with_entropy, temperature)
+    return (out[0][0], out[1][0]) if with_entropy else out[0]
+
+
+def shared_prefix_logps(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the labelled tokens of each of the 2B sequences of a `pack_pairs` batch, and their
+    counts: (2B,) fp32 each, firsts then seconds. One decoder pass over B rows."""
+    logp = _packed_token_logps(model, batch, chunk_size)
     n = batch["num_seqs"]
-    sums = torch.zeros(n, dtype=torch.float32, device=device).index_add(0, batch["score_seq"], logp.float())
+    sums = torch.zeros(n, dtype=torch.float32, device=logp.device).index_add(0, batch["score_seq"], logp.float())
     counts = torch.bincount(batch["score_seq"], minlength=n).float()
     return sums, counts
+
+
+def pack_groups(prompts: list[list[int]], completions: list[list[list[int]]], pad_id: int) -> dict:
+    """R prompts with their completions -> R right-padded rows [prompt | completion 1 | ... | completion K_r].
+
+    The G samples of a GRPO group share their prompt, so its tokens run through the model once instead of G
+    times (on the demo task a group of 8 costs ~3x fewer tokens). Every completion token is scored; the first
+    of each is predicted by the prompt's last hidden state.
+    Returns input_ids, position_ids, segments (R, T) (0 prompt, k the k-th completion, -1 padding); score_index,
+    score_label (N,) as in `pack_pairs`; score_seq (N,) the completion's number in row-major order of
+    `completions`; score_pos (N,) the token's index within its completion.
+    """
+    T = max(len(p) + sum(len(c) for c in cs) for p, cs in zip(prompts, completions))
+    rows, positions, segments, index, label, seq, pos = [], [], [], [], [], [], []
+    number = 0
+    for r, (prompt, tails) in enumerate(zip(prompts, completions)):
+        if not prompt:
+            raise ValueError("pack_groups needs a non-empty prompt: a completion's first token is predicted from it")
+        L = len(prompt)
+        ids, position, segment = list(prompt), list(range(L)), [0] * L
+        for k, tail in enumerate(tails, start=1):
+            start = len(ids)
+            for t, token in enumerate(tail):
+                index.append(r * T + (L - 1 if t == 0 else start + t - 1))
+                label.append(token)
+                seq.append(number)
+                pos.append(t)
+            ids += tail
+            position += range(L, L + len(tail))
+            segment += [k] * len(tail)
+            number += 1
+        pad = T - len(ids)
+        rows.append(ids + [pad_id] * pad)
+        positions.append(position + [0] * pad)
+        segments.append(segment + [-1] * pad)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return {"input_ids": as_long(rows), "position_ids": as_long(positions), "segments": as_long(segments),
+            "score_index": as_long(index), "score_label": as_long(label), "score_seq": as_long(seq),
+            "score_pos": as_long(pos), "num_seqs": number}
+
+
+def grouped_token_logps(model, batch: dict, width: int, chunk_size: int = 1024, with_entropy: bool = False,
+                        temperature: float = 1.0):
+    """Per-token log-probs (S, width) fp32 of the S completions of a `pack_groups` batch, aligned with each
+    completion's tokens (0 past its end) [and the entropies of the predicting distributions, same shape]."""
+    out = _packed_token_logps(model, batch, chunk_size, with_entropy, temperature)
+    where = (batch["score_seq"], batch["score_pos"])
+
+    def spread(values):
+        return values.new_zeros(batch["num_seqs"], width, dtype=torch.float32).index_put(where, values.float())
+
+    return (spread(out[0]), spread(out[1])) if with_entropy else spread(out)

@@ -18,7 +18,8 @@ from posttrain.config import RunConfig, register_algo_config
 from posttrain.ops import masked_mean
 from posttrain.train import common
 from posttrain.train.loop import Iteration, Trainer
-from posttrain.train.online import OnlineBase, OnlineConfig, RolloutBatch
+from posttrain.train.online import OnlineBase, OnlineConfig
+from posttrain.train.rollout_batch import RolloutBatch
 from posttrain.types import LossOutput
 
 
@@ -33,6 +34,7 @@ class GRPOConfig(OnlineConfig):
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
     kl_in: str = "loss"  # loss: beta * KL estimate added to the loss; reward: beta * sequence KL subtracted from the reward
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and sample more prompts
+    skip_inert_rows: bool = True  # rows with advantage 0 and no KL term in the loss get no forward pass (same gradient)
     max_sampling_rounds: int = 3
 
 
@@ -56,7 +58,7 @@ class GRPO(OnlineBase):
         return batch, metrics
 
     def _refill(self, batch: RolloutBatch, step: int, degenerate: torch.Tensor):
-        from posttrain.train.online import concat_batches, select_rows
+        from posttrain.train.rollout_batch import concat_batches, select_rows
 
         kept = select_rows(batch, ~degenerate)
         rounds = 0
@@ -87,8 +89,17 @@ class GRPO(OnlineBase):
                 rewards = rewards - a.beta * seq_kl
         batch.extra["advantages"] = masked_group_advantages(rewards, batch.group, batch.extra["reward_valid"], a.advantage)
         self.batch = batch
+        inert = self._inert_rows(batch)
+        metrics["forward_token_fraction"] = self._forward_token_fraction(batch, inert)
         metrics.update(models_in_memory=float(self.models_in_memory), reward=_valid_mean(batch), reward_std=float(batch.rewards[batch.extra["reward_valid"]].std()) if batch.num_rows > 1 else 0.0)
-        return Iteration(self.updates(batch.num_rows, a.minibatch_rows, a.num_iterations, step), metrics)
+        return Iteration(self.updates(batch.num_rows, a.minibatch_rows, a.num_iterations, step, inert), metrics)
+
+    def _inert_rows(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """Rows whose clipped-surrogate term is 0 whatever the ratio (advantage 0) when nothing else is in the loss."""
+        kl_in_loss = self.reference is not None and self.algo_cfg.kl_in == "loss"
+        if not self.algo_cfg.skip_inert_rows or kl_in_loss:
+            return None
+        return batch.extra["advantages"] == 0
 
     def loss(self, rows, totals) -> LossOutput:
         a, b = self.algo_cfg, self.batch

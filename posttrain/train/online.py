@@ -16,12 +16,12 @@ import torch
 from posttrain.config import RunConfig
 from posttrain.data.chat import encode_prompt, end_of_turn_ids
 from posttrain.data.collate import filter_by_length
-from posttrain.models.forward import token_logps
+from posttrain.models.shared_prefix import supports_shared_prefix
 from posttrain.models.loading import adapter_disabled, load_causal_lm, resolve_model_path, wants_bf16
-from posttrain.ops import IGNORE_INDEX
 from posttrain.train import common
 from posttrain.train.monitors import distinct_n
 from posttrain.train.distributed import context
+from posttrain.train.rollout_batch import RolloutBatch, completion_logps
 
 
 @dataclass
@@ -46,36 +46,7 @@ class OnlineConfig:
     eval_rewards: list[str] = field(default_factory=list)  # held-out scoring; default: `rewards`
     eval_max_new_tokens: int = 48
     monitor: dict = field(default_factory=dict)  # MonitorConfig options (train/monitors.py); {enabled: false} turns off
-
-
-@dataclass
-class RolloutBatch:
-    """A scored rollout in the shapes the losses use. N rows = prompts x G; P prompt width; C completion width."""
-
-    input_ids: torch.Tensor  # (N, P + C): left-padded prompt then right-padded completion
-    attention_mask: torch.Tensor  # (N, P + C)
-    completion_mask: torch.Tensor  # (N, C) real completion tokens (first EOS included)
-    loss_mask: torch.Tensor  # (N, C) completion_mask, minus truncated rows when mask_truncated
-    rewards: torch.Tensor  # (N,) combined reward
-    group: torch.Tensor  # (N,) prompt index within this batch
-    truncated: torch.Tensor  # (N,) bool
-    prompt_width: int
-    texts: list[str]
-    prompts: list
-    pad_id: int = 0
-    extra: dict = field(default_factory=dict)  # algorithm tensors: old_logp, ref_logp, advantages, values ...
-
-    @property
-    def num_rows(self) -> int:
-        return self.input_ids.shape[0]
-
-    def labels(self, rows) -> torch.Tensor:
-        """Labels over the full sequence: completion tokens under the loss mask, IGNORE elsewhere."""
-        P = self.prompt_width
-        labels = torch.full_like(self.input_ids[rows], IGNORE_INDEX)
-        comp = self.input_ids[rows, P:]
-        labels[:, P:] = comp.masked_fill(self.completion_mask[rows] == 0, IGNORE_INDEX)
-        return labels
+    share_prompt: bool = True  # score a group's completions in one row around its prompt (train/rollout_batch.py)
 
 
 def accepts(fn, name: str) -> bool:
@@ -113,11 +84,12 @@ class Reference:
         return 1 if self.model is not None else 0
 
     @torch.no_grad()
-    def logps(self, input_ids, attention_mask, labels, temperature: float, chunk: int) -> torch.Tensor:
+    def logps(self, batch: RolloutBatch, rows, temperature: float, chunk: int, share_prompt: bool) -> torch.Tensor:
+        """Completion log-probs (len(rows), C) under the reference."""
         if self.model is not None:
-            return token_logps(self.model, input_ids, attention_mask, labels, chunk, temperature=temperature)
+            return completion_logps(self.model, batch, rows, chunk, False, temperature, share_prompt)
         with adapter_disabled(self.policy):
-            return token_logps(self.policy, input_ids, attention_mask, labels, chunk, temperature=temperature)
+            return completion_logps(self.policy, batch, rows, chunk, False, temperature, share_prompt)
 
 
 class OnlineBase(common.DatasetAlgorithm):
@@ -217,8 +189,16 @@ class OnlineBase(common.DatasetAlgorithm):
         batch.extra["reward_valid"] = ~masked
         batch.extra["sampler_logp"] = rollout.logprobs
         batch.extra["metrics"] = {**scored.metrics(), "rewards/masked_samples": float(masked.sum()), **_length_metrics(rollout), "timing/generate_s": gen_time,
-                                  "completions_per_s": batch.num_rows / max(gen_time, 1e-9)}
+                                  "completions_per_s": batch.num_rows / max(gen_time, 1e-9),
+                                  "forward_token_fraction": self._forward_token_fraction(batch)}
         return batch
+
+    def _forward_token_fraction(self, batch: RolloutBatch, inert: torch.Tensor | None = None) -> float:
+        """Tokens the training forward passes process over those of all rows padded: < 1 when a group's prompt is
+        shared or inert rows are skipped."""
+        share = self.algo_cfg.share_prompt and supports_shared_prefix(self.model)
+        rows = None if inert is None else (~inert).nonzero().squeeze(-1)
+        return batch.forward_tokens(share, rows) / max(batch.forward_tokens(False), 1)
 
     def _length_column(self, lengths) -> dict:
         wants = any(accepts(fn, "completion_lengths") for _, fn, _ in self.rewards.fns)
@@ -230,35 +210,36 @@ class OnlineBase(common.DatasetAlgorithm):
         outs, ents = [], []
         for rows in _chunks(batch.num_rows, self.cfg.train.batch_size):
             with common.autocast_context(self.cfg.model):
-                out = token_logps(self.model, batch.input_ids[rows], batch.attention_mask[rows], batch.labels(rows),
-                                  self.cfg.model.logprob_chunk, with_entropy, self.logp_temperature)
+                out = completion_logps(self.model, batch, rows, self.cfg.model.logprob_chunk, with_entropy,
+                                       self.logp_temperature, self.algo_cfg.share_prompt)
             lp, ent = out if with_entropy else (out, None)
-            outs.append(lp[:, batch.prompt_width :])
-            ents.append(ent[:, batch.prompt_width :] if with_entropy else None)
+            outs.append(lp)
+            ents.append(ent)
         return (torch.cat(outs), torch.cat(ents)) if with_entropy else torch.cat(outs)
 
     def reference_logps(self, batch: RolloutBatch) -> torch.Tensor:
         outs = []
         for rows in _chunks(batch.num_rows, self.cfg.train.batch_size):
             with common.autocast_context(self.cfg.model):
-                lp = self.reference.logps(batch.input_ids[rows], batch.attention_mask[rows], batch.labels(rows),
-                                          self.logp_temperature, self.cfg.model.logprob_chunk)
-            outs.append(lp[:, batch.prompt_width :])
+                outs.append(self.reference.logps(batch, rows, self.logp_temperature, self.cfg.model.logprob_chunk,
+                                                 self.algo_cfg.share_prompt))
         return torch.cat(outs)
 
     def current_logps(self, rows, with_entropy: bool = True):
         """Completion log-probs (and entropies) of the micro-batch `rows`, with gradients."""
-        b = self.batch
         self.model.train()
         with common.autocast_context(self.cfg.model):
-            out = token_logps(self.model, b.input_ids[rows], b.attention_mask[rows], b.labels(rows),
-                              self.cfg.model.logprob_chunk, with_entropy, self.logp_temperature)
-        if not with_entropy:
-            return out[:, b.prompt_width :], None
-        return out[0][:, b.prompt_width :], out[1][:, b.prompt_width :]
+            out = completion_logps(self.model, self.batch, rows, self.cfg.model.logprob_chunk, with_entropy,
+                                   self.logp_temperature, self.algo_cfg.share_prompt)
+        return out if with_entropy else (out, None)
 
-    def updates(self, num_rows: int, minibatch_rows: int, epochs: int, step: int) -> list[list[torch.Tensor]]:
-        """`epochs` passes over the rollout in shuffled minibatches (one optimizer update each) of micro-batches."""
+    def updates(self, num_rows: int, minibatch_rows: int, epochs: int, step: int,
+                inert: torch.Tensor | None = None) -> list[Update]:
+        """`epochs` passes over the rollout in shuffled minibatches (one optimizer update each) of micro-batches.
+
+        `inert` (N,) bool marks rows whose loss and gradient are exactly zero (a GRPO row with advantage 0 and
+        no KL term in the loss): they run through no forward pass but still count in the loss normalizers, so
+        the update is the one over all rows. An update keeps at least one micro-batch, so metrics exist."""
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step)
         micro = self.cfg.train.batch_size
         minibatch_rows = minibatch_rows or num_rows
@@ -267,15 +248,19 @@ class OnlineBase(common.DatasetAlgorithm):
             perm = torch.randperm(num_rows, generator=gen) if epochs > 1 or minibatch_rows < num_rows else torch.arange(num_rows)
             for s in range(0, num_rows, minibatch_rows):
                 mb = perm[s : s + minibatch_rows]
-                out.append([mb[k : k + micro] for k in range(0, len(mb), micro)])
+                live = mb if inert is None or bool(inert[mb].all()) else mb[~inert[mb]]
+                update = Update(live[k : k + micro] for k in range(0, len(live), micro))
+                update.skipped = mb[~torch.isin(mb, live)]
+                out.append(update)
         return out
 
     def totals(self, update) -> dict:
         mask = self.batch.loss_mask
+        counted = list(update) + [getattr(update, "skipped", mask.new_zeros(0, dtype=torch.long))]
         return {
-            "num_tokens": sum(int(mask[rows].sum()) for rows in update),
-            "num_seqs": sum(len(rows) for rows in update),
-            "tokens": sum(int(self.batch.attention_mask[rows].sum()) for rows in update),
+            "num_tokens": sum(int(mask[rows].sum()) for rows in counted),
+            "num_seqs": sum(len(rows) for rows in counted),
+            "tokens": sum(int(self.batch.attention_mask[rows].sum()) for rows in counted),
         }
 
     @torch.no_grad()
@@ -295,6 +280,13 @@ class OnlineBase(common.DatasetAlgorithm):
         summary, _ = evaluate_policy(self.model, self.tokenizer, self.eval_records, fns, gen_cfg)
         return {k: v for k, v in summary.items() if isinstance(v, float)}
 
+
+
+class Update(list):
+    """An optimizer update's micro-batches (row indices), and `skipped`: rows counted in the loss normalizers
+    that no forward pass needs (see `OnlineBase.updates`)."""
+
+    skipped: torch.Tensor
 
 
 def _make_monitor(options: dict):
@@ -326,43 +318,3 @@ def _length_metrics(rollout) -> dict:
         "completions/distinct_2": distinct_n([ids[m.bool()].tolist() for ids, m in
                                               zip(rollout.completion_ids, rollout.completion_mask)]),
     }
-
-
-def select_rows(batch: RolloutBatch, keep: torch.Tensor) -> RolloutBatch:
-    """The rows where `keep` (N,) bool is true, groups renumbered from 0 in order of appearance."""
-    idx = keep.nonzero().squeeze(-1)
-    _, group = torch.unique_consecutive(batch.group[idx], return_inverse=True)
-    return RolloutBatch(
-        input_ids=batch.input_ids[idx], attention_mask=batch.attention_mask[idx], completion_mask=batch.completion_mask[idx],
-        loss_mask=batch.loss_mask[idx], rewards=batch.rewards[idx], group=group, truncated=batch.truncated[idx],
-        prompt_width=batch.prompt_width, texts=[batch.texts[i] for i in idx.tolist()],
-        prompts=[batch.prompts[i] for i in idx.tolist()], pad_id=batch.pad_id,
-        extra={**batch.extra, "reward_valid": batch.extra["reward_valid"][idx]},
-    )
-
-
-def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
-    """Rows of several rollouts in one batch: prompts re-left-padded and completions re-right-padded."""
-    import torch.nn.functional as F
-
-    P = max(b.prompt_width for b in batches)
-    C = max(b.completion_mask.shape[1] for b in batches)
-    pad_id = batches[0].pad_id
-
-    def widen(b, t, fill):
-        prompt, comp = t[:, : b.prompt_width], t[:, b.prompt_width :]
-        return torch.cat([F.pad(prompt, (P - b.prompt_width, 0), value=fill), F.pad(comp, (0, C - comp.shape[1]), value=fill)], 1)
-
-    offsets, groups = 0, []
-    for b in batches:
-        groups.append(b.group + offsets)
-        offsets += int(b.group.max()) + 1 if b.num_rows else 0
-    cat = lambda f: torch.cat([f(b) for b in batches])  # noqa: E731
-    return RolloutBatch(
-        input_ids=cat(lambda b: widen(b, b.input_ids, pad_id)), attention_mask=cat(lambda b: widen(b, b.attention_mask, 0)),
-        completion_mask=cat(lambda b: F.pad(b.completion_mask, (0, C - b.completion_mask.shape[1]))),
-        loss_mask=cat(lambda b: F.pad(b.loss_mask, (0, C - b.loss_mask.shape[1]))), rewards=cat(lambda b: b.rewards),
-        group=torch.cat(groups), truncated=cat(lambda b: b.truncated), prompt_width=P,
-        texts=[t for b in batches for t in b.texts], prompts=[p for b in batches for p in b.prompts], pad_id=pad_id,
-        extra={**batches[0].extra, "reward_valid": cat(lambda b: b.extra["reward_valid"])},
-    )

@@ -19,7 +19,8 @@ from posttrain.config import RunConfig, register_algo_config
 from posttrain.ops import agg_loss, masked_mean, whiten
 from posttrain.train import common
 from posttrain.train.loop import Iteration, Trainer
-from posttrain.train.online import OnlineBase, OnlineConfig, RolloutBatch, _chunks
+from posttrain.train.online import OnlineBase, OnlineConfig, _chunks
+from posttrain.train.rollout_batch import RolloutBatch
 from posttrain.types import LossOutput
 
 

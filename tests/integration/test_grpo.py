@@ -88,3 +88,58 @@ def test_each_prompt_once_per_epoch_in_g_rows_and_duplicates_stay_separate(tmp_p
             seen[texts.pop()] += 1
     assert sum(seen.values()) == 12
     assert all(seen[f"say {i}"] == (2 if i < 4 else 1) for i in range(8))
+
+
+def test_shared_prompt_rows_train_like_padded_rows(tmp_path, tiny_dir, prompts):
+    """algo.share_prompt (default on) against padded rows: the same losses, KLs and gradient norms, with
+    minibatches that split groups (num_iterations 2, 12-row minibatches, 8-row micro-batches) and a reference."""
+    runs = {}
+    for share in (True, False):
+        cfg = run_config("grpo", tmp_path / f"run-{share}", tiny_dir, prompts, *FAST, f"algo.share_prompt={share}",
+                         "train.max_steps=3", "train.lr=1e-2", "algo.beta=0.05", "algo.num_iterations=2",
+                         "algo.minibatch_rows=12", "train.batch_size=8", "train.eval_every=0")
+        run_grpo(cfg)
+        runs[share] = [r for r in read_metrics(tmp_path / f"run-{share}") if "loss" in r]
+    for shared, padded in zip(runs[True], runs[False]):
+        for key in ("loss", "grad_norm", "kl/k3", "entropy", "reward", "approx_kl"):
+            assert shared[key] == pytest.approx(padded[key], rel=1e-3, abs=1e-5), key
+        assert shared["forward_token_fraction"] < 0.8 and padded["forward_token_fraction"] == 1.0
+
+
+def test_shared_prompt_logps_after_refill(tmp_path, tiny_dir, prompts):
+    """Rollouts concatenated by dynamic sampling (prompts re-left-padded to a wider width) pack correctly."""
+    from posttrain.train.rollout_batch import completion_logps, concat_batches
+
+    cfg = run_config("grpo", tmp_path / "run", tiny_dir, prompts, *FAST)
+    algo = GRPO(cfg)
+    batch = concat_batches([algo.sample(1), algo.sample(1, round_=1)])
+    rows = torch.randperm(batch.num_rows, generator=torch.Generator().manual_seed(0))[:20]
+    with torch.no_grad():
+        shared = completion_logps(algo.model, batch, rows, 1024, share_prompt=True)
+        padded = completion_logps(algo.model, batch, rows, 1024, share_prompt=False)
+    torch.testing.assert_close(shared, padded, atol=2e-5, rtol=1e-5)
+    assert batch.forward_tokens(True) < batch.forward_tokens(False)
+
+
+def test_skipping_inert_rows_leaves_the_update_unchanged(tmp_path, tiny_dir, prompts):
+    """Rows with advantage 0 (zero-variance groups) get no forward pass: the same losses and gradient norms as
+    running them, with fewer tokens through the model; with a KL term in the loss nothing is skipped."""
+    runs = {}
+    for skip in (True, False):
+        cfg = run_config("grpo", tmp_path / f"run-{skip}", tiny_dir, prompts, *FAST, f"algo.skip_inert_rows={skip}",
+                         "algo.rewards=[tiny:vowel_reward_on_odd_prompts]", "train.max_steps=3", "train.lr=1e-2",
+                         "algo.num_iterations=2", "algo.minibatch_rows=16", "train.batch_size=8", "train.eval_every=0",
+                         "algo.loss_agg=seq-mean-token-mean")
+        run_grpo(cfg)
+        runs[skip] = [r for r in read_metrics(tmp_path / f"run-{skip}") if "loss" in r]
+    for skipped, full in zip(runs[True], runs[False]):
+        assert skipped["zero_variance_groups"] == full["zero_variance_groups"]
+        for key in ("loss", "grad_norm", "reward"):  # entropy, approx_kl, clip ratios: over the rows run
+            assert skipped[key] == pytest.approx(full[key], rel=1e-4, abs=1e-6), key
+        kept = 1 - skipped["zero_variance_groups"]
+        assert skipped["forward_token_fraction"] == pytest.approx(kept * full["forward_token_fraction"], rel=0.25)
+    assert sum(r["zero_variance_groups"] > 0 for r in runs[True]) >= 2
+    algo = GRPO(run_config("grpo", tmp_path / "kl", tiny_dir, prompts, *FAST, "algo.beta=0.1",
+                           "algo.rewards=[tiny:vowel_reward_on_odd_prompts]"))
+    iteration = algo.next_iteration(1)
+    assert all(len(update.skipped) == 0 for update in iteration.updates)

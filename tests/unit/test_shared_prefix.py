@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from posttrain.data.chat import Encoded
-from posttrain.models.shared_prefix import block_mask, common_prefix, pack_pairs, shared_prefix_logps
+from posttrain.models.shared_prefix import (
+    block_mask, common_prefix, grouped_token_logps, pack_groups, pack_pairs, shared_prefix_logps,
+)
 from posttrain.ops import IGNORE_INDEX
 from posttrain.train.reference import padded, sequence_logps
 from tiny import tiny_llama
@@ -97,3 +99,75 @@ def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
     assert common_prefix([1, 2], [1, 2, 3]) == 2
     assert common_prefix([], [1]) == 0
+
+
+# --- a GRPO group: one prompt, G completions -------------------------------------------------------------------
+
+def random_groups(seed: int, n: int = 3) -> tuple[list[list[int]], list[list[list[int]]]]:
+    rng = random.Random(seed)
+    tokens = lambda k: [rng.randrange(4, VOCAB) for _ in range(k)]  # noqa: E731
+    prompts = [tokens(rng.randint(1, 10)) for _ in range(n)]
+    completions = [[tokens(rng.randint(1, 6)) for _ in range(rng.randint(1, 4))] for _ in range(n)]
+    return prompts, completions
+
+
+def padded_completion_logps(model, prompts, completions, temperature=1.0):
+    """The reference: each (prompt, completion) alone in its own row, batch of 1, no padding at all."""
+    from posttrain.models.forward import token_logps
+
+    width = max(len(c) for cs in completions for c in cs)
+    logps, ents = [], []
+    for prompt, cs in zip(prompts, completions):
+        for c in cs:
+            ids = torch.tensor([prompt + c])
+            labels = torch.tensor([[IGNORE_INDEX] * len(prompt) + c])
+            lp, ent = token_logps(model, ids, torch.ones_like(ids), labels, with_entropy=True, temperature=temperature)
+            pad = lambda x: torch.nn.functional.pad(x[0, len(prompt):], (0, width - len(c)))  # noqa: E731
+            logps.append(pad(lp))
+            ents.append(pad(ent))
+    return torch.stack(logps), torch.stack(ents), width
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_group_row_equals_separate_rows(model, seed):
+    prompts, completions = random_groups(seed)
+    ref_logp, ref_ent, width = padded_completion_logps(model, prompts, completions, temperature=0.7)
+    logp, ent = grouped_token_logps(model, pack_groups(prompts, completions, 0), width, with_entropy=True, temperature=0.7)
+    torch.testing.assert_close(logp, ref_logp, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, atol=2e-5, rtol=1e-5)
+    lengths = [len(c) for cs in completions for c in cs]
+    assert [(row != 0).sum().item() for row in logp] == lengths  # zeros past each completion's end
+
+
+def test_group_row_gradients_equal_separate_rows(model):
+    prompts, completions = random_groups(5)
+    _, _, width = padded_completion_logps(model, prompts, completions)
+    weights = torch.randn(sum(len(cs) for cs in completions), width)
+
+    def grads(fn):
+        model.zero_grad()
+        (fn() * weights).sum().backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    shared = grads(lambda: grouped_token_logps(model, pack_groups(prompts, completions, 0), width))
+    torch.testing.assert_close(shared, grads(lambda: padded_completion_logps(model, prompts, completions)[0]),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_group_layout_by_hand():
+    """prompt [7 8] with completions [9 10] and [11]; prompt [5] with [6 6 6]."""
+    batch = pack_groups([[7, 8], [5]], [[[9, 10], [11]], [[6, 6, 6]]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[7, 8, 9, 10, 11], [5, 6, 6, 6, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 0]]
+    assert batch["segments"].tolist() == [[0, 0, 1, 1, 2], [0, 1, 1, 1, -1]]
+    # 9 and 11 are both predicted by the prompt's last state (row position 1); row 2 starts at flat index 5
+    assert batch["score_index"].tolist() == [1, 2, 1, 5, 6, 7]
+    assert batch["score_label"].tolist() == [9, 10, 11, 6, 6, 6]
+    assert batch["score_seq"].tolist() == [0, 0, 1, 2, 2, 2]
+    assert batch["score_pos"].tolist() == [0, 1, 0, 0, 1, 2]
+    assert block_mask(batch["segments"])[0, 0, 4].int().tolist() == [1, 1, 0, 0, 1]  # [11] never sees [9 10]
+
+
+def test_group_needs_a_prompt():
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        pack_groups([[]], [[[1, 2]]], 0)
