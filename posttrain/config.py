@@ -81,6 +81,10 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    # several processes: none (whole model per rank, gradients all-reduced) | full (FSDP2 FULL_SHARD, ZeRO-3) |
+    # grad_op (SHARD_GRAD_OP, ZeRO-2) | auto (from `deepspeed` or accelerate's launch config, else none); sharding.py
+    sharding: str = "auto"
+    deepspeed: str | None = None  # a DeepSpeed JSON: its zero_optimization.stage picks the sharding mode
 
 
 @dataclass

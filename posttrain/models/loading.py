@@ -161,13 +161,14 @@ def adapter_disabled(model):
         yield model
 
 
-def export_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = True) -> Path:
-    """A Hugging Face checkpoint (safetensors + tokenizer) that transformers loads with no posttrain import."""
+def export_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = True, state_dict: dict | None = None) -> Path:
+    """A Hugging Face checkpoint (safetensors + tokenizer) that transformers loads with no posttrain import.
+    `state_dict`: the whole weights when `model` holds only a shard of them (train/sharding.py)."""
     out_dir = Path(out_dir)
     if merge_lora and hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -54,14 +54,29 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def gather_sharded(modules: dict, optimizer, only_model: bool) -> dict:
+    """Whole weights and optimizer state of sharded modules, on rank 0 (a collective: every rank calls it)."""
+    from posttrain.train import sharding
+
+    out = {"modules": {}, "optimizer": None}
+    for name, module in modules.items():
+        full = sharding.full_state_dict(module)
+        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+        out["modules"][name] = {k: v.contiguous() for k, v in full.items() if k in trainable}
+    if not only_model:
+        out["optimizer"] = sharding.full_optimizer_state(torch.nn.ModuleDict(modules), optimizer)
+    return out
+
+
 def save_checkpoint(ckpt_root: Path, step: int, modules: dict, optimizer, scheduler, trainer_state: dict, keep: int = 2,
-                    only_model: bool = False) -> Path:
+                    only_model: bool = False, gathered: dict | None = None) -> Path:
     """Write checkpoints/step-N atomically and prune all but the newest `keep` complete ones.
 
     A write that fails (a full disk: OSError from Python, SafetensorError from safetensors, RuntimeError from
     torch.save) removes its temporary folder and re-raises; the checkpoints already there are untouched.
     Temporaries left by a process that was killed while writing are removed here.
     `only_model` leaves out optim.pt (optimizer, scheduler and RNG state): such a checkpoint cannot be resumed.
+    `gathered`: the whole weights and optimizer state of sharded modules (`gather_sharded`), written instead.
     """
     from safetensors.torch import save_file
 
@@ -74,10 +89,10 @@ def save_checkpoint(ckpt_root: Path, step: int, modules: dict, optimizer, schedu
     try:
         tmp.mkdir()
         for name, module in modules.items():
-            save_file(trainable_state(module), str(tmp / f"{name}.safetensors"))
+            save_file(gathered["modules"][name] if gathered else trainable_state(module), str(tmp / f"{name}.safetensors"))
         if not only_model:
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-                       tmp / "optim.pt")
+            optim = gathered["optimizer"] if gathered else optimizer.state_dict()
+            torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "optim.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         (tmp / "COMPLETE").write_text(str(step))
         _fsync_dir(tmp)
@@ -139,8 +154,9 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: Path, modules: dict, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from `path`; returns the trainer state."""
+def load_checkpoint(path: Path, modules: dict, optimizer, scheduler, sharded: bool = False) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from `path`; returns the trainer state. With `sharded`
+    modules every rank reads the whole state and keeps its shard."""
     from safetensors.torch import load_file
 
     if not (path / "optim.pt").exists():
@@ -152,6 +168,11 @@ def load_checkpoint(path: Path, modules: dict, optimizer, scheduler) -> dict:
         missing = set(state) - {n for n, _ in module.named_parameters()}
         if missing:
             raise RuntimeError(f"{path}: checkpoint has weights the model lacks: {sorted(missing)[:5]}")
+        if sharded:
+            from posttrain.train import sharding
+
+            sharding.load_full_state_dict(module, state)
+            continue
         params = dict(module.named_parameters())
         with torch.no_grad():
             for key, value in state.items():
@@ -161,7 +182,12 @@ def load_checkpoint(path: Path, modules: dict, optimizer, scheduler) -> dict:
     except pickle.UnpicklingError as exc:  # weights_only refuses anything but tensors and plain containers
         raise RuntimeError(f"{path / 'optim.pt'}: refused to load, it is not a plain tensor file "
                            f"({str(exc).splitlines()[0]})") from None
-    optimizer.load_state_dict(blob["optimizer"])
+    if sharded:
+        from posttrain.train import sharding
+
+        sharding.load_full_optimizer_state(torch.nn.ModuleDict(modules), optimizer, blob["optimizer"])
+    else:
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])
     return json.loads((path / "trainer_state.json").read_text())

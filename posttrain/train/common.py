@@ -118,10 +118,10 @@ class DatasetAlgorithm:
     def load_state_dict(self, state: dict) -> None:
         self.order.load_state_dict(state["order"])
 
-    def export(self, out_dir: Path) -> None:
+    def export(self, out_dir: Path, state_dict: dict | None = None) -> None:
         from posttrain.models.loading import export_model
 
-        export_model(self.model, self.tokenizer, out_dir)
+        export_model(self.model, self.tokenizer, out_dir, state_dict=state_dict)
 
 
 __all__ = [

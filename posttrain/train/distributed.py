@@ -96,6 +96,14 @@ def all_ranks(flag: bool) -> bool:
     return bool(t.item())
 
 
+def max_over_ranks(value: int) -> int:
+    if not context().enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
 def any_rank(flag: bool) -> bool:
     return not all_ranks(not flag)
 

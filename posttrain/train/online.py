@@ -22,6 +22,7 @@ from posttrain.train import common
 from posttrain.train.monitors import distinct_n
 from posttrain.train.distributed import context
 from posttrain.train.rollout_batch import RolloutBatch, completion_logps
+from posttrain.train.sharding import full_params
 
 
 @dataclass
@@ -163,7 +164,9 @@ class OnlineBase(common.DatasetAlgorithm):
         picked = [self.train_prompts[i] for i in self.order.next()]
         seed = self.cfg.train.seed * 1_000_003 + step * 101 + round_ * 7 + context().rank * 100_003  # ranks differ
         start = time.perf_counter()
-        rollout = self.generator.generate([ids for _, ids in picked], self.sampling_params(a.max_new_tokens), a.num_generations, seed)
+        with full_params(self.model):  # sharded: ranks sample different lengths, so no collective per token
+            rollout = self.generator.generate([ids for _, ids in picked], self.sampling_params(a.max_new_tokens),
+                                              a.num_generations, seed)
         gen_time = time.perf_counter() - start
         records = [r for r, _ in picked for _ in range(a.num_generations)]
         prompts = [r.data["prompt"] for r in records]
