@@ -304,7 +304,8 @@ class Trainer:
         bar = _progress(self.cfg, self.step, self.is_main)
         last: dict = {}
         trainable = sum(p.numel() for p in self.params)
-        once = {"params/trainable": trainable, "params/total": sum(p.numel() for m in self.algo.modules().values() for p in m.parameters())}
+        once = {"params/trainable": trainable, "params/total": sum(p.numel() for m in self.algo.modules().values() for p in m.parameters()),
+                "processes": distributed.context().world, "sharded_modules": len(self.sharded)}
         stop = _CtrlC.install()
         try:
             deadline = time.monotonic() + 60 * self.cfg.max_minutes if self.cfg.max_minutes > 0 else math.inf

@@ -45,6 +45,8 @@ def resolve_sharding(train_cfg, environ=os.environ) -> str:
     if train_cfg.deepspeed:
         return _zero_mode(deepspeed_stage(train_cfg.deepspeed), train_cfg.deepspeed)
     if environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        if environ.get("FSDP_VERSION") == "2":  # accelerate's FSDP2 plugin says it with reshard_after_forward
+            return "full" if environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true" else "grad_op"
         strategy = environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
         if strategy not in _FSDP_STRATEGY:
             raise ValueError(f"FSDP_SHARDING_STRATEGY={strategy!r} from accelerate is not one of {sorted(_FSDP_STRATEGY)}")

@@ -13,10 +13,11 @@ from tiny import addition_sft_rows, prompt_rows, write_jsonl
 BASE = ["model.autocast=none", "train.tensorboard=false", "train.progress=false", "data.eval_fraction=0.0", "train.lr=3e-3"]
 
 
-def cli(args: list[str]) -> None:
+def cli(args: list[str], launcher: list[str] | None = None) -> None:
     tests_dir = os.path.dirname(os.path.dirname(__file__))  # rewards named tiny:vowel_reward live there
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "posttrain.cli", *args], env=env, capture_output=True, text=True, timeout=600)
+    launcher = launcher or [sys.executable, "-m", "posttrain.cli"]
+    proc = subprocess.run([*launcher, *args], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
@@ -114,3 +115,18 @@ def test_grpo_and_ppo_run_sharded(tmp_path, tiny_dir):
         rows = read_metrics(tmp_path / run)
         assert len([r for r in rows if "loss" in r]) == 2 and any("eval/vowel_reward/mean_reward" in r for r in rows), run
         assert (tmp_path / run / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("launch", [["--multi_gpu"], ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD"]])
+def test_accelerate_launch_trains_like_one_process(tmp_path, tiny_dir, launch):
+    """`accelerate launch` (its CPU processes talk gloo): plain data parallel, and its FSDP config read as
+    train.sharding=auto -> full."""
+    data = write_jsonl(tmp_path / "sft.jsonl", addition_sft_rows(64))
+    args = ["sft", "--model", tiny_dir, "--data", data, "--max-steps", "4", *BASE]
+    cli([*args, "--output-dir", str(tmp_path / "one"), "train.batch_size=8"])
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "2", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "posttrain.cli"]
+    cli([*args, "--output-dir", str(tmp_path / "acc"), "train.batch_size=4"], launcher=accelerate)
+    first = read_metrics(tmp_path / "acc")[0]
+    assert first["processes"] == 2 and first["sharded_modules"] == (1 if "--use_fsdp" in launch else 0)
+    assert losses(tmp_path / "acc") == pytest.approx(losses(tmp_path / "one"), rel=1e-4, abs=1e-5)

@@ -48,6 +48,8 @@ def test_deepspeed_config_problems_are_named(tmp_path, caplog):
     ({"ACCELERATE_USE_FSDP": "true"}, "full"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}, "grad_op"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "3"}, "none"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false"}, "grad_op"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}, "full"),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "full"),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, "grad_op"),
 ])
