@@ -110,6 +110,7 @@ def shard(model: torch.nn.Module, mode: str) -> list[torch.nn.Module]:
                          "(its _no_split_modules names none of its modules)")
     for module in units:
         fully_shard(module, reshard_after_forward=reshard)
+        module.posttrain_reshard_after_forward = reshard  # what `full_params` restores
         module.set_gradient_divide_factor(1.0)  # sum, not mean: the losses are normalized by global counts already
         module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
     return units
@@ -137,7 +138,7 @@ def full_params(*models):
     finally:
         for unit in units:
             unit.reshard()
-            unit.set_reshard_after_forward(True, recurse=False)
+            unit.set_reshard_after_forward(getattr(unit, "posttrain_reshard_after_forward", True), recurse=False)
 
 
 def is_dtensor(t) -> bool:

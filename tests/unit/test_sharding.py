@@ -71,3 +71,32 @@ def test_clip_grad_norm_matches_torch_in_one_process():
     assert float(got) == pytest.approx(float(want), rel=1e-6)
     for p, r in zip(params, ref):
         torch.testing.assert_close(p.grad, r.grad)
+
+
+def test_full_params_gathers_then_restores_each_units_resharding(tmp_path):
+    """A one-process group is enough to check the bookkeeping: inside `full_params` every unit is gathered and
+    stays gathered after a forward; afterwards full (ZeRO-3) units reshard after forward again and grad_op
+    (ZeRO-2) units keep their weights, as before."""
+    import torch.distributed as dist
+
+    from posttrain.train.sharding import full_params, shard
+    from tiny import tiny_llama
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        for mode in ("full", "grad_op"):
+            model = tiny_llama(seed=0)
+            units = shard(model, mode)
+            assert len(units) == model.config.num_hidden_layers
+            resharding = lambda: [u._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is not None for u in units]  # noqa: E731
+            before = resharding()
+            assert before == [mode == "full"] * len(units)
+            ids = torch.tensor([[5, 6, 7]])
+            with full_params(model):
+                assert resharding() == [False] * len(units)
+                with torch.no_grad():
+                    model(input_ids=ids)
+                assert all(u._get_fsdp_state()._fsdp_param_group.is_unsharded for u in units)
+            assert resharding() == before
+    finally:
+        dist.destroy_process_group()
