@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real-model figures of the closing notes, reproducible: run after `posttrain demo` (it needs runs/demo/sft/final).
 #   bash scripts/real_model_experiments.sh preference   # DPO, IPO, SimPO, ORPO, KTO from the demo's SFT model
-#   bash scripts/real_model_experiments.sh grpo [KEY=VALUE ...]  # GRPO with the numeric verifier, 30-minute budget
+#   bash scripts/real_model_experiments.sh grpo [KEY=VALUE ...]  # GRPO with the numeric verifier, 26 min of training
 #   bash scripts/real_model_experiments.sh ppo [KEY=VALUE ...]   # a reward model, then PPO against it
 #   bash scripts/real_model_experiments.sh overopt      # posttrain demo --overopt
 # Each run writes runs/exp/NAME; `held-out accuracy` is `posttrain eval` (greedy) on 64 test prompts.
@@ -43,8 +43,8 @@ EOF
 grpo() {
   echo "start (SFT) held-out accuracy: $(heldout $SFT)"
   $PT grpo --model $SFT --data task:arithmetic --output-dir runs/exp/grpo "${COMMON[@]}" train.max_steps=1000 \
-    train.max_minutes=${GRPO_MINUTES:-27} train.schedule=constant train.lr=1e-5 train.batch_size=32 train.eval_every=10 \
-    algo.rewards=[numeric] algo.prompts_per_step=4 algo.num_generations=8 algo.max_new_tokens=24 \
+    train.max_minutes=${GRPO_MINUTES:-26} train.schedule=constant train.lr=1e-5 train.batch_size=64 train.eval_every=10 \
+    algo.rewards=[numeric] algo.prompts_per_step=8 algo.num_generations=8 algo.max_new_tokens=24 \
     algo.eval_max_new_tokens=24 algo.beta=0.0 data.num_examples=2000 "$@" > runs/exp.grpo.log 2>&1
   echo "grpo: $(grep -c '"loss"' runs/exp/grpo/metrics.jsonl) steps; task accuracy $(heldout runs/exp/grpo/final)"
 }
@@ -52,7 +52,7 @@ grpo() {
 ppo() {  # a reward model trained longer than the demo's (which stays near chance), then PPO against it
   echo "start (SFT) held-out accuracy: $(heldout $SFT)"
   $PT rm --model $SFT --data task:arithmetic --output-dir runs/exp/rm "${COMMON[@]}" train.max_steps=${RM_STEPS:-64} \
-    train.batch_size=8 train.lr=5e-5 train.warmup_steps=4 data.num_examples=512 > runs/exp.rm.log 2>&1
+    train.batch_size=8 train.lr=${RM_LR:-5e-5} train.warmup_steps=4 data.num_examples=${RM_PAIRS:-512} > runs/exp.rm.log 2>&1
   echo "rm: held-out pairwise accuracy $(python3 -c 'import json; r=[json.loads(l) for l in open("runs/exp/rm/metrics.jsonl")]; print([x for x in r if x.get("final")][-1]["eval/accuracy"])')"
   $PT ppo --model $SFT --data task:arithmetic --output-dir runs/exp/ppo "${COMMON[@]}" train.max_steps=${PPO_STEPS:-30} \
     train.schedule=constant train.lr=1e-5 train.batch_size=16 train.eval_every=10 algo.reward_model=runs/exp/rm/final \
