@@ -117,7 +117,7 @@ def metrics_rows(run_dir: Path) -> list[dict]:
 def no_saving(trainer, algo) -> None:
     """The benches time training, not checkpoint or export writing."""
     trainer.save = lambda: None
-    algo.export = lambda out_dir: None
+    algo.export = lambda out_dir, state_dict=None: None
 
 
 def trl_step_timer():

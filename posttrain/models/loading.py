@@ -169,6 +169,6 @@ def export_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = True,
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(out_dir, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+    model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
     return out_dir

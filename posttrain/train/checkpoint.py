@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from posttrain.train import sharding
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -56,8 +58,6 @@ def set_rng_state(state: dict) -> None:
 
 def gather_sharded(modules: dict, optimizer, only_model: bool) -> dict:
     """Whole weights and optimizer state of sharded modules, on rank 0 (a collective: every rank calls it)."""
-    from posttrain.train import sharding
-
     out = {"modules": {}, "optimizer": None}
     for name, module in modules.items():
         full = sharding.full_state_dict(module)
@@ -169,8 +169,6 @@ def load_checkpoint(path: Path, modules: dict, optimizer, scheduler, sharded: bo
         if missing:
             raise RuntimeError(f"{path}: checkpoint has weights the model lacks: {sorted(missing)[:5]}")
         if sharded:
-            from posttrain.train import sharding
-
             sharding.load_full_state_dict(module, state)
             continue
         params = dict(module.named_parameters())
@@ -183,8 +181,6 @@ def load_checkpoint(path: Path, modules: dict, optimizer, scheduler, sharded: bo
         raise RuntimeError(f"{path / 'optim.pt'}: refused to load, it is not a plain tensor file "
                            f"({str(exc).splitlines()[0]})") from None
     if sharded:
-        from posttrain.train import sharding
-
         sharding.load_full_optimizer_state(torch.nn.ModuleDict(modules), optimizer, blob["optimizer"])
     else:
         optimizer.load_state_dict(blob["optimizer"])

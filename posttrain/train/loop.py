@@ -343,7 +343,7 @@ class Trainer:
         exported = getattr(self.algo, "model", None)
         weights = sharding.full_state_dict(exported) if exported is not None and sharding.is_sharded(exported) else None
         if self.is_main:
-            self.algo.export(self.out_dir / "final", **({"state_dict": weights} if weights is not None else {}))
+            self.algo.export(self.out_dir / "final", state_dict=weights)
         logger.close()
         return last
 

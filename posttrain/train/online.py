@@ -7,6 +7,7 @@ reference and old-policy log-probs the loss needs, then hand the loop minibatch 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -87,10 +88,10 @@ class Reference:
     @torch.no_grad()
     def logps(self, batch: RolloutBatch, rows, temperature: float, chunk: int, share_prompt: bool) -> torch.Tensor:
         """Completion log-probs (len(rows), C) under the reference."""
-        if self.model is not None:
-            return completion_logps(self.model, batch, rows, chunk, False, temperature, share_prompt)
-        with adapter_disabled(self.policy):
-            return completion_logps(self.policy, batch, rows, chunk, False, temperature, share_prompt)
+        frozen = self.model is not None
+        with contextlib.nullcontext() if frozen else adapter_disabled(self.policy):
+            return completion_logps(self.model if frozen else self.policy, batch, rows, chunk, False, temperature,
+                                    share_prompt)
 
 
 class OnlineBase(common.DatasetAlgorithm):
@@ -192,8 +193,7 @@ class OnlineBase(common.DatasetAlgorithm):
         batch.extra["reward_valid"] = ~masked
         batch.extra["sampler_logp"] = rollout.logprobs
         batch.extra["metrics"] = {**scored.metrics(), "rewards/masked_samples": float(masked.sum()), **_length_metrics(rollout), "timing/generate_s": gen_time,
-                                  "completions_per_s": batch.num_rows / max(gen_time, 1e-9),
-                                  "forward_token_fraction": self._forward_token_fraction(batch)}
+                                  "completions_per_s": batch.num_rows / max(gen_time, 1e-9)}
         return batch
 
     def _forward_token_fraction(self, batch: RolloutBatch, inert: torch.Tensor | None = None) -> float:
@@ -251,9 +251,10 @@ class OnlineBase(common.DatasetAlgorithm):
             perm = torch.randperm(num_rows, generator=gen) if epochs > 1 or minibatch_rows < num_rows else torch.arange(num_rows)
             for s in range(0, num_rows, minibatch_rows):
                 mb = perm[s : s + minibatch_rows]
-                live = mb if inert is None or bool(inert[mb].all()) else mb[~inert[mb]]
+                skip = inert is not None and not bool(inert[mb].all())
+                live, skipped = (mb[~inert[mb]], mb[inert[mb]]) if skip else (mb, mb[:0])
                 update = Update(live[k : k + micro] for k in range(0, len(live), micro))
-                update.skipped = mb[~torch.isin(mb, live)]
+                update.skipped = skipped
                 out.append(update)
         return out
 

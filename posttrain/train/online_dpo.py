@@ -63,7 +63,8 @@ class OnlineDPO(OnlineBase):
         rewards = torch.where(valid, batch.rewards, torch.full_like(batch.rewards, float("nan")))
         chosen, rejected = best_worst_pairs(rewards, batch.group)
         metrics = dict(batch.extra["metrics"], pairs=float(len(chosen)), reward=float(batch.rewards[valid].mean()),
-                       models_in_memory=float(self.models_in_memory))
+                       models_in_memory=float(self.models_in_memory),
+                       forward_token_fraction=self._forward_token_fraction(batch))
         self.batch = batch
         if len(chosen) == 0:
             return Iteration([], metrics)  # every group tied: nothing to learn from this round

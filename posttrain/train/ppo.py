@@ -113,7 +113,7 @@ class PPO(OnlineBase):
     def next_iteration(self, step: int) -> Iteration:
         a = self.algo_cfg
         batch = self.sample(step)
-        metrics = dict(batch.extra["metrics"])
+        metrics = dict(batch.extra["metrics"], forward_token_fraction=self._forward_token_fraction(batch))
         mask = batch.loss_mask.float()
         old_logp, ref_logp = self.policy_logps(batch), self.reference_logps(batch)
         values = self._values(batch) * mask

@@ -67,7 +67,6 @@ class RolloutBatch:
             order += idx
         packed = pack_groups(prompts, tails, self.pad_id)
         packed["score_seq"] = torch.tensor(order, dtype=torch.long)[packed["score_seq"]]
-        packed["num_seqs"] = len(order)
         device = self.input_ids.device
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
 
@@ -76,8 +75,9 @@ class RolloutBatch:
         rows = torch.arange(self.num_rows) if rows is None else rows
         if not share_prompt:
             return int(self.attention_mask[rows].sum())
-        prompts = {int(self.group[r]): int(self.attention_mask[r, : self.prompt_width].sum()) for r in rows.tolist()}
-        return sum(prompts.values()) + int(self.completion_mask[rows].sum())
+        prompt_lengths = self.attention_mask[rows, : self.prompt_width].sum(-1)
+        per_group = prompt_lengths.new_zeros(int(self.group.max()) + 1).scatter(0, self.group[rows], prompt_lengths)
+        return int(per_group.sum()) + int(self.completion_mask[rows].sum())
 
 
 def completion_logps(model, batch: RolloutBatch, rows: torch.Tensor, chunk: int, with_entropy: bool = False,

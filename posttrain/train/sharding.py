@@ -163,10 +163,10 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
         torch.distributed.all_reduce(sharded)
     norm = (sharded + whole).sqrt()
     if max_norm > 0 and torch.isfinite(norm):
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        coef = float((max_norm / (norm + 1e-6)).clamp(max=1.0))
         for p in params:
             if p.grad is not None:
-                p.grad.mul_(coef.to(torch.float32).item())
+                p.grad.mul_(coef)
     return norm.float()
 
 
