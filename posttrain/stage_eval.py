@@ -3,6 +3,7 @@ stage's starting model, and the answers to a few fixed prompts (for the before/a
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -34,7 +35,7 @@ def sequence_kl(policy, reference, tokenizer, records, max_new_tokens: int = 48,
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, stop_token_ids=sorted(end_of_turn_ids(tokenizer)),
                             batch_size=batch_size)
-    from posttrain.models.loading import bf16_is_fast
+    from posttrain.models.loading import bf16_autocast, bf16_is_fast
 
     fast = bf16_is_fast()
     engine = HFGenerator(policy, tokenizer.pad_token_id, tokenizer, torch.bfloat16 if fast else None)
@@ -46,7 +47,7 @@ def sequence_kl(policy, reference, tokenizer, records, max_new_tokens: int = 48,
         attn = torch.cat([roll.prompt_mask, roll.completion_mask], 1)
         labels = full.masked_fill(attn == 0, -100)
         labels[:, : roll.prompt_ids.shape[1]] = -100
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
+        with bf16_autocast("cpu") if fast else contextlib.nullcontext():
             lp = token_logps(policy, full, attn, labels)
             lr = token_logps(reference, full, attn, labels)
         log_ratio = (lr - lp).masked_fill(labels == -100, 0.0)

@@ -25,6 +25,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from posttrain.models.loading import bf16_autocast
 from posttrain.ops import position_ids_from_mask
 from posttrain.rollout.base import SamplingParams, register_generator, validate_prompts
 from posttrain.types import Rollout
@@ -122,6 +123,14 @@ class HFGenerator:
         self.autocast_dtype = autocast_dtype
         self.share_prefix = share_prefix
 
+    @classmethod
+    def for_training(cls, model, tokenizer, cfg) -> "HFGenerator":
+        """The engine an online run samples with: the policy itself, bf16 autocast where that is fast."""
+        from posttrain.models.loading import wants_bf16
+
+        fp32 = next(model.parameters()).dtype == torch.float32
+        return cls(model, tokenizer.pad_token_id, tokenizer, torch.bfloat16 if fp32 and wants_bf16(cfg.model) else None)
+
     def generate(
         self,
         prompt_ids: list[list[int]],
@@ -159,6 +168,8 @@ class HFGenerator:
         param_dtype = next(self.model.parameters()).dtype
         if self.autocast_dtype is None or param_dtype != torch.float32:
             return contextlib.nullcontext()
+        if self.autocast_dtype == torch.bfloat16:
+            return bf16_autocast(device.type)
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
     def _generate_chunk(self, prompts, params, G, generator, matcher):

@@ -49,6 +49,8 @@ class OnlineConfig:
     eval_max_new_tokens: int = 48
     monitor: dict = field(default_factory=dict)  # MonitorConfig options (train/monitors.py); {enabled: false} turns off
     share_prompt: bool = True  # score a group's completions in one row around its prompt (train/rollout_batch.py)
+    engine: str = "hf"  # rollout engine: hf (the policy itself) | vllm (colocated vLLM, weights synced each step)
+    vllm_options: dict = field(default_factory=dict)  # passed to vllm.LLM (gpu_memory_utilization, dtype, ...)
 
 
 def accepts(fn, name: str) -> bool:
@@ -98,7 +100,7 @@ class OnlineBase(common.DatasetAlgorithm):
     """Prompts, generation, rewards and evaluation; subclasses add their advantages and losses."""
 
     def __init__(self, cfg: RunConfig, needs_reference: bool):
-        from posttrain.rollout.hf import HFGenerator
+        from posttrain.rollout.base import get_generator
 
         self.cfg, self.algo_cfg = cfg, cfg.algo
         self.model, self.tokenizer = common.load_policy_and_tokenizer(cfg)
@@ -110,9 +112,8 @@ class OnlineBase(common.DatasetAlgorithm):
             raise ValueError(f"prompts_per_step={self.algo_cfg.prompts_per_step} must be divisible by the {world} processes")
         self.order = common.make_order([len(p[1]) for p in self.train_prompts], cfg, self.algo_cfg.prompts_per_step // world,
                                        group_by_length=False, drop_last=True)
-        fp32 = next(self.model.parameters()).dtype == torch.float32
-        autocast = torch.bfloat16 if (fp32 and wants_bf16(cfg.model)) else None
-        self.generator = HFGenerator(self.model, self.tokenizer.pad_token_id, self.tokenizer, autocast)
+        self.generator = get_generator(self.algo_cfg.engine).for_training(self.model, self.tokenizer, cfg)
+        self._synced_step: int | None = None  # the step whose weights a separate engine (vLLM) holds
         self.reference = Reference(self.model, cfg, self.algo_cfg.ref_model) if needs_reference else None
         self.rewards = build_reward_runner(self.algo_cfg, reward_model_fn=self._reward_model_fn())
         self.batch: RolloutBatch | None = None
@@ -141,7 +142,8 @@ class OnlineBase(common.DatasetAlgorithm):
     @property
     def models_in_memory(self) -> int:
         rm = 1 if getattr(self, "reward_model", None) is not None else 0
-        return 1 + (self.reference.copies if self.reference else 0) + rm + self.extra_copies
+        engine = getattr(self.generator, "weight_copies", 0)  # vLLM holds its own copy of the policy
+        return 1 + (self.reference.copies if self.reference else 0) + rm + self.extra_copies + engine
 
     extra_copies = 0
 
@@ -166,6 +168,7 @@ class OnlineBase(common.DatasetAlgorithm):
         seed = self.cfg.train.seed * 1_000_003 + step * 101 + round_ * 7 + context().rank * 100_003  # ranks differ
         start = time.perf_counter()
         with full_params(self.model):  # sharded: ranks sample different lengths, so no collective per token
+            self._sync_engine(step)
             rollout = self.generator.generate([ids for _, ids in picked], self.sampling_params(a.max_new_tokens),
                                               a.num_generations, seed)
         gen_time = time.perf_counter() - start
@@ -194,7 +197,16 @@ class OnlineBase(common.DatasetAlgorithm):
         batch.extra["sampler_logp"] = rollout.logprobs
         batch.extra["metrics"] = {**scored.metrics(), "rewards/masked_samples": float(masked.sum()), **_length_metrics(rollout), "timing/generate_s": gen_time,
                                   "completions_per_s": batch.num_rows / max(gen_time, 1e-9)}
+        if hasattr(self.generator, "syncs"):
+            batch.extra["metrics"]["engine/weight_syncs"] = float(self.generator.syncs)
         return batch
+
+    def _sync_engine(self, step: int) -> None:
+        """An engine with its own copy of the weights (vLLM) gets the policy's once per step, before it samples:
+        the weights change only in the updates between steps (dynamic sampling's extra rounds reuse them)."""
+        if hasattr(self.generator, "sync_weights") and self._synced_step != step:
+            self.generator.sync_weights(self.model)
+            self._synced_step = step
 
     def _forward_token_fraction(self, batch: RolloutBatch, inert: torch.Tensor | None = None) -> float:
         """Tokens the training forward passes process over those of all rows padded: < 1 when a group's prompt is
