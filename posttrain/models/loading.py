@@ -109,7 +109,9 @@ def bf16_is_fast(device_type: str = "cpu") -> bool:
         if "AVX512" not in torch.backends.cpu.get_cpu_capability():  # no native bf16 below AVX-512: never fast
             _FAST_BF16[device_type] = False
             return False
-        a, b = torch.randn(128, 256), torch.randn(256, 256)
+        # a layer-sized product: at 128x256x256 AMX's bf16 lead over fp32 is ~1.2x, inside the noise, so the
+        # verdict flipped between processes; at 256x512x512 it is ~3x (and an AVX-512 emulation is far slower)
+        a, b = torch.randn(256, 512), torch.randn(512, 512)
 
         def best(dtype):  # the fastest of several runs: robust to another process taking the core for a moment
             x, y = a.to(dtype), b.to(dtype)
