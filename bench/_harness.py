@@ -72,6 +72,50 @@ def run_worker(script: str, name: str, args, timeout_s: float | None = None) -> 
     return result
 
 
+def add_shared_args(parser) -> None:
+    """Options every bench takes: TRL's attention and interleaved repeats."""
+    parser.add_argument("--trl-attn", default="sdpa", choices=["sdpa", "eager"],
+                        help="attention of the TRL contenders' model (transformers' attn_implementation). On a CPU in "
+                             "bf16, SDPA's fused flash kernel is slow; posttrain picks the math backend itself, TRL "
+                             "users can only pick eager: run both to give TRL its best")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the contenders this many times, interleaved (A B A B ...), and report each one's "
+                             "median run: on a shared VM the box's speed drifts by tens of %% within minutes")
+
+
+def run_contenders(script: str, names: list[str], args, time_of: Callable[[dict], float]) -> dict:
+    """Each contender `args.repeats` times in rounds, so a drift of the box's speed hits all of them alike; the
+    run with the median `time_of(result)` stands for each, its siblings' times kept in `repeat_times`."""
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for round_ in range(args.repeats):
+        for name in names:
+            suffix = f" ({round_ + 1}/{args.repeats})" if args.repeats > 1 else ""
+            print(f"running {name}{suffix} ...", flush=True)
+            runs[name].append(run_worker(script, name, args))
+    results = {}
+    for name, done in runs.items():
+        ordered = sorted(done, key=time_of)
+        results[name] = {**ordered[len(ordered) // 2], "repeat_times": [round(time_of(r), 2) for r in done]}
+    return results
+
+
+def describe_repeats(results: dict) -> str:
+    """One line: every contender's timed seconds per repeat (empty when run once)."""
+    if all(len(r.get("repeat_times", [])) < 2 for r in results.values()):
+        return ""
+    return "timed seconds per repeat (median used): " + "; ".join(f"{n} {r['repeat_times']}" for n, r in results.items())
+
+
+def load_trl_model(path: str, args, variant: str = ""):
+    """The TRL contenders' policy: fp32 weights (their configs turn on bf16 autocast) with `--trl-attn`, or eager
+    attention for a contender whose name ends in `-eager`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    attn = "eager" if variant.endswith("eager") else args.trl_attn
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
+
+
 def worker_or_none(args, workers: dict[str, Callable]) -> bool:
     """In a worker process (`--worker NAME`): run workers[NAME](args, workdir), write its JSON, return True."""
     if not args.worker:

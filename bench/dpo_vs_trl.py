@@ -14,6 +14,7 @@ AVX-512 and fp32 otherwise: on an AVX2-only CPU PyTorch's bf16 matmul is a slow 
   trl-defaults     DPOConfig as shipped (gradient_checkpointing=True, reference model run every step)
   trl-no-ckpt      gradient_checkpointing=False (the compute settings of our defaults; not run by default)
   trl-precompute   gradient_checkpointing=False, precompute_ref_log_probs=True (TRL's closest mode to ours)
+  trl-precompute-eager  the same with eager attention (on a CPU in bf16 SDPA's flash kernel is slow)
 The default size (2 steps x 4 pairs, three contenders) takes about 5 minutes on the 2-core dev box when it is idle:
 SmolLM2-135M trains at roughly 15-30 tokens/s there in fp32.
 Pairs: the built-in arithmetic task's preference pairs (posttrain.data.tasks), else a synthetic set. TRL reads them
@@ -28,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ TRL_VARIANTS = {
     "trl-defaults": {},
     "trl-no-ckpt": {"gradient_checkpointing": False},
     "trl-precompute": {"gradient_checkpointing": False, "precompute_ref_log_probs": True},
+    "trl-precompute-eager": {"gradient_checkpointing": False, "precompute_ref_log_probs": True},  # + eager attention
 }
 
 
@@ -58,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--contenders", default="posttrain,posttrain-two-rows,trl-defaults,trl-precompute",
                    help=f"comma-separated, from posttrain,posttrain-two-rows,{','.join(TRL_VARIANTS)}")
     p.add_argument("--workdir", default="/tmp/posttrain-bench-dpo")
+    H.add_shared_args(p)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -157,7 +158,7 @@ def run_trl(args, work: Path, variant: str) -> dict:
     import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from posttrain.models.loading import resolve_model_path
 
@@ -168,7 +169,7 @@ def run_trl(args, work: Path, variant: str) -> dict:
     path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = H.load_trl_model(path, args, variant)
 
     class InOrder(trl.DPOTrainer):
         ref_s = 0.0
@@ -197,21 +198,6 @@ def run_trl(args, work: Path, variant: str) -> dict:
 
 
 # ---- orchestration -------------------------------------------------------------------------------------------------
-
-def run_worker(name: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--model", args.model, "--steps", str(args.steps),
-           "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--beta", str(args.beta),
-           "--threads", str(args.threads), "--workdir", args.workdir, "--precision", args.precision]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{name} failed (exit {proc.returncode})")
-    result = json.loads((Path(args.workdir) / f"{name}.json").read_text())
-    result["wall_s"] = time.perf_counter() - start
-    return result
-
 
 def print_table(results: dict, tokens: int, source: str, args) -> None:
     print(f"\nDPO, {args.model}, {args.steps} steps x {args.batch_size} pairs, data {source}, {args.threads} threads, "
@@ -251,15 +237,13 @@ def main(argv=None) -> None:
     names = [n.strip() for n in args.contenders.split(",") if n.strip()]
     if names[0] != "posttrain":
         raise SystemExit("posttrain must run first: it fixes the order of the pairs the others read")
-    results = {}
-    for name in names:
-        print(f"running {name} ...", flush=True)
-        results[name] = run_worker(name, args)
-        for key in ("trl_tokens",):
-            if key in results[name] and results[name][key] != results["posttrain"]["tokens"]:
-                print(f"  note: TRL tokenized {results[name][key]} tokens, posttrain {results['posttrain']['tokens']}")
+    results = H.run_contenders(__file__, names, args, lambda r: r["train_s"] + r["ref_s"])
+    for name, r in results.items():
+        if "trl_tokens" in r and r["trl_tokens"] != results["posttrain"]["tokens"]:
+            print(f"  note: TRL tokenized {r['trl_tokens']} tokens, posttrain {results['posttrain']['tokens']}")
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print_table(results, results["posttrain"]["tokens"], source, args)
+    print(H.describe_repeats(results))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ and makes one optimizer update over the rollout in micro-batches of `--micro-bat
   posttrain-kl    `posttrain` with beta=--kl-beta (a frozen reference copy, k3 estimator in the loss)
   posttrain-padded  `posttrain` with algo.share_prompt=false: one padded row per completion, as TRL does
   trl-best        GRPOConfig tuned for this machine: bf16 only where it is fast, gradient_checkpointing=False
+  trl-best-eager  trl-best with eager attention (on a CPU in bf16 SDPA's flash kernel is slow; see --trl-attn)
   trl-best-kl     the same with beta=--kl-beta
   trl-ckpt        GRPOConfig as shipped except bf16 where bf16 is slow: gradient_checkpointing=True
   trl-defaults    GRPOConfig as shipped (bf16=True, gradient_checkpointing=True); not run by default where bf16
@@ -56,6 +57,7 @@ CONTENDERS = {
     "posttrain-kl": ("posttrain", "equal-work", True),
     "posttrain-padded": ("posttrain", "padded", False),
     "trl-best": ("trl", "best", False),
+    "trl-best-eager": ("trl", "best-eager", False),
     "trl-best-kl": ("trl", "best", True),
     "trl-ckpt": ("trl", "ckpt", False),
     "trl-defaults": ("trl", "defaults", False),
@@ -79,6 +81,7 @@ def parse_args(argv=None):
                    "trl-defaults where bf16 is slow)")
     p.add_argument("--omp-wait-policy", default="passive", choices=H.WAIT_POLICIES, help="OMP_WAIT_POLICY of every contender")
     p.add_argument("--workdir", default="/tmp/posttrain-bench-grpo")
+    H.add_shared_args(p)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -141,14 +144,15 @@ def run_posttrain(args, work: Path, kl: bool, variant: str) -> dict:
 
 def trl_settings(variant: str, bf16_fast: bool) -> dict:
     """GRPOConfig fields that differ between the TRL contenders (the rest is shared and set to match ours)."""
-    return {"defaults": {}, "ckpt": {"bf16": bf16_fast}, "best": {"bf16": bf16_fast, "gradient_checkpointing": False}}[variant]
+    return {"defaults": {}, "ckpt": {"bf16": bf16_fast}, "best": {"bf16": bf16_fast, "gradient_checkpointing": False},
+            "best-eager": {"bf16": bf16_fast, "gradient_checkpointing": False}}[variant]
 
 
 def run_trl(args, work: Path, variant: str, kl: bool) -> dict:
     trl = H.require_trl()
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from posttrain.models.loading import resolve_model_path
 
@@ -160,7 +164,7 @@ def run_trl(args, work: Path, variant: str, kl: bool) -> dict:
     steps = args.trl_defaults_steps if variant == "defaults" else args.steps
     path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = H.load_trl_model(path, args, variant)
     completions = args.prompts_per_step * args.num_generations
     gen_s: list[float] = []
 
@@ -252,6 +256,7 @@ def print_report(rows: list[dict], results: dict, args, peak: dict) -> None:
         print("  WARNING: posttrain's model.autocast=auto chose bf16 although bf16 matmuls are slower here "
               "(posttrain.models.loading.bf16_is_fast misjudged; its small probe matmul is noisy under load)")
     print(H.describe_load(results))
+    print(H.describe_repeats(results))
     print(f"load average now: {load_average()}")
 
 
@@ -275,10 +280,7 @@ def main(argv=None) -> None:
     records = make_task_records("arithmetic", kind="prompts", split="train", n=args.steps * args.prompts_per_step, seed=0)
     H.write_setup(work, {"records": records, "bf16_fast": peak["bf16_fast"]})
     write_jsonl(records, work / "prompts.jsonl")
-    results = {}
-    for name in names:
-        print(f"running {name} ...", flush=True)
-        results[name] = H.run_worker(__file__, name, args)
+    results = H.run_contenders(__file__, names, args, lambda r: sum(r["step_s"]))
     rows = summarize(results, args, peak)
     print_report(rows, results, args, peak)
     if "trl-defaults" not in names and not peak["bf16_fast"]:

@@ -8,6 +8,8 @@ peak resident memory (ru_maxrss) is its own. Contenders:
   posttrain      our defaults: model.autocast=auto (bf16 only where it is fast: CUDA, AVX-512 CPUs), no
                  gradient checkpointing, batches grouped by length, log-probs from hidden states in chunks
   trl-best       SFTConfig tuned for this machine: bf16 only where it is fast, gradient_checkpointing=False
+  trl-best-eager trl-best with eager attention: on a CPU in bf16 SDPA's fused flash kernel is slow (posttrain
+                 switches SDPA to its math backend itself; a TRL user can only pick eager)
   trl-defaults   SFTConfig as shipped: bf16=True, gradient_checkpointing=True. On an AVX2-only CPU bf16 matmuls
                  are a ~25x slower fallback, so it runs `--trl-defaults-steps` steps (default: 1 there, all
                  elsewhere) and its rates come from those steps
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
 from matmul_peak import load_average, mfu  # noqa: E402
 
-TRL_VARIANTS = {"trl-best": "best", "trl-defaults": "defaults"}
+TRL_VARIANTS = {"trl-best": "best", "trl-best-eager": "best-eager", "trl-defaults": "defaults"}
 
 
 def parse_args(argv=None):
@@ -51,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--contenders", default="posttrain,trl-best,trl-defaults", help="comma-separated subset; posttrain first")
     p.add_argument("--omp-wait-policy", default="passive", choices=H.WAIT_POLICIES, help="OMP_WAIT_POLICY of every contender")
     p.add_argument("--workdir", default="/tmp/posttrain-bench-sft")
+    H.add_shared_args(p)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -113,7 +116,7 @@ def run_trl(args, work: Path, variant: str) -> dict:
     import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from posttrain.models.loading import resolve_model_path
 
@@ -125,7 +128,7 @@ def run_trl(args, work: Path, variant: str) -> dict:
     steps = args.steps if variant == "best" else setup["trl_defaults_steps"]
     path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = H.load_trl_model(path, args, variant)
 
     class InOrder(trl.SFTTrainer):
         def _get_train_sampler(self, train_dataset=None):
@@ -202,6 +205,7 @@ def print_report(rows: list[dict], results: dict, lengths: list[int], args, peak
     print(f"trained labels per sequence: {', '.join(per_seq)} (TRL also trains the newline after <|im_end|>, an easy "
           "token, so its mean loss reads a few % lower)")
     print(H.describe_load(results))
+    print(H.describe_repeats(results))
     print(f"load average now: {load_average()}")
 
 
@@ -229,10 +233,7 @@ def main(argv=None) -> None:
     H.write_setup(work, {"records": records, "bf16_fast": peak["bf16_fast"],
                          "trl_defaults_steps": args.trl_defaults_steps or (args.steps if peak["bf16_fast"] else 1)})
     write_jsonl(records, work / "sft.jsonl")
-    results = {}
-    for name in names:
-        print(f"running {name} ...", flush=True)
-        results[name] = H.run_worker(__file__, name, args)
+    results = H.run_contenders(__file__, names, args, lambda r: sum(r["step_s"]))
     lengths = results["posttrain"]["lengths"]
     rows = summarize(results, lengths, args, peak)
     print_report(rows, results, lengths, args, peak, source)

