@@ -5,8 +5,8 @@ pipeline (Ouyang et al. 2022 rank the SFT model's samples), with the numeric ver
 
 SAMPLES.jsonl is what `posttrain eval --samples K --temperature T --split S --limit N --output SAMPLES.jsonl`
 wrote for the same data, split and limit: K scored completions per prompt. Every prompt whose samples include
-both a correct one (score 1) and a wrong one (score 0) gives up to `--per-prompt` pairs (a correct sample
-against a wrong one, distinct texts, chosen at random with `--seed`); prompts whose samples all agree give
+both a correct one (score 1) and a wrong one (score 0) gives up to `--per-prompt` distinct pairs (a correct
+sample against a wrong one, chosen at random with `--seed`); prompts whose samples all agree give
 none, and how many did is printed. The output has TRL's preference columns: prompt, chosen, rejected.
 """
 
@@ -43,9 +43,10 @@ def make_pairs(records, samples: list[dict], score: str, per_prompt: int, rng: r
             continue
         mixed += 1
         prompt = records[index].data["prompt"]
-        for _ in range(per_prompt):
-            pairs.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": rng.choice(good)}],
-                          "rejected": [{"role": "assistant", "content": rng.choice(bad)}]})
+        combos = [(g, b) for g in good for b in bad]
+        for g, b in rng.sample(combos, min(per_prompt, len(combos))):  # distinct pairs only
+            pairs.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": g}],
+                          "rejected": [{"role": "assistant", "content": b}]})
     return pairs, mixed
 
 

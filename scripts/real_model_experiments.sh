@@ -2,7 +2,7 @@
 # The real-model figures of the closing notes, reproducible: run after `posttrain demo` (it needs runs/demo/sft/final).
 #   bash scripts/real_model_experiments.sh preference   # DPO, IPO, SimPO, ORPO, KTO from the demo's SFT model
 #   bash scripts/real_model_experiments.sh grpo [KEY=VALUE ...]  # GRPO with the numeric verifier, 26 min of training
-#   bash scripts/real_model_experiments.sh ppo [KEY=VALUE ...]   # a reward model, then PPO against it
+#   bash scripts/real_model_experiments.sh ppo [KEY=VALUE ...]   # RM on the SFT model's own samples, then PPO
 #   bash scripts/real_model_experiments.sh overopt      # posttrain demo --overopt
 # Each run writes runs/exp/NAME; `held-out accuracy` is `posttrain eval` (greedy) on 64 test prompts.
 set -euo pipefail
@@ -49,15 +49,24 @@ grpo() {
   echo "grpo: $(grep -c '"loss"' runs/exp/grpo/metrics.jsonl) steps; task accuracy $(heldout runs/exp/grpo/final)"
 }
 
-ppo() {  # a reward model trained longer than the demo's (which stays near chance), then PPO against it
+ppo() {  # comparisons of the SFT model's own samples labelled by the verifier, a reward model on them, then PPO
   echo "start (SFT) held-out accuracy: $(heldout $SFT)"
-  $PT rm --model $SFT --data task:arithmetic --output-dir runs/exp/rm "${COMMON[@]}" train.max_steps=${RM_STEPS:-64} \
-    train.batch_size=8 train.lr=${RM_LR:-5e-5} train.warmup_steps=4 data.num_examples=${RM_PAIRS:-512} > runs/exp.rm.log 2>&1
-  echo "rm: held-out pairwise accuracy $(python3 -c 'import json; r=[json.loads(l) for l in open("runs/exp/rm/metrics.jsonl")]; print([x for x in r if x.get("final")][-1]["eval/accuracy"])')"
-  $PT ppo --model $SFT --data task:arithmetic --output-dir runs/exp/ppo "${COMMON[@]}" train.max_steps=${PPO_STEPS:-30} \
-    train.schedule=constant train.lr=1e-5 train.batch_size=16 train.eval_every=10 algo.reward_model=runs/exp/rm/final \
-    algo.rewards=[] algo.eval_rewards=[numeric] algo.prompts_per_step=16 algo.max_new_tokens=24 \
-    algo.eval_max_new_tokens=24 algo.beta=0.05 data.num_examples=1000 "$@" > runs/exp.ppo.log 2>&1
+  local D=runs/exp/onpolicy
+  mkdir -p $D
+  $PT eval --model $SFT --data task:arithmetic --split train --limit 320 --samples 8 --temperature 1.0 \
+    --max-new-tokens 24 --seed 1 --output $D/train_samples.jsonl > /dev/null
+  $PT eval --model $SFT --data task:arithmetic --split test --limit 64 --samples 8 --temperature 1.0 \
+    --max-new-tokens 24 --seed 2 --output $D/test_samples.jsonl > /dev/null
+  .venv/bin/python scripts/onpolicy_pairs.py $D/train_samples.jsonl --split train --limit 320 --per-prompt 3 --out $D/train_pairs.jsonl
+  .venv/bin/python scripts/onpolicy_pairs.py $D/test_samples.jsonl --split test --limit 64 --per-prompt 3 --out $D/test_pairs.jsonl
+  $PT rm --model $SFT --data $D/train_pairs.jsonl --output-dir runs/exp/rm_onpolicy "${COMMON[@]}" \
+    data.eval_path=$D/test_pairs.jsonl train.max_steps=${RM_STEPS:-120} train.batch_size=8 train.lr=${RM_LR:-1e-4} \
+    train.warmup_steps=8 train.eval_every=40 > runs/exp.rm_onpolicy.log 2>&1
+  echo "rm: held-out pairwise accuracy on the SFT model's own samples $(python3 -c 'import json; r=[json.loads(l) for l in open("runs/exp/rm_onpolicy/metrics.jsonl")]; print([x for x in r if x.get("final")][-1]["eval/accuracy"])')"
+  $PT ppo --model $SFT --data task:arithmetic --output-dir runs/exp/ppo "${COMMON[@]}" train.max_steps=${PPO_STEPS:-24} \
+    train.schedule=constant train.lr=${PPO_LR:-5e-6} train.batch_size=16 train.eval_every=8 \
+    algo.reward_model=runs/exp/rm_onpolicy/final algo.rewards=[] algo.eval_rewards=[numeric] algo.prompts_per_step=16 \
+    algo.max_new_tokens=24 algo.eval_max_new_tokens=24 algo.beta=0.05 data.num_examples=1000 "$@" > runs/exp.ppo.log 2>&1
   echo "ppo: $(grep -c '"loss"' runs/exp/ppo/metrics.jsonl) steps; task accuracy $(heldout runs/exp/ppo/final)"
 }
 

@@ -143,3 +143,40 @@ def test_skipping_inert_rows_leaves_the_update_unchanged(tmp_path, tiny_dir, pro
                            "algo.rewards=[tiny:vowel_reward_on_odd_prompts]"))
     iteration = algo.next_iteration(1)
     assert all(len(update.skipped) == 0 for update in iteration.updates)
+
+
+def test_separate_engine_gets_the_policy_weights_once_per_step(tmp_path, tiny_dir, prompts):
+    """algo.engine names a registered engine; one holding its own weights (like vLLM) is synced before each step's
+    sampling with the weights the previous update produced, once per step, and counted in models_in_memory."""
+    from posttrain.rollout.base import GENERATORS, register_generator
+    from posttrain.rollout.hf import HFGenerator
+
+    synced: list[torch.Tensor] = []
+
+    class CopyingEngine(HFGenerator):  # samples from its own copy of the weights, refreshed by sync_weights
+        weight_copies = 1
+
+        @classmethod
+        def for_training(cls, model, tokenizer, cfg):
+            import copy
+
+            engine = cls(copy.deepcopy(model), tokenizer.pad_token_id, tokenizer)
+            engine.syncs = 0
+            return engine
+
+        def sync_weights(self, model):
+            self.model.load_state_dict(model.state_dict())
+            synced.append(torch.cat([p.detach().flatten() for p in model.parameters()]).clone())
+            self.syncs += 1
+
+    register_generator("test-copying")(CopyingEngine)
+    try:
+        cfg = run_config("grpo", tmp_path / "run", tiny_dir, prompts, *FAST, "train.max_steps=3", "train.lr=1e-2",
+                         "algo.engine=test-copying", "algo.beta=0.0", "train.eval_every=0")
+        run_grpo(cfg)
+    finally:
+        GENERATORS.pop("test-copying")
+    rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]
+    assert [r["engine/weight_syncs"] for r in rows] == [1.0, 2.0, 3.0]
+    assert all(r["models_in_memory"] == 2.0 for r in rows)  # policy + the engine's copy (beta 0: no reference)
+    assert len(synced) == 3 and not torch.equal(synced[0], synced[1]) and not torch.equal(synced[1], synced[2])
