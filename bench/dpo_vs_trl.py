@@ -115,18 +115,9 @@ def run_posttrain(args, work: Path, share_prompt: bool = True) -> dict:
     cfg = load_config("dpo", None, overrides, flags)
     common.setup_run(cfg)
     algo = DPO(cfg)
-    visited: list[int] = []
-    next_batch = algo.order.next
-
-    def recording_next() -> list[int]:
-        batch = next_batch()
-        visited.extend(batch)
-        return batch
-
-    algo.order.next = recording_next
+    visited = H.record_visits(algo.order)
     trainer = Trainer(algo, cfg.train)
-    trainer.save = lambda: None  # the bench times training, not checkpoint writing
-    algo.export = lambda out_dir: None
+    H.no_saving(trainer, algo)
     trainer.fit()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
