@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,7 @@ def run_posttrain(args, work: Path, share_prompt: bool = True) -> dict:
         f"model.autocast={'bf16' if args.precision == 'bf16' else 'none'}", f"algo.share_prompt={share_prompt}",
     ]
     run_dir = work / ("posttrain-run" if share_prompt else "posttrain-two-rows-run")
+    shutil.rmtree(run_dir, ignore_errors=True)  # a stored reference table from an earlier run would skip its pass
     flags = {"model.name_or_path": args.model, "data.path": str(work / "pairs.jsonl"), "train.output_dir": str(run_dir)}
     cfg = load_config("dpo", None, overrides, flags)
     common.setup_run(cfg)

