@@ -64,12 +64,12 @@ def build_trainer(args, work: Path):
                  "train.tensorboard=false", "train.progress=false", f"train.num_threads={args.threads}",
                  f"model.autocast={args.autocast}"]
     flags = {"model.name_or_path": args.model, "data.path": str(work / "data.jsonl"), "train.output_dir": str(work / "run")}
-    cfg = load_config(args.algo, None, overrides, flags)
-    common.setup_run(cfg)
-    if args.algo == "sft":
+    if args.algo == "sft":  # imported first: importing registers the algorithm's config
         from posttrain.train.sft import SFT as Algo
     else:
         from posttrain.train.dpo import DPO as Algo
+    cfg = load_config(args.algo, None, overrides, flags)
+    common.setup_run(cfg)
     algo = Algo(cfg)
     trainer = Trainer(algo, cfg.train)
     H.no_saving(trainer, algo)
