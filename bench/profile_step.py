@@ -6,6 +6,8 @@ Runs `--warmup` steps, profiles the next one, and prints each kind's share of th
 multiplies (aten::mm/bmm/addmm and their backward), attention kernels, dtype casts (autocast's weight casts
 and their backward), the optimizer, gradient clipping's norms, and the elementwise rest (norms, activations,
 masks, log-softmax). The top ops follow. This is the "where the time goes" of the README's bench table.
+Under SDPA's math backend (posttrain's choice for bf16 on a CPU) attention runs as `bmm` and softmax, so it is
+counted with the matmuls and the elementwise ops.
 """
 
 from __future__ import annotations
