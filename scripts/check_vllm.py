@@ -92,7 +92,13 @@ def engine_checks(args, failures: list[str]) -> None:
            f"tokens (mean < {tol:g}); ratio exp(mean diff) {float((recomputed - roll.logprobs)[mask].mean().exp()):.5f}",
            failures)
 
-    before = rows_of(theirs)
+    sync_check(vllm_engine, hf_engine, policy, prompts, greedy, rows_of(theirs), need, failures)
+
+
+def sync_check(vllm_engine, hf_engine, policy, prompts, greedy, before, need: int, failures: list[str]) -> None:
+    """Move the policy's weights; vLLM must keep its old answers until sync_weights, then follow the new policy."""
+    import torch
+
     torch.manual_seed(0)
     with torch.no_grad():  # a different policy: every weight moved by 10 % of its own scale
         for p in policy.parameters():
