@@ -2,9 +2,9 @@
 # The real-model figures of the closing notes, reproducible: run after `posttrain demo` (it needs runs/demo/sft/final).
 #   bash scripts/real_model_experiments.sh preference   # DPO, IPO, SimPO, ORPO, KTO from the demo's SFT model
 #   bash scripts/real_model_experiments.sh grpo [KEY=VALUE ...]  # GRPO with the numeric verifier, 26 min of training
-#   bash scripts/real_model_experiments.sh ppo [KEY=VALUE ...]   # RM on the SFT model's own samples, then PPO
+#   bash scripts/real_model_experiments.sh ppo [KEY=VALUE ...]   # RMs on the SFT model's own samples, then PPO
 #   bash scripts/real_model_experiments.sh overopt      # posttrain demo --overopt
-# Each run writes runs/exp/NAME; `held-out accuracy` is `posttrain eval` (greedy) on 64 test prompts.
+# Each run writes runs/exp/NAME; `held-out accuracy` is `posttrain eval` (greedy) on 64 test prompts (256 for ppo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PT=.venv/bin/posttrain
@@ -12,8 +12,8 @@ SFT=runs/demo/sft/final
 COMMON=(model.autocast=auto train.progress=false train.log_every=1 train.save_every=0 data.max_length=160
         data.num_eval_examples=64)
 
-heldout() {  # model -> prints numeric accuracy on 64 held-out prompts
-  $PT eval --model "$1" --data task:arithmetic --reward numeric --limit 64 --max-new-tokens 24 \
+heldout() {  # model -> prints numeric accuracy on $HELDOUT_LIMIT (64) held-out prompts
+  $PT eval --model "$1" --data task:arithmetic --reward numeric --limit ${HELDOUT_LIMIT:-64} --max-new-tokens 24 \
     --output "$1/../heldout.jsonl" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["numeric/accuracy"])'
 }
 
@@ -49,24 +49,34 @@ grpo() {
   echo "grpo: $(grep -c '"loss"' runs/exp/grpo/metrics.jsonl) steps; task accuracy $(heldout runs/exp/grpo/final)"
 }
 
-ppo() {  # comparisons of the SFT model's own samples labelled by the verifier, a reward model on them, then PPO
+ppo() {  # comparisons of the SFT model's own samples labelled by the verifier, reward models on them, then PPO
+  local HELDOUT_LIMIT=256
   echo "start (SFT) held-out accuracy: $(heldout $SFT)"
   local D=runs/exp/onpolicy
   mkdir -p $D
-  $PT eval --model $SFT --data task:arithmetic --split train --limit 320 --samples 8 --temperature 1.0 \
+  $PT eval --model $SFT --data task:arithmetic --split train --limit 800 --samples 8 --temperature 1.0 \
     --max-new-tokens 24 --seed 1 --output $D/train_samples.jsonl > /dev/null
-  $PT eval --model $SFT --data task:arithmetic --split test --limit 64 --samples 8 --temperature 1.0 \
+  $PT eval --model $SFT --data task:arithmetic --split test --limit 128 --samples 8 --temperature 1.0 \
     --max-new-tokens 24 --seed 2 --output $D/test_samples.jsonl > /dev/null
-  .venv/bin/python scripts/onpolicy_pairs.py $D/train_samples.jsonl --split train --limit 320 --per-prompt 3 --out $D/train_pairs.jsonl
-  .venv/bin/python scripts/onpolicy_pairs.py $D/test_samples.jsonl --split test --limit 64 --per-prompt 3 --out $D/test_pairs.jsonl
-  $PT rm --model $SFT --data $D/train_pairs.jsonl --output-dir runs/exp/rm_onpolicy "${COMMON[@]}" \
-    data.eval_path=$D/test_pairs.jsonl train.max_steps=${RM_STEPS:-120} train.batch_size=8 train.lr=${RM_LR:-1e-4} \
-    train.warmup_steps=8 train.eval_every=40 > runs/exp.rm_onpolicy.log 2>&1
-  echo "rm: held-out pairwise accuracy on the SFT model's own samples $(python3 -c 'import json; r=[json.loads(l) for l in open("runs/exp/rm_onpolicy/metrics.jsonl")]; print([x for x in r if x.get("final")][-1]["eval/accuracy"])')"
-  $PT ppo --model $SFT --data task:arithmetic --output-dir runs/exp/ppo "${COMMON[@]}" train.max_steps=${PPO_STEPS:-24} \
-    train.schedule=constant train.lr=${PPO_LR:-5e-6} train.batch_size=16 train.eval_every=8 \
-    algo.reward_model=runs/exp/rm_onpolicy/final algo.rewards=[] algo.eval_rewards=[numeric] algo.prompts_per_step=16 \
-    algo.max_new_tokens=24 algo.eval_max_new_tokens=24 algo.beta=0.05 data.num_examples=1000 "$@" > runs/exp.ppo.log 2>&1
+  .venv/bin/python scripts/onpolicy_pairs.py $D/train_samples.jsonl --split train --limit 800 --per-prompt 4 --out $D/train_pairs.jsonl
+  .venv/bin/python scripts/onpolicy_pairs.py $D/test_samples.jsonl --split test --limit 128 --per-prompt 2 --out $D/test_pairs.jsonl
+  local PAIRS=(--data $D/train_pairs.jsonl "${COMMON[@]}" data.num_eval_examples=1000 data.eval_path=$D/test_pairs.jsonl
+               train.batch_size=8 train.eval_every=45)
+  # 1. a scalar (Bradley–Terry head) reward model: reported for comparison, ~64 % on these pairs
+  $PT rm --model $SFT --output-dir runs/exp/rm_onpolicy "${PAIRS[@]}" train.max_steps=${RM_STEPS:-180} \
+    train.lr=${RM_LR:-1e-4} train.warmup_steps=8 > runs/exp.rm_onpolicy.log 2>&1
+  echo "scalar rm: held-out pairwise accuracy $(python3 -c 'import json; r=[json.loads(l) for l in open("runs/exp/rm_onpolicy/metrics.jsonl")]; print([x for x in r if x.get("final")][-1]["eval/accuracy"])')"
+  # 2. DPO's implicit reward model on the same pairs: β log πθ/π_ref, ~93 % on these pairs
+  $PT dpo --model $SFT --output-dir runs/exp/dpo_rm "${PAIRS[@]}" train.max_steps=180 train.lr=1e-5 \
+    train.warmup_steps=10 algo.beta=0.1 > runs/exp.dpo_rm.log 2>&1
+  echo "implicit rm: held-out pairwise accuracy $(python3 -c 'import json; r=[json.loads(l) for l in open("runs/exp/dpo_rm/metrics.jsonl")]; print([x for x in r if x.get("final")][-1]["eval/rewards/accuracies"])'), its own task accuracy $(heldout runs/exp/dpo_rm/final)"
+  # 3. PPO against the implicit reward model (its reference is PPO's: no extra copy)
+  $PT ppo --model $SFT --data task:arithmetic --output-dir runs/exp/ppo "${COMMON[@]}" data.num_eval_examples=256 \
+    train.max_steps=${PPO_STEPS:-30} train.schedule=constant train.lr=${PPO_LR:-1e-5} train.batch_size=16 \
+    train.eval_every=5 algo.reward_model=runs/exp/dpo_rm/final algo.reward_model_kind=implicit \
+    algo.reward_model_beta=0.1 algo.rewards=[] algo.eval_rewards=[numeric] algo.prompts_per_step=64 \
+    algo.minibatch_rows=32 algo.max_new_tokens=24 algo.eval_max_new_tokens=24 algo.beta=0.05 \
+    data.num_examples=2000 "$@" > runs/exp.ppo.log 2>&1
   echo "ppo: $(grep -c '"loss"' runs/exp/ppo/metrics.jsonl) steps; task accuracy $(heldout runs/exp/ppo/final)"
 }
 

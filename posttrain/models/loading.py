@@ -80,11 +80,15 @@ def load_causal_lm(cfg: ModelConfig, path: str | None = None, trainable: bool = 
 
 def load_reward_model(path: str, dtype: str = "fp32", pad_token_id: int | None = None, trainable: bool = True):
     """A sequence classifier with one output (the Bradley–Terry score); a causal LM checkpoint gets a new head."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(path), num_labels=1, dtype=torch_dtype(dtype)
-    )
+    path = resolve_model_path(path)
+    architectures = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
+    if not trainable and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        # from_pretrained would give it a new random head: a reward of noise, with no error
+        raise ValueError(f"{path} holds {architectures or 'no architecture'}, not a reward model with a score head; "
+                         "train one with `posttrain rm`, or score a DPO model with algo.reward_model_kind=implicit")
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype(dtype))
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if not trainable:

@@ -1,7 +1,8 @@
-"""Rewards computed by models: a sequence-classification reward model, and an LLM judge asked a yes/no question.
+"""Rewards computed by models: a sequence-classification reward model, DPO's implicit reward model, and an
+LLM judge asked a yes/no question.
 
-Both are callables with the reward contract and ``batched = True`` (the runner calls them once per batch).
-Both read the model at the LAST NON-PAD token, found from the attention mask (PITFALLS #4): with pad == eos a
+All are callables with the reward contract and ``batched = True`` (the runner calls them once per batch).
+The scalar reward model and the judge read the model at the LAST NON-PAD token, found from the attention mask (PITFALLS #4): with pad == eos a
 real EOS at the end of a sequence looks like padding, so ``pad_token_id`` must not be trusted; and both pass
 position ids computed from the mask, so left padding does not shift RoPE positions (PITFALLS #1).
 """
@@ -112,6 +113,50 @@ class RewardModelReward:
                 batch = pad_batch(ids[start : start + self.batch_size], self.tokenizer.pad_token_id or 0, "right")
                 batch = {k: v.to(_device(self.model)) for k, v in batch.items()}
                 scores += reward_scores(self.model, batch["input_ids"], batch["attention_mask"]).tolist()
+        return scores
+
+
+class ImplicitReward:
+    """DPO's implicit reward model: r(x, y) = β Σ_t [log πθ(y_t | x, y_<t) − log π_ref(y_t | x, y_<t)] over the
+    completion's tokens (Rafailov et al. 2023 eq. 5; RewardBench scores DPO models as reward models this way).
+
+    ``model`` is a causal LM trained by `posttrain dpo` on comparisons, ``ref_model`` the reference it was
+    trained against, ``beta`` its β: the same Bradley–Terry model of preferences as a scalar reward model, with the
+    reward parameterised by the LM's own next-token predictions instead of a new head on the last token.
+    Completions are tokenized as DPO tokenized its pairs (chat template, end-of-turn token included), and the
+    log-probs are chunked over the vocabulary (never a (B, T, V) fp32 log-softmax).
+    """
+
+    batched = True
+
+    def __init__(self, model, ref_model, tokenizer, beta: float, batch_size: int = 16, autocast=None):
+        import contextlib
+
+        if beta <= 0:
+            raise ValueError(f"an implicit reward needs beta > 0, got {beta}")
+        self.model, self.ref_model, self.tokenizer, self.beta, self.batch_size = model, ref_model, tokenizer, beta, batch_size
+        self.autocast = autocast or contextlib.nullcontext
+        self.__name__ = "reward_model"
+
+    def __call__(self, prompts, completions, **_) -> list[float]:
+        import torch
+
+        from posttrain.data.chat import encode_prompt_completion
+        from posttrain.data.collate import pad_batch
+        from posttrain.models.forward import token_logps
+
+        use_chat = bool(getattr(self.tokenizer, "chat_template", None))
+        encoded = [encode_prompt_completion(self.tokenizer, p, c, use_chat) for p, c in zip(prompts, completions, strict=True)]
+        scores: list[float] = []
+        with torch.no_grad(), self.autocast():
+            for start in range(0, len(encoded), self.batch_size):
+                rows = encoded[start : start + self.batch_size]
+                batch = pad_batch([e.input_ids for e in rows], self.tokenizer.pad_token_id or 0, "right",
+                                  labels=[e.labels for e in rows])
+                batch = {k: v.to(_device(self.model)) for k, v in batch.items()}
+                policy = token_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                reference = token_logps(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                scores += (self.beta * (policy - reference).sum(-1)).float().tolist()
         return scores
 
 

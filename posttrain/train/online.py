@@ -32,6 +32,9 @@ class OnlineConfig:
     reward_weights: list[float] = field(default_factory=list)  # default 1.0 each
     reward_options: dict = field(default_factory=dict)  # {reward name: {option: value}}
     reward_model: str | None = None  # a reward model folder, scored as reward "reward_model"
+    reward_model_kind: str = "scalar"  # scalar (a `posttrain rm` model) | implicit (a `posttrain dpo` model: β·log πθ/π_ref)
+    reward_model_ref: str | None = None  # implicit: the DPO run's reference (default: this run's starting model)
+    reward_model_beta: float = 0.1  # implicit: the DPO run's β
     reward_on_error: str = "raise"  # raise | zero (counted in rewards/<name>/errors)
     reward_timeout_s: float = 30.0
     reward_workers: int = 2
@@ -130,18 +133,42 @@ class OnlineBase(common.DatasetAlgorithm):
         return kept
 
     def _reward_model_fn(self):
-        if not self.algo_cfg.reward_model:
+        a = self.algo_cfg
+        if not a.reward_model:
             return None
-        from posttrain.rewards.model_rewards import RewardModelReward
+        if a.reward_model_kind == "implicit":
+            return self._implicit_reward_fn()
+        if a.reward_model_kind != "scalar":
+            raise ValueError(f"algo.reward_model_kind must be scalar or implicit, got {a.reward_model_kind!r}")
         from posttrain.models.loading import load_reward_model
+        from posttrain.rewards.model_rewards import RewardModelReward
 
-        rm = load_reward_model(self.algo_cfg.reward_model, self.cfg.model.dtype, self.tokenizer.pad_token_id, trainable=False)
-        self.reward_model = rm
-        return RewardModelReward(rm, self.tokenizer)
+        self.reward_model = load_reward_model(a.reward_model, self.cfg.model.dtype, self.tokenizer.pad_token_id,
+                                              trainable=False)
+        self.model_reward_fn = RewardModelReward(self.reward_model, self.tokenizer)
+        return self.model_reward_fn
+
+    def _implicit_reward_fn(self):
+        """A DPO model's implicit reward; its reference is PPO's own frozen reference when they are the same
+        checkpoint (no second copy), else loaded."""
+        from posttrain.rewards.model_rewards import ImplicitReward
+
+        a, m = self.algo_cfg, self.cfg.model
+        self.implicit_models = [load_causal_lm(m, resolve_model_path(a.reward_model), trainable=False)]
+        ref_path = resolve_model_path(a.reward_model_ref or m.name_or_path)
+        ours = self.reference.model if self.reference is not None else None
+        if ours is not None and ref_path == resolve_model_path(a.ref_model or m.name_or_path):
+            ref = ours
+        else:
+            ref = load_causal_lm(m, ref_path, trainable=False)
+            self.implicit_models.append(ref)
+        self.model_reward_fn = ImplicitReward(self.implicit_models[0], ref, self.tokenizer, a.reward_model_beta,
+                                              autocast=lambda: common.autocast_context(m))
+        return self.model_reward_fn
 
     @property
     def models_in_memory(self) -> int:
-        rm = 1 if getattr(self, "reward_model", None) is not None else 0
+        rm = (1 if getattr(self, "reward_model", None) is not None else 0) + len(getattr(self, "implicit_models", []))
         engine = getattr(self.generator, "weight_copies", 0)  # vLLM holds its own copy of the policy
         return 1 + (self.reference.copies if self.reference else 0) + rm + self.extra_copies + engine
 
@@ -287,10 +314,8 @@ class OnlineBase(common.DatasetAlgorithm):
         from posttrain.evaluate import GenEvalConfig, evaluate_policy, load_reward_fns
 
         fns = load_reward_fns(self.algo_cfg.eval_rewards or [r for r in self.algo_cfg.rewards])
-        if getattr(self, "reward_model", None) is not None:  # the trained-on (proxy) score of the same answers
-            from posttrain.rewards.model_rewards import RewardModelReward
-
-            fns["reward_model"] = RewardModelReward(self.reward_model, self.tokenizer)
+        if getattr(self, "model_reward_fn", None) is not None:  # the trained-on (proxy) score of the same answers
+            fns["reward_model"] = self.model_reward_fn
         gen_cfg = GenEvalConfig(max_new_tokens=self.algo_cfg.eval_max_new_tokens, batch_size=32,
                                 autocast=wants_bf16(self.cfg.model))
         summary, _ = evaluate_policy(self.model, self.tokenizer, self.eval_records, fns, gen_cfg)

@@ -51,3 +51,22 @@ def test_running_moments_match_numpy():
     allx = torch.cat(xs)
     assert m.mean == pytest.approx(float(allx.mean()), rel=1e-3)
     assert m.var == pytest.approx(float(allx.var(unbiased=False)), rel=1e-3)
+
+
+def test_ppo_against_a_dpo_models_implicit_reward(tmp_path, tiny_dir, prompts):
+    """algo.reward_model_kind=implicit: a causal LM scored as β·log πθ/π_ref. Its reference is PPO's own frozen
+    reference when they are the same checkpoint (4 copies: policy, reference, DPO model, critic), loaded when not."""
+    from tiny import tiny_model_dir
+
+    dpo_model = tiny_model_dir(tmp_path / "dpo-model", seed=1)
+    base = [*FAST[1:], "train.max_steps=2", "train.lr=1e-3", "algo.rewards=[]", "algo.eval_rewards=[tiny:vowel_reward]",
+            f"algo.reward_model={dpo_model}", "algo.reward_model_kind=implicit", "algo.reward_model_beta=0.5"]
+    run_ppo(run_config("ppo", tmp_path / "shared", tiny_dir, prompts, *base))
+    rows = read_metrics(tmp_path / "shared")
+    stepped = [r for r in rows if "reward" in r]
+    assert [r["models_in_memory"] for r in stepped] == [4.0, 4.0]
+    assert all(r["reward"] == r["reward"] and r["reward"] != 0.0 for r in stepped)  # finite, and not a zero log-ratio
+    assert any("eval/reward_model/mean_reward" in r for r in rows)  # the proxy score of held-out answers
+    other_ref = tiny_model_dir(tmp_path / "other-ref", seed=2)
+    run_ppo(run_config("ppo", tmp_path / "own", tiny_dir, prompts, *base, f"algo.reward_model_ref={other_ref}"))
+    assert [r["models_in_memory"] for r in read_metrics(tmp_path / "own") if "reward" in r] == [5.0, 5.0]

@@ -183,3 +183,43 @@ def test_judge_score_is_p_yes_over_p_yes_plus_p_no():
     judge = LLMJudgeReward(FixedLogits(), make_tokenizer(), TEMPLATE)
     assert judge._keep == {"logits_to_keep": 1}
     assert judge(["the cat", "a"], ["sat", "b c d"]) == pytest.approx([0.75, 0.75], abs=1e-6)  # 3 / (3 + 1)
+
+
+# ---- DPO's implicit reward model --------------------------------------------------------------------------------
+
+def _completion_logp_by_loop(model, tok, prompt, completion):
+    """Σ log p of the completion's tokens, one sequence at a time, full log-softmax (the slow, obvious way)."""
+    from posttrain.data.chat import encode_prompt_completion
+
+    enc = encode_prompt_completion(tok, prompt, completion, use_chat=True)
+    ids = torch.tensor([enc.input_ids])
+    logp = model(ids).logits.float().log_softmax(-1)[0]
+    return sum(float(logp[t - 1, ids[0, t]]) for t in range(enc.prompt_len, len(enc.input_ids)))
+
+
+def test_implicit_reward_is_beta_times_the_completion_log_ratio():
+    from posttrain.rewards.model_rewards import ImplicitReward
+
+    tok = make_tokenizer(chat_template=CHAT)
+    torch.manual_seed(1)
+    policy, ref = LlamaForCausalLM(config()).eval(), LlamaForCausalLM(config()).eval()
+    completions = [c.replace(" </s>", "") for c in COMPLETIONS]  # the template closes the turn itself
+    got = ImplicitReward(policy, ref, tok, beta=0.25, batch_size=2)(PROMPTS, completions)
+    with torch.no_grad():
+        want = [0.25 * (_completion_logp_by_loop(policy, tok, p, c) - _completion_logp_by_loop(ref, tok, p, c))
+                for p, c in zip(PROMPTS, completions)]
+    assert got == pytest.approx(want, abs=1e-4)
+    assert len(set(round(w, 3) for w in want)) == 3  # rows differ: padding did not blur them together
+    assert ImplicitReward(ref, ref, tok, beta=0.25)(PROMPTS, completions) == pytest.approx([0.0] * 3, abs=1e-6)
+    with pytest.raises(ValueError, match="beta"):
+        ImplicitReward(policy, ref, tok, beta=0.0)
+
+
+def test_a_causal_lm_is_refused_as_a_frozen_scalar_reward_model(tmp_path):
+    """from_pretrained would add a random score head: a reward of noise, silently."""
+    from posttrain.models.loading import load_reward_model
+
+    LlamaForCausalLM(config()).save_pretrained(tmp_path / "lm")
+    with pytest.raises(ValueError, match="reward_model_kind=implicit"):
+        load_reward_model(str(tmp_path / "lm"), trainable=False)
+    assert load_reward_model(str(tmp_path / "lm")).score.out_features == 1  # `posttrain rm` still starts from one
