@@ -73,6 +73,7 @@ def score_answers(records, answers: list[list[str]], reward_fns: dict) -> tuple[
     prompts = [_prompt_text(r.data["prompt"]) for r in records for _ in range(k)]
     flat = [a for group in answers for a in group]
     columns = {key: [v for v in vals for _ in range(k)] for key, vals in _columns(records).items()}
+    columns["raw_prompt"] = [r.data["prompt"] for r in records for _ in range(k)]  # messages, for model rewards
     summary: dict = {"num_prompts": len(records), "samples": k}
     per_fn = {}
     for name, fn in reward_fns.items():

@@ -70,14 +70,21 @@ ppo() {  # comparisons of the SFT model's own samples labelled by the verifier, 
   $PT dpo --model $SFT --output-dir runs/exp/dpo_rm "${PAIRS[@]}" train.max_steps=180 train.lr=1e-5 \
     train.warmup_steps=10 algo.beta=0.1 > runs/exp.dpo_rm.log 2>&1
   echo "implicit rm: held-out pairwise accuracy $(python3 -c 'import json; r=[json.loads(l) for l in open("runs/exp/dpo_rm/metrics.jsonl")]; print([x for x in r if x.get("final")][-1]["eval/rewards/accuracies"])'), its own task accuracy $(heldout runs/exp/dpo_rm/final)"
-  # 3. PPO against the implicit reward model (its reference is PPO's: no extra copy)
+  # 3. PPO against the implicit reward model (β and reference read from runs/exp/dpo_rm/config.yaml; the
+  #    reference is PPO's own, no extra copy); its in-run evaluations use test prompts 0-255
+  echo "SFT on test prompts 256-511 (not evaluated during PPO): $(HELDOUT_LIMIT=512 second_half $SFT)"
   $PT ppo --model $SFT --data task:arithmetic --output-dir runs/exp/ppo "${COMMON[@]}" data.num_eval_examples=256 \
     train.max_steps=${PPO_STEPS:-30} train.schedule=constant train.lr=${PPO_LR:-1e-5} train.batch_size=16 \
     train.eval_every=5 algo.reward_model=runs/exp/dpo_rm/final algo.reward_model_kind=implicit \
-    algo.reward_model_beta=0.1 algo.rewards=[] algo.eval_rewards=[numeric] algo.prompts_per_step=64 \
+    algo.rewards=[] algo.eval_rewards=[numeric] algo.prompts_per_step=64 \
     algo.minibatch_rows=32 algo.max_new_tokens=24 algo.eval_max_new_tokens=24 algo.beta=0.05 \
     data.num_examples=2000 "$@" > runs/exp.ppo.log 2>&1
-  echo "ppo: $(grep -c '"loss"' runs/exp/ppo/metrics.jsonl) steps; task accuracy $(heldout runs/exp/ppo/final)"
+  echo "ppo: $(grep -c '"loss"' runs/exp/ppo/metrics.jsonl) steps; task accuracy $(heldout runs/exp/ppo/final), on test prompts 256-511 $(HELDOUT_LIMIT=512 second_half runs/exp/ppo/final)"
+}
+
+second_half() {  # model -> accuracy on the second half of $HELDOUT_LIMIT held-out prompts
+  heldout "$1" > /dev/null
+  python3 -c 'import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; h=[x["numeric"] for x in r if x["index"] >= len(r) // 2]; print(sum(h) / len(h))' "$1/../heldout.jsonl"
 }
 
 overopt() { $PT demo --overopt; }

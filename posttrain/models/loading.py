@@ -87,7 +87,7 @@ def load_reward_model(path: str, dtype: str = "fp32", pad_token_id: int | None =
     if not trainable and not any(a.endswith("ForSequenceClassification") for a in architectures):
         # from_pretrained would give it a new random head: a reward of noise, with no error
         raise ValueError(f"{path} holds {architectures or 'no architecture'}, not a reward model with a score head; "
-                         "train one with `posttrain rm`, or score a DPO model with algo.reward_model_kind=implicit")
+                         "train one with `posttrain rm` (an online run can score a DPO model with algo.reward_model_kind=implicit)")
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype(dtype))
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id

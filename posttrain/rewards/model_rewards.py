@@ -93,10 +93,11 @@ class RewardModelReward:
                 scores += self.head(last).squeeze(-1).float().tolist()
         return scores
 
-    def __call__(self, prompts, completions, **_) -> list[float]:
+    def __call__(self, prompts, completions, raw_prompt=None, **_) -> list[float]:
         """Scores of prompt + completion, tokenized exactly as `posttrain rm` tokenized its training pairs
         (chat template, completion up to and including its end-of-turn token), so the score is read at the
-        token the head was trained on."""
+        token the head was trained on. raw_prompt (the dataset's message lists, passed by the trainers) is
+        used over the flattened `prompts` when given."""
         import torch
 
         from posttrain.data.chat import encode_prompt_completion
@@ -104,7 +105,8 @@ class RewardModelReward:
         from posttrain.models.forward import reward_scores
 
         use_chat = bool(getattr(self.tokenizer, "chat_template", None))
-        ids = [encode_prompt_completion(self.tokenizer, p, c, use_chat).input_ids for p, c in zip(prompts, completions, strict=True)]
+        source = prompts if raw_prompt is None else raw_prompt
+        ids = [encode_prompt_completion(self.tokenizer, p, c, use_chat).input_ids for p, c in zip(source, completions, strict=True)]
         if self.max_length:
             ids = [row[-self.max_length :] for row in ids]
         scores: list[float] = []
@@ -129,24 +131,28 @@ class ImplicitReward:
 
     batched = True
 
-    def __init__(self, model, ref_model, tokenizer, beta: float, batch_size: int = 16, autocast=None):
+    def __init__(self, model, ref_model, tokenizer, beta: float, batch_size: int = 16, autocast=None,
+                 use_chat: bool = True):
         import contextlib
 
         if beta <= 0:
             raise ValueError(f"an implicit reward needs beta > 0, got {beta}")
         self.model, self.ref_model, self.tokenizer, self.beta, self.batch_size = model, ref_model, tokenizer, beta, batch_size
+        self.use_chat = use_chat and bool(getattr(tokenizer, "chat_template", None))
         self.autocast = autocast or contextlib.nullcontext
         self.__name__ = "reward_model"
 
-    def __call__(self, prompts, completions, **_) -> list[float]:
+    def __call__(self, prompts, completions, raw_prompt=None, **_) -> list[float]:
+        """raw_prompt: the prompts as the dataset holds them (message lists), which the trainers pass; `prompts`
+        are flattened to text for rule-based rewards and would lose system and earlier turns."""
         import torch
 
         from posttrain.data.chat import encode_prompt_completion
         from posttrain.data.collate import pad_batch
         from posttrain.models.forward import token_logps
 
-        use_chat = bool(getattr(self.tokenizer, "chat_template", None))
-        encoded = [encode_prompt_completion(self.tokenizer, p, c, use_chat) for p, c in zip(prompts, completions, strict=True)]
+        source = prompts if raw_prompt is None else raw_prompt
+        encoded = [encode_prompt_completion(self.tokenizer, p, c, self.use_chat) for p, c in zip(source, completions, strict=True)]
         scores: list[float] = []
         with torch.no_grad(), self.autocast():
             for start in range(0, len(encoded), self.batch_size):
@@ -158,6 +164,26 @@ class ImplicitReward:
                 reference = token_logps(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
                 scores += (self.beta * (policy - reference).sum(-1)).float().tolist()
         return scores
+
+
+def dpo_run_settings(model_dir: str) -> dict:
+    """β, reference and chat templating of the `posttrain dpo` run that wrote `model_dir` (RUN/final), read from
+    RUN/config.yaml; {} when there is none (a model from elsewhere: then they must be given)."""
+    from pathlib import Path
+
+    import yaml
+
+    config = Path(model_dir).parent / "config.yaml"
+    if not config.is_file():
+        return {}
+    tree = yaml.safe_load(config.read_text()) or {}
+    algo, model = tree.get("algo") or {}, tree.get("model") or {}
+    if algo.get("loss_type") in ("simpo", "orpo"):  # trained without a reference: no log-ratio reward to read
+        raise ValueError(f"{model_dir} was trained with loss_type={algo['loss_type']}, which has no reference model; "
+                         "an implicit reward β·log πθ/π_ref needs a reference-based DPO loss")
+    out = {"beta": algo.get("beta"), "ref": algo.get("ref_model") or model.get("name_or_path"),
+           "use_chat": algo.get("use_chat_template", True)}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _single_token_ids(tokenizer, variants) -> list[int]:

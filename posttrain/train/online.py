@@ -33,8 +33,8 @@ class OnlineConfig:
     reward_options: dict = field(default_factory=dict)  # {reward name: {option: value}}
     reward_model: str | None = None  # a reward model folder, scored as reward "reward_model"
     reward_model_kind: str = "scalar"  # scalar (a `posttrain rm` model) | implicit (a `posttrain dpo` model: β·log πθ/π_ref)
-    reward_model_ref: str | None = None  # implicit: the DPO run's reference (default: this run's starting model)
-    reward_model_beta: float = 0.1  # implicit: the DPO run's β
+    reward_model_ref: str | None = None  # implicit: its reference (default: what its run's config.yaml names)
+    reward_model_beta: float | None = None  # implicit: its β (default: its run's config.yaml)
     reward_on_error: str = "raise"  # raise | zero (counted in rewards/<name>/errors)
     reward_timeout_s: float = 30.0
     reward_workers: int = 2
@@ -134,12 +134,12 @@ class OnlineBase(common.DatasetAlgorithm):
 
     def _reward_model_fn(self):
         a = self.algo_cfg
+        if a.reward_model_kind not in ("scalar", "implicit"):
+            raise ValueError(f"algo.reward_model_kind must be scalar or implicit, got {a.reward_model_kind!r}")
         if not a.reward_model:
             return None
         if a.reward_model_kind == "implicit":
             return self._implicit_reward_fn()
-        if a.reward_model_kind != "scalar":
-            raise ValueError(f"algo.reward_model_kind must be scalar or implicit, got {a.reward_model_kind!r}")
         from posttrain.models.loading import load_reward_model
         from posttrain.rewards.model_rewards import RewardModelReward
 
@@ -149,20 +149,28 @@ class OnlineBase(common.DatasetAlgorithm):
         return self.model_reward_fn
 
     def _implicit_reward_fn(self):
-        """A DPO model's implicit reward; its reference is PPO's own frozen reference when they are the same
-        checkpoint (no second copy), else loaded."""
-        from posttrain.rewards.model_rewards import ImplicitReward
+        """A DPO model's implicit reward, with the β, reference and templating its run recorded (unless set here);
+        the reference is PPO's own frozen reference when they are the same checkpoint (no second copy)."""
+        import os
+
+        from posttrain.rewards.model_rewards import ImplicitReward, dpo_run_settings
 
         a, m = self.algo_cfg, self.cfg.model
+        run = dpo_run_settings(a.reward_model)
+        beta = a.reward_model_beta if a.reward_model_beta is not None else run.get("beta")
+        if beta is None:
+            raise ValueError(f"set algo.reward_model_beta: {a.reward_model} has no DPO run config.yaml to read β from")
+        same = lambda x, y: os.path.realpath(resolve_model_path(x)) == os.path.realpath(resolve_model_path(y))  # noqa: E731
         self.implicit_models = [load_causal_lm(m, resolve_model_path(a.reward_model), trainable=False)]
-        ref_path = resolve_model_path(a.reward_model_ref or m.name_or_path)
+        ref_path = a.reward_model_ref or run.get("ref") or m.name_or_path
         ours = self.reference.model if self.reference is not None else None
-        if ours is not None and ref_path == resolve_model_path(a.ref_model or m.name_or_path):
+        if ours is not None and same(ref_path, a.ref_model or m.name_or_path):
             ref = ours
         else:
-            ref = load_causal_lm(m, ref_path, trainable=False)
+            ref = load_causal_lm(m, resolve_model_path(ref_path), trainable=False)
             self.implicit_models.append(ref)
-        self.model_reward_fn = ImplicitReward(self.implicit_models[0], ref, self.tokenizer, a.reward_model_beta,
+        self.model_reward_fn = ImplicitReward(self.implicit_models[0], ref, self.tokenizer, beta,
+                                              use_chat=run.get("use_chat", True),
                                               autocast=lambda: common.autocast_context(m))
         return self.model_reward_fn
 
@@ -203,7 +211,9 @@ class OnlineBase(common.DatasetAlgorithm):
         prompts = [r.data["prompt"] for r in records]
         columns = {k: [r.data.get(k) for r in records] for k in records[0].data if k != "prompt"}
         lengths = rollout.completion_mask.sum(-1).tolist()
-        scored = self.rewards([_prompt_text(p) for p in prompts], rollout.texts, **columns, **self._length_column(lengths))
+        # raw_prompt: the messages themselves, so model rewards template them as their training pairs were
+        scored = self.rewards([_prompt_text(p) for p in prompts], rollout.texts, **{**columns, "raw_prompt": prompts},
+                              **self._length_column(lengths))
         rewards = torch.tensor(scored.total, dtype=torch.float32)
         loss_mask = rollout.completion_mask.clone()
         if a.mask_truncated:

@@ -86,7 +86,8 @@ class PPO(OnlineBase):
         rm = getattr(self, "reward_model", None)
         if init == "reward_model" or (init == "auto" and rm is not None):
             if rm is None:
-                raise ValueError("critic_init=reward_model needs algo.reward_model")
+                raise ValueError("critic_init=reward_model needs a scalar reward model (algo.reward_model with "
+                                 "algo.reward_model_kind=scalar): an implicit reward model has no score head")
             critic = critic_from_reward_model(copy.deepcopy(rm))
         else:
             source = self.reference.model if self.reference.model is not None else self.model

@@ -220,6 +220,6 @@ def test_a_causal_lm_is_refused_as_a_frozen_scalar_reward_model(tmp_path):
     from posttrain.models.loading import load_reward_model
 
     LlamaForCausalLM(config()).save_pretrained(tmp_path / "lm")
-    with pytest.raises(ValueError, match="reward_model_kind=implicit"):
+    with pytest.raises(ValueError, match="not a reward model with a score head"):
         load_reward_model(str(tmp_path / "lm"), trainable=False)
     assert load_reward_model(str(tmp_path / "lm")).score.out_features == 1  # `posttrain rm` still starts from one
