@@ -44,7 +44,8 @@ class PPOConfig(OnlineConfig):
     target_kl: float = 0.0  # stop the epochs once approx_kl exceeds it (0 = never)
     normalize_rewards: bool = True  # scale scores by running std (running mean removed too)
     whiten_advantages: bool = True
-    critic_init: str = "auto"  # auto (reward model if given, else policy) | reward_model | policy
+    critic_init: str = "auto"  # auto (reward model if given, else policy) | reward_model | policy | shared
+    # shared: a value head on the policy's own (LoRA-adapted) decoder, no critic copy: the memory-light option
     loss_agg: str = "token-mean"
 
 
@@ -70,7 +71,7 @@ class PPO(OnlineBase):
         super().__init__(cfg, needs_reference=True)
         a = cfg.algo
         self.critic = self._make_critic(a.critic_init)
-        self.extra_copies = 1  # the critic
+        self.extra_copies = 0 if a.critic_init == "shared" else 1  # the critic's own decoder
         self.kl_ctl = KL_CONTROLLERS[a.kl_control](a.beta) if a.kl_control == "fixed" else \
             KL_CONTROLLERS[a.kl_control](a.beta, a.kl_target, a.kl_horizon)
         self.moments = RunningMoments()
@@ -83,6 +84,19 @@ class PPO(OnlineBase):
 
         from posttrain.models.value import critic_from_causal_lm, critic_from_reward_model
 
+        if init == "shared":
+            from posttrain.models.value import critic_sharing_policy
+
+            from posttrain.train.sharding import resolve_sharding
+
+            if resolve_sharding(self.cfg.train) != "none":
+                raise ValueError("critic_init=shared needs train.sharding=none: the head reads the policy's own "
+                                 "decoder, which a sharded wrapper owns")
+            critic = critic_sharing_policy(self.model)
+            critic.head.requires_grad_(True)
+            return critic
+        if init not in ("auto", "reward_model", "policy"):
+            raise ValueError(f"algo.critic_init must be auto, reward_model, policy or shared, got {init!r}")
         rm = getattr(self, "reward_model", None)
         if init == "reward_model" or (init == "auto" and rm is not None):
             if rm is None:
@@ -95,6 +109,8 @@ class PPO(OnlineBase):
         return critic.train().requires_grad_(True)
 
     def modules(self):
+        if self.algo_cfg.critic_init == "shared":  # the decoder is the policy's: save and train it once
+            return {"policy": self.model, "value_head": self.critic.head}
         return {"policy": self.model, "critic": self.critic}
 
     @torch.no_grad()

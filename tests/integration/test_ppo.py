@@ -70,3 +70,53 @@ def test_ppo_against_a_dpo_models_implicit_reward(tmp_path, tiny_dir, prompts):
     other_ref = tiny_model_dir(tmp_path / "other-ref", seed=2)
     run_ppo(run_config("ppo", tmp_path / "own", tiny_dir, prompts, *base, f"algo.reward_model_ref={other_ref}"))
     assert [r["models_in_memory"] for r in read_metrics(tmp_path / "own") if "reward" in r] == [5.0, 5.0]
+
+
+def test_shared_critic_learns_a_trivial_reward(tmp_path, tiny_dir, prompts):
+    """critic_init=shared: a value head on the policy's own decoder (no critic copy) still learns the reward."""
+    cfg = run_config("ppo", tmp_path / "run", tiny_dir, prompts, *FAST, "train.max_steps=20", "train.lr=1e-2",
+                     "algo.critic_init=shared", "train.eval_every=0")
+    algo = PPO(cfg)
+    assert algo.critic.decoder is algo.model.model  # the same modules, not a copy
+    assert set(algo.modules()) == {"policy", "value_head"}
+    from posttrain.train.loop import Trainer
+
+    Trainer(algo, cfg.train).fit()
+    rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]
+    assert rows[0]["reward"] < 0.5 and max(r["reward"] for r in rows) > 0.9
+    assert {r["models_in_memory"] for r in rows} == {2.0}  # policy and reference; no critic copy
+    assert max(r["explained_variance"] for r in rows) > 0.05  # a zero head explains exactly 0: the head learned
+
+
+def test_shared_critic_with_lora_holds_one_model(tmp_path, tiny_dir, prompts):
+    """With LoRA the reference is the adapter switched off and the critic the adapted decoder plus a head: one
+    model in memory. Only the adapter and the head train; the base (= the reference) never moves.
+    (In this tiny model LoRA cannot move the logits far: its embeddings and final norm are frozen, so learning
+    is checked without LoRA above.)"""
+    import torch
+
+    from posttrain.train.loop import Trainer
+
+    cfg = run_config("ppo", tmp_path / "run", tiny_dir, prompts, *FAST, "train.max_steps=4", "train.lr=1e-2",
+                     "model.lora.enabled=true", "algo.critic_init=shared", "train.eval_every=0")
+    algo = PPO(cfg)
+    assert algo.critic.decoder is algo.model.get_base_model().model
+    base_before = {n: p.detach().clone() for n, p in algo.model.named_parameters() if "lora_" not in n}
+    lora_before = {n: p.detach().clone() for n, p in algo.model.named_parameters() if "lora_B" in n}
+    Trainer(algo, cfg.train).fit()
+    rows = read_metrics(tmp_path / "run")
+    assert {r["models_in_memory"] for r in rows if "reward" in r} == {1.0}
+    for n, p in algo.model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base_before[n]), n
+    assert any(not torch.equal(p, lora_before[n]) for n, p in algo.model.named_parameters() if "lora_B" in n)
+    assert float(algo.critic.head.weight.abs().sum()) > 0
+    trainable = [r for r in rows if "params/trainable" in r][0]["params/trainable"]
+    lora = sum(p.numel() for n, p in algo.model.named_parameters() if "lora_" in n)
+    assert trainable == lora + algo.critic.head.weight.numel() + 1
+
+
+def test_shared_critic_refuses_sharding(tmp_path, tiny_dir, prompts):
+    cfg = run_config("ppo", tmp_path / "run", tiny_dir, prompts, *FAST, "algo.critic_init=shared", "train.sharding=full")
+    with pytest.raises(ValueError, match="critic_init=shared needs train.sharding=none"):
+        PPO(cfg)
