@@ -132,7 +132,9 @@ class ImplicitReward:
     batched = True
 
     def __init__(self, model, ref_model, tokenizer, beta: float, batch_size: int = 16, autocast=None,
-                 use_chat: bool = True):
+                 use_chat: bool = True, ref_context=None):
+        """ref_context: entered around the reference's forward pass — `adapter_disabled(policy)` makes a LoRA
+        policy with its adapter off the reference, with no copy in memory."""
         import contextlib
 
         if beta <= 0:
@@ -140,6 +142,7 @@ class ImplicitReward:
         self.model, self.ref_model, self.tokenizer, self.beta, self.batch_size = model, ref_model, tokenizer, beta, batch_size
         self.use_chat = use_chat and bool(getattr(tokenizer, "chat_template", None))
         self.autocast = autocast or contextlib.nullcontext
+        self.ref_context = ref_context or contextlib.nullcontext
         self.__name__ = "reward_model"
 
     def __call__(self, prompts, completions, raw_prompt=None, **_) -> list[float]:
@@ -161,7 +164,8 @@ class ImplicitReward:
                                   labels=[e.labels for e in rows])
                 batch = {k: v.to(_device(self.model)) for k, v in batch.items()}
                 policy = token_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-                reference = token_logps(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                with self.ref_context():
+                    reference = token_logps(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
                 scores += (self.beta * (policy - reference).sum(-1)).float().tolist()
         return scores
 

@@ -163,14 +163,16 @@ class OnlineBase(common.DatasetAlgorithm):
         same = lambda x, y: os.path.realpath(resolve_model_path(x)) == os.path.realpath(resolve_model_path(y))  # noqa: E731
         self.implicit_models = [load_causal_lm(m, resolve_model_path(a.reward_model), trainable=False)]
         ref_path = a.reward_model_ref or run.get("ref") or m.name_or_path
-        ours = self.reference.model if self.reference is not None else None
+        ours, ref_context = (self.reference.model if self.reference is not None else None), None
         if ours is not None and same(ref_path, a.ref_model or m.name_or_path):
             ref = ours
+        elif m.lora.enabled and a.ref_model is None and same(ref_path, m.name_or_path):  # the adapter switched off
+            ref, ref_context = self.model, (lambda: adapter_disabled(self.model))
         else:
             ref = load_causal_lm(m, resolve_model_path(ref_path), trainable=False)
             self.implicit_models.append(ref)
         self.model_reward_fn = ImplicitReward(self.implicit_models[0], ref, self.tokenizer, beta,
-                                              use_chat=run.get("use_chat", True),
+                                              use_chat=run.get("use_chat", True), ref_context=ref_context,
                                               autocast=lambda: common.autocast_context(m))
         return self.model_reward_fn
 

@@ -120,3 +120,31 @@ def test_shared_critic_refuses_sharding(tmp_path, tiny_dir, prompts):
     cfg = run_config("ppo", tmp_path / "run", tiny_dir, prompts, *FAST, "algo.critic_init=shared", "train.sharding=full")
     with pytest.raises(ValueError, match="critic_init=shared needs train.sharding=none"):
         PPO(cfg)
+
+
+def test_implicit_reward_with_a_lora_policy_uses_the_adapter_off_base(tmp_path, tiny_dir, prompts):
+    """With LoRA the DPO model's reference (= the base) is the policy with its adapter off: no copy, same scores."""
+    import torch
+
+    from posttrain.models.loading import load_causal_lm
+    from posttrain.rewards.model_rewards import ImplicitReward
+    from tiny import tiny_model_dir
+
+    dpo_model = tiny_model_dir(tmp_path / "dpo-model", seed=1)
+    cfg = run_config("ppo", tmp_path / "run", tiny_dir, prompts, *FAST[1:], "algo.rewards=[]", "model.lora.enabled=true",
+                     "algo.critic_init=shared", f"algo.reward_model={dpo_model}", "algo.reward_model_kind=implicit",
+                     "algo.reward_model_beta=0.5")
+    algo = PPO(cfg)
+    assert algo.models_in_memory == 2  # the base (policy, reference, critic trunk) and the DPO model
+    with torch.no_grad():
+        for n, p in algo.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # the adapted policy now differs from the base
+    texts = ["abc", "hello there", "x"]
+    plain = ["say 1", "say 2", "say 3"]
+    got = algo.model_reward_fn(plain, texts)
+    copy = ImplicitReward(algo.implicit_models[0], load_causal_lm(cfg.model, tiny_dir, trainable=False),
+                          algo.tokenizer, 0.5)(plain, texts)
+    assert got == pytest.approx(copy, abs=1e-5)
+    adapted = ImplicitReward(algo.implicit_models[0], algo.model, algo.tokenizer, 0.5)(plain, texts)
+    assert max(abs(x - y) for x, y in zip(got, adapted)) > 1e-3  # the adapter really was off for the reference
