@@ -1,5 +1,5 @@
 """The PPO critic: a decoder with a scalar value head at every token — its own copy of a decoder, or the
-policy's decoder itself (`critic_sharing_policy`, the memory-light option)."""
+policy's decoder itself (`critic_from_causal_lm(policy)`, the memory-light option)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ def critic_from_reward_model(reward_model) -> ValueModel:
 
 
 def critic_from_causal_lm(model) -> ValueModel:
-    """Initialised from the policy's decoder weights with a zero head (values start at 0)."""
+    """A zero head (values start at 0) on `model`'s decoder: a copy of the policy's, or the policy itself — then
+    no second model is in memory and the value loss trains the head and, through the shared trunk (LoRA layers
+    included), the policy's trainable weights (the shared-trunk design of Ziegler et al. 2019)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = getattr(inner, inner.base_model_prefix)
     head = nn.Linear(inner.config.hidden_size, 1, bias=True, dtype=next(decoder.parameters()).dtype)
@@ -39,14 +41,3 @@ def critic_from_causal_lm(model) -> ValueModel:
     nn.init.zeros_(head.bias)
     return ValueModel(decoder, head)
 
-
-def critic_sharing_policy(model) -> ValueModel:
-    """A zero-initialised value head on the policy's own decoder (LoRA layers included and active): no second
-    model in memory; the value loss trains the head and, through the shared trunk, the policy's trainable weights
-    (the shared-trunk design of Ziegler et al. 2019 and TRL's value-head model). Only the head is new."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = getattr(inner, inner.base_model_prefix)
-    head = nn.Linear(inner.config.hidden_size, 1, bias=True, dtype=next(decoder.parameters()).dtype)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    return ValueModel(decoder, head)

@@ -85,14 +85,12 @@ class PPO(OnlineBase):
         from posttrain.models.value import critic_from_causal_lm, critic_from_reward_model
 
         if init == "shared":
-            from posttrain.models.value import critic_sharing_policy
-
             from posttrain.train.sharding import resolve_sharding
 
             if resolve_sharding(self.cfg.train) != "none":
                 raise ValueError("critic_init=shared needs train.sharding=none: the head reads the policy's own "
                                  "decoder, which a sharded wrapper owns")
-            critic = critic_sharing_policy(self.model)
+            critic = critic_from_causal_lm(self.model)  # no copy: only the head is new
             critic.head.requires_grad_(True)
             return critic
         if init not in ("auto", "reward_model", "policy"):
