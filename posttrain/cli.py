@@ -32,6 +32,7 @@ FLAGS = {
     "output_dir": "train.output_dir",
     "max_steps": "train.max_steps",
     "seed": "train.seed",
+    "device": "train.device",
     "ref_model": "algo.ref_model",
     "reward_model": "algo.reward_model",
     "reward": "algo.rewards",
@@ -52,6 +53,7 @@ def _add_train_parser(sub, name: str, help_text: str) -> None:
     p.add_argument("--output-dir", dest="output_dir", help="run directory")
     p.add_argument("--max-steps", dest="max_steps", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (cuda:LOCAL_RANK when CUDA is available, else cpu) | cpu | cuda | cuda:N")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--num-processes", dest="num_processes", type=int, default=1,
                    help="data-parallel processes on this machine (or launch with accelerate launch / torchrun)")
@@ -136,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from posttrain.config import ConfigError
     from posttrain.data.formats import DataError
+    from posttrain.devices import DeviceError, check_launch
 
     try:
         if args.command in TRAIN_COMMANDS:
             cfg = config_from_args(args.command, args)  # validated before any process is started
+            check_launch(cfg.train.device, max(1, args.num_processes))
             if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
                 from posttrain.train.distributed import launch
 
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"posttrain {args.command}: not available in this build ({args.unavailable})", file=sys.stderr)
             return 2
         return args.func(args) or 0
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, DataError, DeviceError, FileNotFoundError, ValueError) as exc:
         if args.verbose:
             raise
         print(f"posttrain {args.command}: error: {exc}", file=sys.stderr)

@@ -36,6 +36,10 @@ class ModelConfig:
     autocast: str = "auto"  # bf16 autocast: auto (where bf16 is fast on this hardware) | bf16 | none
     gradient_checkpointing: bool = False
     logprob_chunk: int = 1024  # tokens per chunk when computing log-probs from hidden states
+    # frozen models (reference, reward models, judges): their weights' dtype (null = `dtype`; bf16 halves their
+    # memory) and whether they wait on the CPU between uses, moved to the device only for their forward passes
+    frozen_dtype: str | None = None
+    offload_frozen: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -81,6 +85,9 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    # where models, batches, rollouts and optimizer state live: auto (cuda:LOCAL_RANK when CUDA is available, else
+    # cpu) | cpu | cuda | cuda:N (devices.py)
+    device: str = "auto"
     # several processes: none (whole model per rank, gradients all-reduced) | full (FSDP2 FULL_SHARD, ZeRO-3) |
     # grad_op (SHARD_GRAD_OP, ZeRO-2) | auto (from `deepspeed` or accelerate's launch config, else none); sharding.py
     sharding: str = "auto"

@@ -117,16 +117,21 @@ def run_eval(args) -> int:
     from posttrain.data.formats import load_dataset_records
     from posttrain.models.loading import load_tokenizer, resolve_model_path
 
+    from posttrain import devices
+
+    device = devices.select(args.device)
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)
     if _is_reward_model(path):
-        summary = _eval_reward_model(path, tokenizer, load_dataset_records(args.data, "preference", args.split, n=args.limit))
+        records = load_dataset_records(args.data, "preference", args.split, n=args.limit)
+        summary = _eval_reward_model(path, tokenizer, records, device)
         rows = []
     else:
         from transformers import AutoModelForCausalLM
 
         records = load_dataset_records(args.data, "prompts", args.split, n=args.limit)[: args.limit]
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        with device:
+            model = AutoModelForCausalLM.from_pretrained(path, device_map={"": str(device)}).eval()
         cfg = GenEvalConfig(samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
         summary, rows = evaluate_policy(model, tokenizer, records, load_reward_fns(args.reward or ["numeric"]), cfg)
     out = Path(args.output or (Path(path) / "eval_results.jsonl" if Path(path).is_dir() else "eval_results.jsonl"))
@@ -137,11 +142,11 @@ def run_eval(args) -> int:
     return 0
 
 
-def _eval_reward_model(path, tokenizer, records) -> dict:
+def _eval_reward_model(path, tokenizer, records, device) -> dict:
     from posttrain.models.loading import load_reward_model
     from posttrain.train.rm import encode_pair, pairwise_accuracy
 
-    model = load_reward_model(path, pad_token_id=tokenizer.pad_token_id, trainable=False)
+    model = load_reward_model(path, pad_token_id=tokenizer.pad_token_id, trainable=False, device=device)
     pairs = [encode_pair(r, tokenizer, True) for r in records]
     return {"num_pairs": len(pairs), **pairwise_accuracy(model, pairs, tokenizer.pad_token_id)}
 
@@ -157,5 +162,6 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=48)
     p.add_argument("--limit", type=int, default=200, help="number of prompts or pairs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one) | cpu | cuda | cuda:N")
     p.add_argument("--output", help="per-sample results JSONL (default: MODEL/eval_results.jsonl)")
     p.set_defaults(func=run_eval)

@@ -10,17 +10,32 @@ import sys
 from pathlib import Path
 
 
-def peak_memory_gb() -> float:
-    """Peak memory of this process: the GPU allocator's peak on CUDA, else the resident-set high-water mark."""
-    try:
-        import torch
-
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            return torch.cuda.max_memory_allocated() / 2**30
-    except ImportError:
-        pass
+def host_peak_rss_gb() -> float:
+    """This process's resident-set high-water mark on the host."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**30 if sys.platform == "darwin" else rss / 2**20
+
+
+def peak_memory_gb(device=None) -> float:
+    """The headline peak memory: the GPU allocator's peak on a CUDA device, else the host's peak RSS."""
+    if device is not None and getattr(device, "type", str(device).split(":")[0]) == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return host_peak_rss_gb()
+
+
+def memory_metrics(device) -> dict:
+    """Peak memory, each metric named for the memory it measures: `mem/host_peak_rss_gb` always,
+    `mem/gpu_peak_allocated_gb` and `mem/gpu_peak_reserved_gb` on CUDA (tensors vs the caching allocator's
+    pool), and `peak_mem_gb`: the GPU's allocated peak on CUDA, the host RSS on the CPU."""
+    out = {"peak_mem_gb": peak_memory_gb(device), "mem/host_peak_rss_gb": host_peak_rss_gb()}
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        out["mem/gpu_peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["mem/gpu_peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
+    return out
 
 
 def to_float(value) -> float:

@@ -156,7 +156,7 @@ def agg_loss(
     """
     mask = mask.to(per_token.dtype)
     if mode == "token-mean":
-        denom = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=per_token.dtype)
+        denom = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=per_token.dtype, device=per_token.device)
         return (per_token * mask).sum() / denom.clamp(min=1.0)
     n_seqs = float(per_token.shape[0]) if num_seqs is None else float(num_seqs)
     if mode == "seq-mean-token-mean":

@@ -85,6 +85,7 @@ def run_overopt(cfg: RunConfig) -> dict:
     """`posttrain overopt`: best-of-n and PPO points of proxy and gold reward against KL; overoptimization.json."""
     from transformers import AutoModelForCausalLM
 
+    from posttrain import devices
     from posttrain.data.formats import load_dataset_records
     from posttrain.evaluate import load_reward_fns
     from posttrain.metrics import read_metrics
@@ -100,8 +101,12 @@ def run_overopt(cfg: RunConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
     path = resolve_model_path(cfg.model.name_or_path)
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
-    proxy = RewardModelReward(load_reward_model(a.reward_model, "fp32", tokenizer.pad_token_id, trainable=False), tokenizer)
+    device = devices.select(cfg.train.device)
+    with device:
+        model = AutoModelForCausalLM.from_pretrained(path, device_map={"": str(device)}).eval()
+    tokenizer = load_tokenizer(path)
+    proxy = RewardModelReward(load_reward_model(a.reward_model, "fp32", tokenizer.pad_token_id, trainable=False,
+                                                device=device), tokenizer)
     fns = {"gold": load_reward_fns([a.gold])[a.gold.split(":")[-1]], "proxy": proxy}
     records = load_dataset_records(cfg.data.path, "prompts", "test", n=cfg.data.num_eval_examples, seed=cfg.train.seed)
     records = records[: cfg.data.num_eval_examples]

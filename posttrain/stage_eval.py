@@ -19,7 +19,12 @@ def load_lm(path: str):
 
     hf_logging.disable_progress_bar()  # the pipeline's terminal shows its own lines and the summary table
 
-    return AutoModelForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
+    from posttrain.devices import current
+
+    device = current()
+    with device:
+        model = AutoModelForCausalLM.from_pretrained(path, device_map={"": str(device)}).eval()
+    return model, load_tokenizer(path)
 
 
 @torch.no_grad()
@@ -37,7 +42,8 @@ def sequence_kl(policy, reference, tokenizer, records, max_new_tokens: int = 48,
                             batch_size=batch_size)
     from posttrain.models.loading import bf16_autocast, bf16_is_fast
 
-    fast = bf16_is_fast()
+    device_type = next(policy.parameters()).device.type
+    fast = bf16_is_fast(device_type)
     engine = HFGenerator(policy, tokenizer.pad_token_id, tokenizer, torch.bfloat16 if fast else None)
     total, count = 0.0, 0
     for s in range(0, len(records), batch_size):
@@ -47,7 +53,7 @@ def sequence_kl(policy, reference, tokenizer, records, max_new_tokens: int = 48,
         attn = torch.cat([roll.prompt_mask, roll.completion_mask], 1)
         labels = full.masked_fill(attn == 0, -100)
         labels[:, : roll.prompt_ids.shape[1]] = -100
-        with bf16_autocast("cpu") if fast else contextlib.nullcontext():
+        with bf16_autocast(device_type) if fast else contextlib.nullcontext():
             lp = token_logps(policy, full, attn, labels)
             lr = token_logps(reference, full, attn, labels)
         log_ratio = (lr - lp).masked_fill(labels == -100, 0.0)

@@ -25,10 +25,11 @@ def mismatched_indices(batch_size: int, generator: Optional[torch.Generator] = N
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = generator.device if generator is not None else torch.device("cpu")  # index tensors built on the host
     if batch_size == 1:
-        return torch.zeros(1, dtype=torch.long)
-    shift = torch.randint(1, batch_size, (1,), generator=generator)
-    return (torch.arange(batch_size) + shift) % batch_size
+        return torch.zeros(1, dtype=torch.long, device=device)
+    shift = torch.randint(1, batch_size, (1,), generator=generator, device=device)
+    return (torch.arange(batch_size, device=device) + shift) % batch_size
 
 
 def kto_loss(

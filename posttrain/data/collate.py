@@ -120,20 +120,23 @@ class BatchOrder:
 def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right", labels: list[list[int]] | None = None):
     """Pad id lists into tensors: input_ids (B, T), attention_mask (B, T), labels (B, T) if given.
 
-    The attention mask, not the pad id, tells real tokens from padding (pad may equal EOS).
+    The attention mask, not the pad id, tells real tokens from padding (pad may equal EOS). The tensors are built
+    on the CPU (host staging: counting tokens there costs no device sync); the training loop moves each micro-batch
+    to the run's device before its forward pass.
     """
     import torch
 
     width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    lab = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long) if labels is not None else None
+    host = {"dtype": torch.long, "device": "cpu"}
+    ids = torch.full((len(sequences), width), pad_id, **host)
+    mask = torch.zeros((len(sequences), width), **host)
+    lab = torch.full((len(sequences), width), IGNORE_INDEX, **host) if labels is not None else None
     for row, seq in enumerate(sequences):
         span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        ids[row, span] = torch.tensor(seq, **host)
         mask[row, span] = 1
         if lab is not None:
-            lab[row, span] = torch.tensor(labels[row], dtype=torch.long)
+            lab[row, span] = torch.tensor(labels[row], **host)
     out = {"input_ids": ids, "attention_mask": mask}
     if lab is not None:
         out["labels"] = lab

@@ -51,35 +51,57 @@ def load_tokenizer(path: str, chat_template: str | None = None):
 
 
 def apply_lora(model, lora: LoraConfig):
-    """Wrap the model with a fresh LoRA adapter; the base weights are frozen."""
+    """Wrap the model with a fresh LoRA adapter, created on the model's device; the base weights are frozen."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
+
+    from posttrain.devices import module_device
 
     peft_cfg = PeftLoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_cfg)
+    with module_device(model):
+        return get_peft_model(model, peft_cfg)
 
 
-def load_causal_lm(cfg: ModelConfig, path: str | None = None, trainable: bool = True):
-    """The policy (trainable, LoRA if configured) or a frozen copy (trainable=False: eval mode, no grads)."""
+def _placed(device):
+    """Construction on `device`: every tensor made while loading (weights, buffers, a LoRA adapter, a new head)
+    goes there, whatever torch's default device is."""
+    import torch
+
+    return torch.device(device if device is not None else "cpu")
+
+
+def load_causal_lm(cfg: ModelConfig, path: str | None = None, trainable: bool = True, device=None):
+    """The policy (trainable, LoRA if configured) on `device`, or a frozen copy (trainable=False: eval mode, no
+    grads, in `model.frozen_dtype` when set). `device` None means the CPU."""
     from transformers import AutoModelForCausalLM
 
     path = path or resolve_model_path(cfg.name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.dtype))
-    if cfg.gradient_checkpointing and trainable:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if trainable and cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
+    dtype = cfg.dtype if trainable or not cfg.frozen_dtype else cfg.frozen_dtype
+    with _placed(device) as where:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), device_map={"": str(where)})
+        if cfg.gradient_checkpointing and trainable:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if trainable and cfg.lora.enabled:
+            model = apply_lora(model, cfg.lora)
     if not trainable:
         model.eval().requires_grad_(False)
     return model
 
 
-def load_reward_model(path: str, dtype: str = "fp32", pad_token_id: int | None = None, trainable: bool = True):
-    """A sequence classifier with one output (the Bradley–Terry score); a causal LM checkpoint gets a new head."""
+def load_frozen_lm(cfg: ModelConfig, path: str, device):
+    """A frozen causal LM (a reference): on `device`, or on the CPU when `model.offload_frozen` (then moved to the
+    device only for its forward passes, `frozen_on`)."""
+    return load_causal_lm(cfg, path, trainable=False, device="cpu" if cfg.offload_frozen else device)
+
+
+def load_reward_model(path: str, dtype: str = "fp32", pad_token_id: int | None = None, trainable: bool = True,
+                      device=None):
+    """A sequence classifier with one output (the Bradley–Terry score) on `device` (None: the CPU); a causal LM
+    checkpoint gets a new head when trainable, and is refused when frozen."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = resolve_model_path(path)
@@ -88,7 +110,9 @@ def load_reward_model(path: str, dtype: str = "fp32", pad_token_id: int | None =
         # from_pretrained would give it a new random head: a reward of noise, with no error
         raise ValueError(f"{path} holds {architectures or 'no architecture'}, not a reward model with a score head; "
                          "train one with `posttrain rm` (an online run can score a DPO model with algo.reward_model_kind=implicit)")
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype(dtype))
+    with _placed(device) as where:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype(dtype),
+                                                                   device_map={"": str(where)})
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if not trainable:
@@ -96,11 +120,37 @@ def load_reward_model(path: str, dtype: str = "fp32", pad_token_id: int | None =
     return model
 
 
+@contextlib.contextmanager
+def frozen_on(model, device):
+    """`model` on `device` for the duration: a frozen model offloaded to the CPU between uses is moved there and
+    back (`model.offload_frozen`); one already there is left alone. Yields the model."""
+    from posttrain.devices import module_device
+
+    if model is None:
+        yield None
+        return
+    home = module_device(model)
+    moved = device is not None and home != _as_device(device)
+    if moved:
+        model.to(device)
+    try:
+        yield model
+    finally:
+        if moved:
+            model.to(home)
+
+
+def _as_device(device):
+    import torch
+
+    return torch.device(device)
+
+
 _FAST_BF16: dict[str, bool] = {}
 
 
 def bf16_is_fast(device_type: str = "cpu") -> bool:
-    """Whether bf16 matmuls beat fp32 here. On CUDA they do; on a CPU only with AVX-512/AMX bf16 support —
+    """Whether bf16 matmuls beat fp32 here. On a CUDA GPU with bf16 support (Ampere and later) they do; on a CPU only with AVX-512/AMX bf16 support —
     on an AVX2-only CPU PyTorch's bf16 matmul is an emulation measured ~25x slower than fp32. Decided once per
     process by timing a small matmul both ways."""
     import time
@@ -108,7 +158,7 @@ def bf16_is_fast(device_type: str = "cpu") -> bool:
     import torch
 
     if device_type == "cuda":
-        return True
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device_type not in _FAST_BF16:
         if "AVX512" not in torch.backends.cpu.get_cpu_capability():  # no native bf16 below AVX-512: never fast
             _FAST_BF16[device_type] = False
@@ -130,7 +180,7 @@ def bf16_is_fast(device_type: str = "cpu") -> bool:
     return _FAST_BF16[device_type]
 
 
-def wants_bf16(cfg: ModelConfig, device_type: str = "cpu") -> bool:
+def wants_bf16(cfg: ModelConfig, device_type: str) -> bool:
     """bf16 autocast for fp32 weights: `bf16` always, `auto` where bf16 is fast on this hardware, `none` never."""
     if cfg.dtype not in ("fp32", "float32") or cfg.autocast in ("none", "fp32", "off"):
         return False
@@ -141,7 +191,7 @@ def wants_bf16(cfg: ModelConfig, device_type: str = "cpu") -> bool:
     raise ValueError(f"model.autocast must be auto, bf16 or none; got {cfg.autocast!r}")
 
 
-def autocast_context(cfg: ModelConfig, device_type: str = "cpu"):
+def autocast_context(cfg: ModelConfig, device_type: str):
     """bf16 autocast per `wants_bf16` (a ~1.75x faster train step where the CPU has native bf16)."""
     return bf16_autocast(device_type) if wants_bf16(cfg, device_type) else contextlib.nullcontext()
 

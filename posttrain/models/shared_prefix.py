@@ -71,7 +71,7 @@ def pack_pairs(pairs: list[tuple], pad_id: int) -> dict:
                 index.append(row * T + pos)
                 label.append(lab)
                 seq.append(s * B + row)
-    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device="cpu")  # noqa: E731  (host staging)
     return {"input_ids": as_long(rows), "position_ids": as_long(positions), "segments": as_long(segments),
             "score_index": as_long(index), "score_label": as_long(label), "score_seq": as_long(seq), "num_seqs": 2 * B}
 
@@ -152,7 +152,7 @@ def pack_groups(prompts: list[list[int]], completions: list[list[list[int]]], pa
         rows.append(ids + [pad_id] * pad)
         positions.append(position + [0] * pad)
         segments.append(segment + [-1] * pad)
-    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device="cpu")  # noqa: E731  (host staging)
     return {"input_ids": as_long(rows), "position_ids": as_long(positions), "segments": as_long(segments),
             "score_index": as_long(index), "score_label": as_long(label), "score_seq": as_long(seq),
             "score_pos": as_long(pos), "num_seqs": number}

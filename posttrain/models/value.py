@@ -36,7 +36,8 @@ def critic_from_causal_lm(model) -> ValueModel:
     included), the policy's trainable weights (the shared-trunk design of Ziegler et al. 2019)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = getattr(inner, inner.base_model_prefix)
-    head = nn.Linear(inner.config.hidden_size, 1, bias=True, dtype=next(decoder.parameters()).dtype)
+    weight = next(decoder.parameters())
+    head = nn.Linear(inner.config.hidden_size, 1, bias=True, dtype=weight.dtype, device=weight.device)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     return ValueModel(decoder, head)

@@ -45,8 +45,9 @@ def _encode(tokenizer, texts, add_special_tokens: bool, max_length, device, padd
     import torch
 
     side = {"padding_side": padding_side} if padding_side else {}
-    batch = tokenizer(texts, padding=True, truncation=max_length is not None, max_length=max_length,
-                      add_special_tokens=add_special_tokens, return_tensors="pt", **side)
+    with torch.device("cpu"):  # the tokenizer builds its tensors with torch's default device: stage them on the host
+        batch = tokenizer(texts, padding=True, truncation=max_length is not None, max_length=max_length,
+                          add_special_tokens=add_special_tokens, return_tensors="pt", **side)
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     if not bool(mask.any(-1).all()):
         raise ValueError("an input encodes to zero tokens")
@@ -55,6 +56,13 @@ def _encode(tokenizer, texts, add_special_tokens: bool, max_length, device, padd
 
 def _device(model):
     return next(model.parameters()).device
+
+
+def _placed(model, device):
+    """The frozen model on `device` for one call (`model.offload_frozen` keeps it on the CPU in between)."""
+    from posttrain.models.loading import frozen_on
+
+    return frozen_on(model, device)
 
 
 class RewardModelReward:
@@ -68,7 +76,8 @@ class RewardModelReward:
 
     batched = True
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None):
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None, device=None):
+        """device: where its forward passes run (default: where the model is)."""
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.head = getattr(inner, "score", None)
         self.backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
@@ -77,6 +86,7 @@ class RewardModelReward:
         if getattr(inner.config, "num_labels", 1) != 1:
             raise ValueError(f"a reward model has num_labels=1, got {inner.config.num_labels}")
         self.model, self.tokenizer, self.batch_size, self.max_length = model, tokenizer, batch_size, max_length
+        self.device = device if device is not None else _device(model)
         self.__name__ = "reward_model"
 
     def score_texts(self, texts: list[str], add_special_tokens: bool = True) -> list[float]:
@@ -110,10 +120,10 @@ class RewardModelReward:
         if self.max_length:
             ids = [row[-self.max_length :] for row in ids]
         scores: list[float] = []
-        with torch.no_grad():
+        with torch.no_grad(), _placed(self.model, self.device):
             for start in range(0, len(ids), self.batch_size):
                 batch = pad_batch(ids[start : start + self.batch_size], self.tokenizer.pad_token_id or 0, "right")
-                batch = {k: v.to(_device(self.model)) for k, v in batch.items()}
+                batch = {k: v.to(self.device) for k, v in batch.items()}
                 scores += reward_scores(self.model, batch["input_ids"], batch["attention_mask"]).tolist()
         return scores
 
@@ -132,9 +142,10 @@ class ImplicitReward:
     batched = True
 
     def __init__(self, model, ref_model, tokenizer, beta: float, batch_size: int = 16, autocast=None,
-                 use_chat: bool = True, ref_context=None):
+                 use_chat: bool = True, ref_context=None, device=None):
         """ref_context: entered around the reference's forward pass — `adapter_disabled(policy)` makes a LoRA
-        policy with its adapter off the reference, with no copy in memory."""
+        policy with its adapter off the reference, with no copy in memory. device: where the forward passes run
+        (default: where `model` is; frozen models offloaded to the CPU are moved there for the call)."""
         import contextlib
 
         if beta <= 0:
@@ -143,6 +154,7 @@ class ImplicitReward:
         self.use_chat = use_chat and bool(getattr(tokenizer, "chat_template", None))
         self.autocast = autocast or contextlib.nullcontext
         self.ref_context = ref_context or contextlib.nullcontext
+        self.device = device if device is not None else _device(model)
         self.__name__ = "reward_model"
 
     def __call__(self, prompts, completions, raw_prompt=None, **_) -> list[float]:
@@ -157,12 +169,12 @@ class ImplicitReward:
         source = prompts if raw_prompt is None else raw_prompt
         encoded = [encode_prompt_completion(self.tokenizer, p, c, self.use_chat) for p, c in zip(source, completions, strict=True)]
         scores: list[float] = []
-        with torch.no_grad(), self.autocast():
+        with torch.no_grad(), self.autocast(), _placed(self.model, self.device), _placed(self.ref_model, self.device):
             for start in range(0, len(encoded), self.batch_size):
                 rows = encoded[start : start + self.batch_size]
                 batch = pad_batch([e.input_ids for e in rows], self.tokenizer.pad_token_id or 0, "right",
                                   labels=[e.labels for e in rows])
-                batch = {k: v.to(_device(self.model)) for k, v in batch.items()}
+                batch = {k: v.to(self.device) for k, v in batch.items()}
                 policy = token_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
                 with self.ref_context():
                     reference = token_logps(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -237,7 +249,7 @@ class LLMJudgeReward:
             extra = {k: v[i] for k, v in columns.items() if isinstance(v[i], str)}
             questions.append(self.template.format(**extra, prompt=prompt, completion=completion))
         texts, special = _texts(self.tokenizer, questions, [None] * len(questions), generation_prompt=True)
-        yes, no = torch.tensor(self.yes_ids), torch.tensor(self.no_ids)
+        yes, no = torch.tensor(self.yes_ids, device="cpu"), torch.tensor(self.no_ids, device="cpu")
         scores = []
         with torch.no_grad():
             for start in range(0, len(texts), self.batch_size):

@@ -58,7 +58,12 @@ class SamplingParams:
 
 @runtime_checkable
 class Generator(Protocol):
-    """A rollout engine. Rows of the result are prompt-major; `seed` makes the samples reproducible."""
+    """A rollout engine. Rows of the result are prompt-major; `seed` makes the samples reproducible.
+
+    Optional, beyond `generate`: `sync_weights(model)` for an engine with its own copy of the weights, and the
+    memory hooks `sleep()` / `wake_up()` (see `MemoryHooks`; the trainer calls them only through
+    `release_memory` / `reclaim_memory`, so an engine without them needs nothing).
+    """
 
     def generate(
         self,
@@ -67,6 +72,39 @@ class Generator(Protocol):
         num_samples: int = 1,
         seed: int | None = None,
     ) -> "Rollout": ...
+
+
+class MemoryHooks:
+    """Optional engine hooks that lend the engine's device memory to the trainer between samplings.
+
+    sleep():   after a step's sampling and scoring, before the optimizer updates: free what the engine holds on
+               the device that sampling alone needs (vLLM: its KV cache, and its weights copied to CPU RAM).
+    wake_up(): before the engine samples again (and before `sync_weights`): take that memory back.
+    Each returns True when it changed something. These defaults do nothing: an engine that samples with the
+    policy itself (HF) holds no memory of its own to lend.
+    """
+
+    def sleep(self) -> bool:
+        return False
+
+    def wake_up(self) -> bool:
+        return False
+
+
+def release_memory(generator) -> bool:
+    """Call after a step's rollouts are sampled and scored, before the optimizer updates: the engine frees the
+    device memory it holds for sampling (`generator.sleep()`), so the update has it. Nothing for an engine without
+    the hook. True when memory was released."""
+    hook = getattr(generator, "sleep", None)
+    return bool(hook()) if callable(hook) else False
+
+
+def reclaim_memory(generator) -> bool:
+    """Call before the engine samples again (each step's first sampling, evaluation), before `sync_weights`: the
+    engine takes back what `release_memory` freed (`generator.wake_up()`). Nothing for an engine without the hook,
+    or one that is awake. True when memory was reclaimed."""
+    hook = getattr(generator, "wake_up", None)
+    return bool(hook()) if callable(hook) else False
 
 
 GENERATORS: dict[str, type] = {}

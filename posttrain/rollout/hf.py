@@ -32,14 +32,17 @@ from posttrain.types import Rollout
 
 
 def left_pad(prompt_ids: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (ids (B, P), mask (B, P)), real tokens flush right so every row's next token is at -1."""
+    """Token lists -> (ids (B, P), mask (B, P)) on `device` (default: the CPU), real tokens flush right so every
+    row's next token is at -1. Built on the host, then copied once."""
     P = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), P), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), P), dtype=torch.long)
+    host = {"dtype": torch.long, "device": "cpu"}
+    ids = torch.full((len(prompt_ids), P), pad_token_id, **host)
+    mask = torch.zeros((len(prompt_ids), P), **host)
     for i, p in enumerate(prompt_ids):
-        ids[i, P - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+        ids[i, P - len(p) :] = torch.as_tensor(p, **host)
         mask[i, P - len(p) :] = 1
-    return ids.to(device), mask.to(device)
+    device = device if device is not None else "cpu"
+    return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -128,8 +131,9 @@ class HFGenerator:
         """The engine an online run samples with: the policy itself, bf16 autocast where that is fast."""
         from posttrain.models.loading import wants_bf16
 
-        fp32 = next(model.parameters()).dtype == torch.float32
-        return cls(model, tokenizer.pad_token_id, tokenizer, torch.bfloat16 if fp32 and wants_bf16(cfg.model) else None)
+        weight = next(model.parameters())
+        bf16 = weight.dtype == torch.float32 and wants_bf16(cfg.model, weight.device.type)
+        return cls(model, tokenizer.pad_token_id, tokenizer, torch.bfloat16 if bf16 else None)
 
     def generate(
         self,
@@ -144,7 +148,7 @@ class HFGenerator:
             raise ValueError("stop_strings need a tokenizer: HFGenerator(model, pad_token_id, tokenizer=...)")
         device = next(self.model.parameters()).device
         if seed is None:  # drawn from torch's global RNG, so torch.manual_seed still makes a run reproducible
-            seed = int(torch.randint(0, 2**62, ()).item())
+            seed = int(torch.randint(0, 2**62, (), device="cpu").item())
         generator = torch.Generator(device=device).manual_seed(seed)
         matcher = StopStringMatcher(self.tokenizer, params.stop_strings) if params.stop_strings else None
         was_training = self.model.training

@@ -164,7 +164,7 @@ def load_checkpoint(path: Path, modules: dict, optimizer, scheduler, sharded: bo
                            "cannot resume from it; start afresh with train.resume=false or from its weights")
 
     for name, module in modules.items():
-        state = load_file(str(path / f"{name}.safetensors"))
+        state = load_file(str(path / f"{name}.safetensors"), device="cpu")
         missing = set(state) - {n for n, _ in module.named_parameters()}
         if missing:
             raise RuntimeError(f"{path}: checkpoint has weights the model lacks: {sorted(missing)[:5]}")
@@ -176,7 +176,9 @@ def load_checkpoint(path: Path, modules: dict, optimizer, scheduler, sharded: bo
             for key, value in state.items():
                 params[key].copy_(value)
     try:
-        blob = torch.load(path / "optim.pt", weights_only=True)
+        # read onto the host: a checkpoint written on a GPU resumes on a CPU-only machine and the reverse; the
+        # optimizer's load_state_dict then casts every state tensor to its parameter's device (and dtype)
+        blob = torch.load(path / "optim.pt", weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:  # weights_only refuses anything but tensors and plain containers
         raise RuntimeError(f"{path / 'optim.pt'}: refused to load, it is not a plain tensor file "
                            f"({str(exc).splitlines()[0]})") from None

@@ -18,9 +18,11 @@ log = logging.getLogger("posttrain")
 
 
 def setup_run(cfg: RunConfig) -> Path:
-    """Create the run directory, save the resolved config, set CPU threads."""
+    """Select the run's device (before any process group: its backend follows the device), create the run
+    directory, save the resolved config, set CPU threads."""
     from posttrain.train.distributed import context
 
+    run_device(cfg)
     out = Path(cfg.train.output_dir)
     if context().is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -30,12 +32,25 @@ def setup_run(cfg: RunConfig) -> Path:
     return out
 
 
-def load_policy_and_tokenizer(cfg: RunConfig, trainable: bool = True):
+def run_device(cfg: RunConfig) -> torch.device:
+    """The process's device for this run (`train.device`, resolved and prepared once per call site)."""
+    from posttrain import devices
+
+    return devices.select(cfg.train.device)
+
+
+def load_policy_and_tokenizer(cfg: RunConfig, trainable: bool = True, device=None):
+    """The policy on `device` (default: the run's device) and its tokenizer."""
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(path, cfg.data.chat_template)
     torch.manual_seed(cfg.train.seed)  # LoRA init draws random numbers: same seed, same adapter
-    model = load_causal_lm(cfg.model, path, trainable=trainable)
+    model = load_causal_lm(cfg.model, path, trainable=trainable, device=device or run_device(cfg))
     return model, tokenizer
+
+
+def autocast_for(cfg: RunConfig, device: torch.device):
+    """bf16 autocast per `model.autocast`, decided for `device`'s type."""
+    return autocast_context(cfg.model, device.type)
 
 
 def load_splits(cfg: RunConfig, kind: str) -> tuple[list[Record], list[Record]]:
@@ -109,6 +124,13 @@ class DatasetAlgorithm:
 
     updates_per_step = 1
 
+    @property
+    def device(self) -> torch.device:
+        """Where the trained model (and so every batch of its forward passes) lives."""
+        from posttrain.devices import module_device
+
+        return module_device(self.model)
+
     def modules(self) -> dict:
         return {"policy": self.model}
 
@@ -126,6 +148,6 @@ class DatasetAlgorithm:
 
 __all__ = [
     "DatasetAlgorithm",
-    "autocast_context", "describe_model", "encode_all", "load_policy_and_tokenizer", "load_splits", "make_order",
+    "autocast_context", "autocast_for", "run_device", "describe_model", "encode_all", "load_policy_and_tokenizer", "load_splits", "make_order",
     "padded_sft_batch", "setup_run", "write_json",
 ]

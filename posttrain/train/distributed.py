@@ -5,7 +5,12 @@ Data parallelism with exact semantics: every rank computes the gradient of its s
 with the loss normalized by the *global* token/sequence counts (all-reduced before the losses run), and the
 gradients are summed across ranks in one flat all-reduce. The update therefore equals the single-process
 update on the same global batch, for every loss-aggregation mode (PITFALLS #5) — the property DDP's
-gradient averaging loses when ranks hold different numbers of tokens. Only rank 0 writes files.
+gradient averaging loses when ranks hold different numbers of tokens (the property of PyTorch issue reports
+and of transformers PR #34191). Only rank 0 writes files.
+
+Each rank trains on its own device (`posttrain.devices`: `cuda:LOCAL_RANK` under `train.device=auto|cuda`); the
+backend follows it: NCCL when the tensors are on CUDA, gloo on the CPU. Counts and flags travel as tensors on
+the backend's device (NCCL accepts CUDA tensors only).
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain import devices
+
 
 @dataclass
 class DistContext:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    backend: str = "none"  # nccl | gloo once a process group exists
 
     @property
     def is_main(self) -> bool:
@@ -39,11 +47,20 @@ def context() -> DistContext:
     global _CONTEXT
     if _CONTEXT is None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            torch.distributed.init_process_group(backend=backend)
-        _CONTEXT = DistContext(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "none"
+        if world > 1:
+            if not torch.distributed.is_initialized():
+                device = devices.current()  # the run selected it (setup_run) before asking for the context
+                devices.prepare(device)
+                torch.distributed.init_process_group(backend=devices.backend_for(device))
+            backend = torch.distributed.get_backend()
+        _CONTEXT = DistContext(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")), backend)
     return _CONTEXT
+
+
+def _collective_device() -> torch.device:
+    """Where small tensors for collectives live: the rank's GPU under NCCL, else the CPU."""
+    return devices.current() if context().backend == "nccl" else torch.device("cpu")
 
 
 def all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
@@ -67,7 +84,7 @@ def sum_counts(counts: dict) -> dict:
     if not ctx.enabled or not counts:
         return counts
     keys = [k for k, v in counts.items() if isinstance(v, (int, float))]
-    t = torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64, device=_collective_device())
     torch.distributed.all_reduce(t)
     return {**counts, **{k: (int(v) if isinstance(counts[k], int) else float(v)) for k, v in zip(keys, t.tolist())}}
 
@@ -91,7 +108,7 @@ def all_ranks(flag: bool) -> bool:
     """True only if `flag` is true on every rank."""
     if not context().enabled:
         return flag
-    t = torch.tensor([1 if flag else 0])
+    t = torch.tensor([1 if flag else 0], device=_collective_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return bool(t.item())
 
@@ -99,7 +116,7 @@ def all_ranks(flag: bool) -> bool:
 def max_over_ranks(value: int) -> int:
     if not context().enabled:
         return value
-    t = torch.tensor([value], dtype=torch.long)
+    t = torch.tensor([value], dtype=torch.long, device=_collective_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t.item())
 

@@ -22,6 +22,7 @@ from posttrain.config import RunConfig, register_algo_config
 from posttrain.data.chat import Encoded, encode_prompt_completion
 from posttrain.data.collate import apply_length_policy
 from posttrain.data.formats import Record
+from posttrain.devices import to_device
 from posttrain.models.shared_prefix import pack_pairs, supports_shared_prefix
 from posttrain.train import common, reference
 from posttrain.train.loop import Iteration, Trainer
@@ -197,7 +198,7 @@ class DPO(common.DatasetAlgorithm):
     def _loss(self, batch: dict) -> LossOutput:
         algo = self.cfg.algo
         ref = self.reference.logps(batch) if self.reference is not None else None
-        with common.autocast_context(self.cfg.model):
+        with common.autocast_context(self.cfg.model, self.device.type):
             logps = pair_logps(self.model, batch, ref, self.cfg.model.logprob_chunk)
         return preference_loss(algo.loss_type, logps, algo.beta, algo.label_smoothing, algo.simpo_gamma, algo.orpo_lambda,
                                algo.nll_weight)
@@ -218,7 +219,7 @@ class DPO(common.DatasetAlgorithm):
         bs = self.cfg.train.batch_size
         for start in range(0, len(self.eval_items), bs):
             chunk = self.eval_items[start : start + bs]
-            out = self._loss(pair_batch(chunk, self.pad_id, "eval", self.share_prompt))
+            out = self._loss(to_device(pair_batch(chunk, self.pad_id, "eval", self.share_prompt), self.device))
             for key, value in {"loss": out.loss, **out.metrics}.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * len(chunk)
         self.model.train()

@@ -68,7 +68,7 @@ class GRPO(OnlineBase):
             kept = concat_batches([kept, select_rows(more, ~group_is_degenerate(more.rewards, more.group))])
         if kept.num_rows == 0:
             return batch, rounds  # nothing informative: train on the original (its advantages are all 0)
-        return select_rows(kept, torch.arange(kept.num_rows) < batch.num_rows), rounds
+        return select_rows(kept, torch.arange(kept.num_rows, device=kept.group.device) < batch.num_rows), rounds
 
     def next_iteration(self, step: int) -> Iteration:
         a = self.algo_cfg

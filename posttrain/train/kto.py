@@ -24,6 +24,7 @@ from posttrain.algos.kto import kto_loss, mismatched_indices
 from posttrain.config import RunConfig, register_algo_config
 from posttrain.data.chat import Encoded, encode_prompt_completion
 from posttrain.data.formats import Record, read_records
+from posttrain.devices import to_device
 from posttrain.train import common, reference
 from posttrain.train.dpo import disable_dropout, fit_both, once_metrics, report_degenerate, split_degenerate
 from posttrain.train.loop import Iteration, Trainer
@@ -72,7 +73,7 @@ def kl_partners(prompt_keys: list[str], seed: int) -> list[int]:
     if n < 2:
         return list(range(n))
     gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=gen).tolist()
+    perm = torch.randperm(n, generator=gen, device="cpu").tolist()
     roll = mismatched_indices(n, gen).tolist()
     partner = [0] * n
     for k in range(n):
@@ -114,7 +115,7 @@ def kto_batch(items: list[KTOItem], pad_id: int, split: str) -> dict:
     """The trained rows (B, T) with labels and `desirable` (B,), and under "kl" the B mismatched rows."""
     batch = reference.padded([x.seq for x in items], pad_id)
     batch["ref_keys"] = [(f"{split}.completion", x.index) for x in items]
-    batch["desirable"] = torch.tensor([x.desirable for x in items])
+    batch["desirable"] = torch.tensor([x.desirable for x in items], device="cpu")
     batch["kl"] = reference.padded([x.kl for x in items], pad_id)
     batch["kl"]["ref_keys"] = [(f"{split}.kl", x.index) for x in items]
     return batch
@@ -197,20 +198,22 @@ class KTO(common.DatasetAlgorithm):
         `tokens` (for tokens_per_s) counts the trained rows only; the no-grad KL rows are overhead on top.
         """
         self.model.train()
-        kl_policy = []
+        kl_policy, kl_ref = [], []
         for batch in update:
-            with common.autocast_context(self.cfg.model):
-                kl_policy.append(reference.sequence_logps(self.model, batch["kl"], self.cfg.model.logprob_chunk)[0].float())
+            kl = to_device(batch["kl"], self.device)  # totals run before the loop moves the micro-batches
+            with common.autocast_context(self.cfg.model, self.device.type):
+                kl_policy.append(reference.sequence_logps(self.model, kl, self.cfg.model.logprob_chunk)[0].float())
+            kl_ref.append(self.reference.logps(kl))
         return {
             "num_rows": sum(b["input_ids"].shape[0] for b in update),
             "tokens": sum(int(b["attention_mask"].sum()) for b in update),
             "kl_policy": torch.cat(kl_policy),
-            "kl_ref": torch.cat([self.reference.logps(b["kl"]) for b in update]),
+            "kl_ref": torch.cat(kl_ref),
         }
 
     def _logratio_parts(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         ref = self.reference.logps(batch)
-        with common.autocast_context(self.cfg.model):
+        with common.autocast_context(self.cfg.model, self.device.type):
             logps, _ = reference.sequence_logps(self.model, batch, self.cfg.model.logprob_chunk)
         return logps, ref
 
@@ -235,11 +238,12 @@ class KTO(common.DatasetAlgorithm):
         rewards = []
         bs = self.cfg.train.batch_size
         for start in range(0, len(self.eval_items), bs):
-            logps, ref = self._logratio_parts(kto_batch(self.eval_items[start : start + bs], self.pad_id, "eval"))
+            batch = to_device(kto_batch(self.eval_items[start : start + bs], self.pad_id, "eval"), self.device)
+            logps, ref = self._logratio_parts(batch)
             rewards.append(self.cfg.algo.beta * (logps.float() - ref))
         self.model.train()
-        rewards = torch.cat(rewards)
-        desirable = torch.tensor([x.desirable for x in self.eval_items])
+        rewards = torch.cat(rewards).cpu()
+        desirable = torch.tensor([x.desirable for x in self.eval_items], device="cpu")
         out = {}
         if desirable.any():
             out["rewards/chosen"] = float(rewards[desirable].mean())
@@ -247,7 +251,7 @@ class KTO(common.DatasetAlgorithm):
             out["rewards/rejected"] = float(rewards[~desirable].mean())
         if len(out) == 2:
             out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
-        accuracy = reward_accuracy(rewards, desirable, torch.tensor([x.pair for x in self.eval_items]))
+        accuracy = reward_accuracy(rewards, desirable, torch.tensor([x.pair for x in self.eval_items], device="cpu"))
         return out if accuracy is None else {**out, "rewards/accuracies": accuracy}
 
 

@@ -7,7 +7,6 @@ reference and old-policy log-probs the loss needs, then hand the loop minibatch 
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,8 @@ from posttrain.config import RunConfig
 from posttrain.data.chat import encode_prompt, end_of_turn_ids
 from posttrain.data.collate import filter_by_length
 from posttrain.models.shared_prefix import supports_shared_prefix
-from posttrain.models.loading import adapter_disabled, load_causal_lm, resolve_model_path, wants_bf16
+from posttrain.rollout.base import get_generator, reclaim_memory, release_memory
+from posttrain.models.loading import adapter_disabled, frozen_on, load_frozen_lm, resolve_model_path, wants_bf16
 from posttrain.train import common
 from posttrain.train.monitors import distinct_n
 from posttrain.train.distributed import context
@@ -81,10 +81,10 @@ def build_reward_runner(cfg: OnlineConfig, names: list[str] | None = None, rewar
 class Reference:
     """Reference log-probs: the LoRA policy with its adapter off (no copy), or a frozen model (one copy)."""
 
-    def __init__(self, policy, cfg: RunConfig, path: str | None):
+    def __init__(self, policy, cfg: RunConfig, path: str | None, device: torch.device):
         self.policy, self.model = policy, None
         if not (cfg.model.lora.enabled and path is None):
-            self.model = load_causal_lm(cfg.model, resolve_model_path(path or cfg.model.name_or_path), trainable=False)
+            self.model = load_frozen_lm(cfg.model, resolve_model_path(path or cfg.model.name_or_path), device)
 
     @property
     def copies(self) -> int:
@@ -94,7 +94,7 @@ class Reference:
     def logps(self, batch: RolloutBatch, rows, temperature: float, chunk: int, share_prompt: bool) -> torch.Tensor:
         """Completion log-probs (len(rows), C) under the reference."""
         frozen = self.model is not None
-        with contextlib.nullcontext() if frozen else adapter_disabled(self.policy):
+        with frozen_on(self.model, batch.input_ids.device) if frozen else adapter_disabled(self.policy):
             return completion_logps(self.model if frozen else self.policy, batch, rows, chunk, False, temperature,
                                     share_prompt)
 
@@ -103,8 +103,6 @@ class OnlineBase(common.DatasetAlgorithm):
     """Prompts, generation, rewards and evaluation; subclasses add their advantages and losses."""
 
     def __init__(self, cfg: RunConfig, needs_reference: bool):
-        from posttrain.rollout.base import get_generator
-
         self.cfg, self.algo_cfg = cfg, cfg.algo
         self.model, self.tokenizer = common.load_policy_and_tokenizer(cfg)
         train, held = common.load_splits(cfg, "prompts")
@@ -117,7 +115,7 @@ class OnlineBase(common.DatasetAlgorithm):
                                        group_by_length=False, drop_last=True)
         self.generator = get_generator(self.algo_cfg.engine).for_training(self.model, self.tokenizer, cfg)
         self._synced_step: int | None = None  # the step whose weights a separate engine (vLLM) holds
-        self.reference = Reference(self.model, cfg, self.algo_cfg.ref_model) if needs_reference else None
+        self.reference = Reference(self.model, cfg, self.algo_cfg.ref_model, self.device) if needs_reference else None
         self.rewards = build_reward_runner(self.algo_cfg, reward_model_fn=self._reward_model_fn())
         self.batch: RolloutBatch | None = None
         self.monitor = _make_monitor(self.algo_cfg.monitor)
@@ -143,9 +141,10 @@ class OnlineBase(common.DatasetAlgorithm):
         from posttrain.models.loading import load_reward_model
         from posttrain.rewards.model_rewards import RewardModelReward
 
-        self.reward_model = load_reward_model(a.reward_model, self.cfg.model.dtype, self.tokenizer.pad_token_id,
-                                              trainable=False)
-        self.model_reward_fn = RewardModelReward(self.reward_model, self.tokenizer)
+        m = self.cfg.model
+        self.reward_model = load_reward_model(a.reward_model, m.frozen_dtype or m.dtype, self.tokenizer.pad_token_id,
+                                              trainable=False, device="cpu" if m.offload_frozen else self.device)
+        self.model_reward_fn = RewardModelReward(self.reward_model, self.tokenizer, device=self.device)
         return self.model_reward_fn
 
     def _implicit_reward_fn(self):
@@ -161,7 +160,7 @@ class OnlineBase(common.DatasetAlgorithm):
         if beta is None:
             raise ValueError(f"set algo.reward_model_beta: {a.reward_model} has no DPO run config.yaml to read β from")
         same = lambda x, y: os.path.realpath(resolve_model_path(x)) == os.path.realpath(resolve_model_path(y))  # noqa: E731
-        self.implicit_models = [load_causal_lm(m, resolve_model_path(a.reward_model), trainable=False)]
+        self.implicit_models = [load_frozen_lm(m, resolve_model_path(a.reward_model), self.device)]
         ref_path = a.reward_model_ref or run.get("ref") or m.name_or_path
         ours, ref_context = (self.reference.model if self.reference is not None else None), None
         if ours is not None and same(ref_path, a.ref_model or m.name_or_path):
@@ -169,11 +168,12 @@ class OnlineBase(common.DatasetAlgorithm):
         elif m.lora.enabled and a.ref_model is None and same(ref_path, m.name_or_path):  # the adapter switched off
             ref, ref_context = self.model, (lambda: adapter_disabled(self.model))
         else:
-            ref = load_causal_lm(m, resolve_model_path(ref_path), trainable=False)
+            ref = load_frozen_lm(m, resolve_model_path(ref_path), self.device)
             self.implicit_models.append(ref)
         self.model_reward_fn = ImplicitReward(self.implicit_models[0], ref, self.tokenizer, beta,
                                               use_chat=run.get("use_chat", True), ref_context=ref_context,
-                                              autocast=lambda: common.autocast_context(m))
+                                              autocast=lambda: common.autocast_context(m, self.device.type),
+                                              device=self.device)
         return self.model_reward_fn
 
     @property
@@ -205,9 +205,11 @@ class OnlineBase(common.DatasetAlgorithm):
         seed = self.cfg.train.seed * 1_000_003 + step * 101 + round_ * 7 + context().rank * 100_003  # ranks differ
         start = time.perf_counter()
         with full_params(self.model):  # sharded: ranks sample different lengths, so no collective per token
+            reclaim_memory(self.generator)  # a colocated engine (vLLM) takes back its KV cache and weights
             self._sync_engine(step)
             rollout = self.generator.generate([ids for _, ids in picked], self.sampling_params(a.max_new_tokens),
                                               a.num_generations, seed)
+            release_memory(self.generator)  # ... and lends them to the scoring passes and the updates
         gen_time = time.perf_counter() - start
         records = [r for r, _ in picked for _ in range(a.num_generations)]
         prompts = [r.data["prompt"] for r in records]
@@ -216,7 +218,7 @@ class OnlineBase(common.DatasetAlgorithm):
         # raw_prompt: the messages themselves, so model rewards template them as their training pairs were
         scored = self.rewards([_prompt_text(p) for p in prompts], rollout.texts, **{**columns, "raw_prompt": prompts},
                               **self._length_column(lengths))
-        rewards = torch.tensor(scored.total, dtype=torch.float32)
+        rewards = torch.tensor(scored.total, dtype=torch.float32, device=rollout.completion_ids.device)
         loss_mask = rollout.completion_mask.clone()
         if a.mask_truncated:
             loss_mask[rollout.truncated] = 0
@@ -236,8 +238,9 @@ class OnlineBase(common.DatasetAlgorithm):
         batch.extra["sampler_logp"] = rollout.logprobs
         batch.extra["metrics"] = {**scored.metrics(), "rewards/masked_samples": float(masked.sum()), **_length_metrics(rollout), "timing/generate_s": gen_time,
                                   "completions_per_s": batch.num_rows / max(gen_time, 1e-9)}
-        if hasattr(self.generator, "syncs"):
-            batch.extra["metrics"]["engine/weight_syncs"] = float(self.generator.syncs)
+        for name in ("syncs", "sleeps"):  # counters of an engine with its own weights (vLLM)
+            if hasattr(self.generator, name):
+                batch.extra["metrics"][f"engine/{'weight_syncs' if name == 'syncs' else name}"] = float(getattr(self.generator, name))
         return batch
 
     def _sync_engine(self, step: int) -> None:
@@ -263,7 +266,7 @@ class OnlineBase(common.DatasetAlgorithm):
         """Completion log-probs (N, C) of the current policy at the sampling temperature, in row chunks."""
         outs, ents = [], []
         for rows in _chunks(batch.num_rows, self.cfg.train.batch_size):
-            with common.autocast_context(self.cfg.model):
+            with common.autocast_context(self.cfg.model, self.device.type):
                 out = completion_logps(self.model, batch, rows, self.cfg.model.logprob_chunk, with_entropy,
                                        self.logp_temperature, self.algo_cfg.share_prompt)
             lp, ent = out if with_entropy else (out, None)
@@ -274,7 +277,7 @@ class OnlineBase(common.DatasetAlgorithm):
     def reference_logps(self, batch: RolloutBatch) -> torch.Tensor:
         outs = []
         for rows in _chunks(batch.num_rows, self.cfg.train.batch_size):
-            with common.autocast_context(self.cfg.model):
+            with common.autocast_context(self.cfg.model, self.device.type):
                 outs.append(self.reference.logps(batch, rows, self.logp_temperature, self.cfg.model.logprob_chunk,
                                                  self.algo_cfg.share_prompt))
         return torch.cat(outs)
@@ -282,7 +285,7 @@ class OnlineBase(common.DatasetAlgorithm):
     def current_logps(self, rows, with_entropy: bool = True):
         """Completion log-probs (and entropies) of the micro-batch `rows`, with gradients."""
         self.model.train()
-        with common.autocast_context(self.cfg.model):
+        with common.autocast_context(self.cfg.model, self.device.type):
             out = completion_logps(self.model, self.batch, rows, self.cfg.model.logprob_chunk, with_entropy,
                                    self.logp_temperature, self.algo_cfg.share_prompt)
         return out if with_entropy else (out, None)
@@ -297,9 +300,11 @@ class OnlineBase(common.DatasetAlgorithm):
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step)
         micro = self.cfg.train.batch_size
         minibatch_rows = minibatch_rows or num_rows
+        inert = None if inert is None else inert.cpu()  # row indices are host tensors; the loop moves each micro-batch
         out = []
         for _ in range(epochs):
-            perm = torch.randperm(num_rows, generator=gen) if epochs > 1 or minibatch_rows < num_rows else torch.arange(num_rows)
+            shuffle = epochs > 1 or minibatch_rows < num_rows
+            perm = torch.randperm(num_rows, generator=gen, device="cpu") if shuffle else torch.arange(num_rows, device="cpu")
             for s in range(0, num_rows, minibatch_rows):
                 mb = perm[s : s + minibatch_rows]
                 skip = inert is not None and not bool(inert[mb].all())
@@ -311,7 +316,7 @@ class OnlineBase(common.DatasetAlgorithm):
 
     def totals(self, update) -> dict:
         mask = self.batch.loss_mask
-        counted = list(update) + [getattr(update, "skipped", mask.new_zeros(0, dtype=torch.long))]
+        counted = list(update) + [getattr(update, "skipped", torch.zeros(0, dtype=torch.long, device="cpu"))]
         return {
             "num_tokens": sum(int(mask[rows].sum()) for rows in counted),
             "num_seqs": sum(len(rows) for rows in counted),
@@ -329,7 +334,7 @@ class OnlineBase(common.DatasetAlgorithm):
         if getattr(self, "model_reward_fn", None) is not None:  # the trained-on (proxy) score of the same answers
             fns["reward_model"] = self.model_reward_fn
         gen_cfg = GenEvalConfig(max_new_tokens=self.algo_cfg.eval_max_new_tokens, batch_size=32,
-                                autocast=wants_bf16(self.cfg.model))
+                                autocast=wants_bf16(self.cfg.model, self.device.type))
         summary, _ = evaluate_policy(self.model, self.tokenizer, self.eval_records, fns, gen_cfg)
         return {k: v for k, v in summary.items() if isinstance(v, float)}
 
@@ -355,7 +360,7 @@ def _make_monitor(options: dict):
 
 
 def _chunks(n: int, size: int) -> list[torch.Tensor]:
-    return [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
+    return [torch.arange(s, min(s + size, n), device="cpu") for s in range(0, n, size)]
 
 
 def _prompt_text(prompt) -> str:

@@ -44,7 +44,8 @@ def best_worst_pairs(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.
             continue
         chosen.append(int(rows[int(r.argmax())]))
         rejected.append(int(rows[int(r.argmin())]))
-    return torch.tensor(chosen, dtype=torch.long), torch.tensor(rejected, dtype=torch.long)
+    return (torch.tensor(chosen, dtype=torch.long, device=group.device),
+            torch.tensor(rejected, dtype=torch.long, device=group.device))
 
 
 class OnlineDPO(OnlineBase):
@@ -75,7 +76,7 @@ class OnlineDPO(OnlineBase):
         updates = []
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 31 + step)
         for _ in range(a.epochs):
-            perm = torch.randperm(len(chosen), generator=gen)
+            perm = torch.randperm(len(chosen), generator=gen, device="cpu")
             updates.append([perm[s : s + micro] for s in range(0, len(perm), micro)])
         return Iteration(updates, metrics)
 

@@ -16,6 +16,7 @@ from posttrain.algos.advantages import gae
 from posttrain.algos.kl import KL_CONTROLLERS
 from posttrain.algos.policy_loss import clipped_surrogate, clipped_value_loss
 from posttrain.config import RunConfig, register_algo_config
+from posttrain.models.loading import torch_dtype
 from posttrain.ops import agg_loss, masked_mean, whiten
 from posttrain.train import common
 from posttrain.train.loop import Iteration, Trainer
@@ -104,6 +105,9 @@ class PPO(OnlineBase):
         else:
             source = self.reference.model if self.reference.model is not None else self.model
             critic = critic_from_causal_lm(copy.deepcopy(source))
+        # a copy of a frozen model may sit on the CPU (offload_frozen) or in bf16 (frozen_dtype): the critic trains
+        # on the run's device in the policy's dtype
+        critic.to(self.device, dtype=torch_dtype(self.cfg.model.dtype))
         return critic.train().requires_grad_(True)
 
     def modules(self):
@@ -115,7 +119,7 @@ class PPO(OnlineBase):
     def _values(self, batch: RolloutBatch) -> torch.Tensor:
         out = []
         for rows in _chunks(batch.num_rows, self.cfg.train.batch_size):
-            with common.autocast_context(self.cfg.model):
+            with common.autocast_context(self.cfg.model, self.device.type):
                 out.append(self._completion_values(batch, rows))
         return torch.cat(out)
 
@@ -159,7 +163,7 @@ class PPO(OnlineBase):
         counts = dict(num_tokens=totals["num_tokens"], num_seqs=totals["num_seqs"], max_len=a.max_new_tokens)
         pg = clipped_surrogate(logp, b.extra["old_logp"][rows], b.extra["advantages"][rows], mask, a.clip_low, a.clip_high,
                                a.loss_agg, **counts)
-        with common.autocast_context(self.cfg.model):
+        with common.autocast_context(self.cfg.model, self.device.type):
             values = self._completion_values(b, rows)
         vf = clipped_value_loss(values, b.extra["values"][rows], b.extra["returns"][rows], mask, a.value_clip, a.loss_agg, **counts)
         ent = agg_loss(entropy, mask, a.loss_agg, **counts)
@@ -187,7 +191,7 @@ def _ppo_metrics(batch: RolloutBatch, values, returns, mask) -> dict:
     """Returns, values and the critic's explained variance 1 − Var[R − V] / Var[R] on the loss tokens."""
     sel = mask.bool()
     ret, val = returns[sel], values[sel]
-    var = ret.var() if ret.numel() > 1 else torch.tensor(0.0)
+    var = ret.var() if ret.numel() > 1 else ret.new_zeros(())
     explained = float(1 - (ret - val).var() / var) if float(var) > 0 else 0.0
     return {"returns/mean": float(ret.mean()), "values/mean": float(val.mean()), "explained_variance": explained}
 

@@ -35,8 +35,9 @@ import torch
 
 from posttrain.data.chat import Encoded
 from posttrain.data.collate import BatchOrder, pad_batch
+from posttrain.devices import module_device, to_device
 from posttrain.models.forward import token_logps
-from posttrain.models.loading import adapter_disabled, autocast_context, load_causal_lm, resolve_model_path
+from posttrain.models.loading import adapter_disabled, autocast_context, frozen_on, load_frozen_lm, resolve_model_path
 from posttrain.ops import IGNORE_INDEX
 
 log = logging.getLogger("posttrain")
@@ -85,12 +86,13 @@ def score_sequences(model, items: list[Encoded], pad_id: int, batch_size: int, m
     """Summed completion log-probs (N,) fp32 of `items` under `model`; batches are sorted by length to cut padding."""
     was_training = model.training
     model.eval()
+    device = module_device(model)
     order = sorted(range(len(items)), key=lambda i: len(items[i]))
-    out = torch.empty(len(items), dtype=torch.float32)
+    out = torch.empty(len(items), dtype=torch.float32, device="cpu")  # the table is kept on the host
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        with autocast_context(model_cfg):
-            sums, _ = sequence_logps(model, padded([items[i] for i in idx], pad_id), model_cfg.logprob_chunk)
+        with autocast_context(model_cfg, device.type):
+            sums, _ = sequence_logps(model, to_device(padded([items[i] for i in idx], pad_id), device), model_cfg.logprob_chunk)
         out[idx] = sums.float().cpu()
     model.train(was_training)
     return out
@@ -103,12 +105,14 @@ def score_pairs(model, pairs: list[tuple[Encoded, Encoded]], pad_id: int, batch_
 
     was_training = model.training
     model.eval()
+    device = module_device(model)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    firsts, seconds = torch.empty(len(pairs)), torch.empty(len(pairs))
+    firsts, seconds = torch.empty(len(pairs), device="cpu"), torch.empty(len(pairs), device="cpu")
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        with autocast_context(model_cfg):
-            sums, _ = sequence_logps(model, pack_pairs([pairs[i] for i in idx], pad_id), model_cfg.logprob_chunk)
+        with autocast_context(model_cfg, device.type):
+            packed = to_device(pack_pairs([pairs[i] for i in idx], pad_id), device)
+            sums, _ = sequence_logps(model, packed, model_cfg.logprob_chunk)
         firsts[idx], seconds[idx] = sums[: len(idx)].float().cpu(), sums[len(idx):].float().cpu()
     model.train(was_training)
     return firsts, seconds
@@ -172,9 +176,10 @@ def data_hash(items: list[Encoded]) -> str:
 
 @contextlib.contextmanager
 def _loaded(policy, model_cfg, ref_model):
-    frozen = load_causal_lm(model_cfg, resolve_model_path(ref_model), trainable=False)
+    frozen = load_frozen_lm(model_cfg, resolve_model_path(ref_model), module_device(policy))
     try:
-        yield frozen
+        with frozen_on(frozen, module_device(policy)):
+            yield frozen
     finally:
         del frozen
         gc.collect()
@@ -195,10 +200,16 @@ def _as_is(policy, model_cfg, ref_model):
 SCORING = {"ref_model": _loaded, "adapter_off": _adapter_off, "initial_policy": _as_is}
 # ... and what is kept for every step when precompute_ref=False (None: the policy with its adapter switched off).
 LIVE = {
-    "ref_model": lambda policy, model_cfg, ref_model: load_causal_lm(model_cfg, resolve_model_path(ref_model), trainable=False),
+    "ref_model": lambda policy, model_cfg, ref_model: load_frozen_lm(model_cfg, resolve_model_path(ref_model), module_device(policy)),
     "adapter_off": lambda policy, model_cfg, ref_model: None,
-    "initial_policy": lambda policy, model_cfg, ref_model: copy.deepcopy(policy).eval().requires_grad_(False),
+    "initial_policy": lambda policy, model_cfg, ref_model: _frozen_copy(policy, model_cfg),
 }
+
+
+def _frozen_copy(policy, model_cfg):
+    """The initial policy kept as a frozen model (on the CPU between uses with `model.offload_frozen`)."""
+    frozen = copy.deepcopy(policy).eval().requires_grad_(False)
+    return frozen.to("cpu") if model_cfg.offload_frozen else frozen
 
 
 def scoring_model(policy, model_cfg, ref_model: str | None):
@@ -233,8 +244,8 @@ def _write_table(path: Path, identity: str, table: dict[str, tuple[str, dict[int
     tensors, meta = {}, {"model": identity, "format": "1"}
     for col, (digest, values) in table.items():
         keys = sorted(values)
-        tensors[f"{col}/index"] = torch.tensor(keys, dtype=torch.int64)
-        tensors[f"{col}/logps"] = torch.tensor([values[k] for k in keys], dtype=torch.float32)
+        tensors[f"{col}/index"] = torch.tensor(keys, dtype=torch.int64, device="cpu")
+        tensors[f"{col}/logps"] = torch.tensor([values[k] for k in keys], dtype=torch.float32, device="cpu")
         meta[f"data/{col}"] = digest
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
@@ -255,7 +266,7 @@ class PrecomputedReference:
         if torch.isnan(values).any():
             missing = [key for key, v in zip(batch["ref_keys"], values.tolist()) if v != v]
             raise RuntimeError(f"reference log-probs of {missing[:3]} were not precomputed")
-        return values.to(batch["input_ids"].device)
+        return values.to(batch["input_ids"].device, non_blocking=True)
 
 
 class LiveReference:
@@ -269,8 +280,9 @@ class LiveReference:
 
     @torch.no_grad()
     def logps(self, batch: dict) -> torch.Tensor:
-        ctx = adapter_disabled(self.policy) if self.model is None else contextlib.nullcontext(self.model)
-        with ctx as model, autocast_context(self.model_cfg):
+        device = batch["input_ids"].device
+        ctx = adapter_disabled(self.policy) if self.model is None else frozen_on(self.model, device)
+        with ctx as model, autocast_context(self.model_cfg, device.type):
             sums, _ = sequence_logps(model, batch, self.model_cfg.logprob_chunk)
         return sums.float()
 
@@ -297,9 +309,10 @@ def precompute(policy, cfg, columns: dict[str, RefColumn], pad_id: int, ref_mode
         _write_table(path, identity, table)
     dense = {}
     for col, (_, values) in table.items():
-        dense[col] = torch.full((len(columns[col].items),), float("nan"))
+        dense[col] = torch.full((len(columns[col].items),), float("nan"), device="cpu")
         if values:
-            dense[col][torch.tensor(list(values))] = torch.tensor(list(values.values()), dtype=torch.float32)
+            index = torch.tensor(list(values), dtype=torch.long, device="cpu")
+            dense[col][index] = torch.tensor(list(values.values()), dtype=torch.float32, device="cpu")
     needed_total = sum(len(s.items) if s.needed is None else len(s.needed) for s in columns.values())
     metrics = {
         "reference/computed": computed, "reference/reused": needed_total - computed,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from posttrain.config import RunConfig, register_algo_config
 from posttrain.data.chat import encode_prompt_completion
 from posttrain.data.collate import pad_batch
+from posttrain.devices import module_device, to_device
 from posttrain.models.forward import reward_scores
 from posttrain.models.loading import load_reward_model, load_tokenizer, resolve_model_path
 from posttrain.train import common
@@ -72,7 +73,7 @@ class RewardModeling(common.DatasetAlgorithm):
         path = resolve_model_path(cfg.model.name_or_path)
         self.tokenizer = load_tokenizer(path, cfg.data.chat_template)
         torch.manual_seed(cfg.train.seed)  # the new score head is initialised from the seed
-        self.model = load_reward_model(path, cfg.model.dtype, self.tokenizer.pad_token_id)
+        self.model = load_reward_model(path, cfg.model.dtype, self.tokenizer.pad_token_id, device=common.run_device(cfg))
         if cfg.model.lora.enabled:
             from posttrain.models.loading import apply_lora
 
@@ -101,7 +102,7 @@ class RewardModeling(common.DatasetAlgorithm):
 
     def loss(self, micro, totals) -> LossOutput:
         self.model.train()
-        with common.autocast_context(self.cfg.model):
+        with common.autocast_context(self.cfg.model, self.device.type):
             chosen, rejected = score_pairs(self.model, micro)
         per_pair = bradley_terry_loss(chosen, rejected, self.cfg.algo.center_coef)
         metrics = {
@@ -124,10 +125,11 @@ def pairwise_accuracy(model, pairs, pad_id: int, batch_size: int = 8, model_cfg=
     if not pairs:
         return {}
     model.eval()
+    device = module_device(model)
     correct, margin = 0, 0.0
     for s in range(0, len(pairs), batch_size):
-        batch = pair_batch(pairs[s : s + batch_size], pad_id)
-        with common.autocast_context(model_cfg) if model_cfg else torch.no_grad():
+        batch = to_device(pair_batch(pairs[s : s + batch_size], pad_id), device)
+        with common.autocast_context(model_cfg, device.type) if model_cfg else torch.no_grad():
             chosen, rejected = score_pairs(model, batch)
         correct += int((chosen > rejected).sum())
         margin += float((chosen - rejected).sum())

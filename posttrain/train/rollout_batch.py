@@ -66,13 +66,13 @@ class RolloutBatch:
             tails.append([self.completion_ids(int(rows[i])) for i in idx])
             order += idx
         packed = pack_groups(prompts, tails, self.pad_id)
-        packed["score_seq"] = torch.tensor(order, dtype=torch.long)[packed["score_seq"]]
+        packed["score_seq"] = torch.tensor(order, dtype=torch.long, device="cpu")[packed["score_seq"]]
         device = self.input_ids.device
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
 
     def forward_tokens(self, share_prompt: bool, rows: torch.Tensor | None = None) -> int:
         """Tokens a forward pass over `rows` (default all) processes: each group's prompt once when shared."""
-        rows = torch.arange(self.num_rows) if rows is None else rows
+        rows = torch.arange(self.num_rows, device=self.input_ids.device) if rows is None else rows
         if not share_prompt:
             return int(self.attention_mask[rows].sum())
         prompt_lengths = self.attention_mask[rows, : self.prompt_width].sum(-1)

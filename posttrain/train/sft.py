@@ -9,6 +9,7 @@ import torch
 from posttrain.config import RunConfig, register_algo_config
 from posttrain.data.chat import Encoded, encode_messages, encode_prompt_completion
 from posttrain.data.collate import apply_length_policy
+from posttrain.devices import to_device
 from posttrain.models.forward import token_logps
 from posttrain.ops import IGNORE_INDEX, agg_loss
 from posttrain.train import common
@@ -69,7 +70,7 @@ class SFT(common.DatasetAlgorithm):
 
     def loss(self, micro, totals) -> LossOutput:
         self.model.train()
-        with common.autocast_context(self.cfg.model):
+        with common.autocast_context(self.cfg.model, self.device.type):
             return sft_loss(self.model, micro, totals, self.cfg.algo.loss_agg, self.cfg.model.logprob_chunk)
 
     @torch.no_grad()
@@ -80,8 +81,8 @@ class SFT(common.DatasetAlgorithm):
         nll, count = 0.0, 0
         bs = self.cfg.train.batch_size
         for s in range(0, len(self.eval_items), bs):
-            batch = common.padded_sft_batch(self.eval_items[s : s + bs], self.pad_id)
-            with common.autocast_context(self.cfg.model):
+            batch = to_device(common.padded_sft_batch(self.eval_items[s : s + bs], self.pad_id), self.device)
+            with common.autocast_context(self.cfg.model, self.device.type):
                 logp = token_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
             mask = batch["labels"] != IGNORE_INDEX
             mask[:, 0] = False

@@ -150,8 +150,9 @@ def is_dtensor(t) -> bool:
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """Global gradient norm over sharded (DTensor) and whole gradients, and clipping to `max_norm`: the same
     number on every rank and the same as one process's `clip_grad_norm_`."""
-    sharded = torch.zeros((), dtype=torch.float64)
-    whole = torch.zeros((), dtype=torch.float64)
+    device = next((p.grad.device for p in params if p.grad is not None), params[0].device)
+    sharded = torch.zeros((), dtype=torch.float64, device=device)
+    whole = torch.zeros((), dtype=torch.float64, device=device)
     for p in params:
         if p.grad is None:
             continue

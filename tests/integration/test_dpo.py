@@ -110,7 +110,7 @@ def test_step0_loss_is_ln2_and_reference_is_frozen(tmp_path, tiny_dir, data):
 
 def test_no_second_model_for_full_finetuning(tmp_path, tiny_dir, data, monkeypatch):
     """Full fine-tuning: the reference pass runs on the policy itself before training; nothing else is loaded."""
-    monkeypatch.setattr(reference, "load_causal_lm", lambda *a, **k: pytest.fail("loaded a reference model"))
+    monkeypatch.setattr(reference, "load_frozen_lm", lambda *a, **k: pytest.fail("loaded a reference model"))
     algo = build(make_cfg(tmp_path, tiny_dir, data))
     assert algo._once["models_in_memory"] == 1 and algo._once["reference/computed"] > 0
 
@@ -122,7 +122,7 @@ def test_reference_free_losses_load_no_reference(tmp_path, tiny_dir, data, monke
         pytest.fail("a reference-free loss touched the reference")
 
     monkeypatch.setattr(reference, "build_reference", refuse)
-    monkeypatch.setattr(reference, "load_causal_lm", refuse)
+    monkeypatch.setattr(reference, "load_frozen_lm", refuse)
     cfg = make_cfg(tmp_path, tiny_dir, data, f"algo.loss_type={loss_type}", f"algo.precompute_ref={precompute}", "train.max_steps=2")
     run_dpo(cfg)
     assert not (tmp_path / "run" / reference.REFERENCE_FILE).exists()
@@ -245,14 +245,14 @@ def test_separate_ref_model_is_loaded_only_for_the_pass(tmp_path, tiny_dir, data
 
     other = tiny_model_dir(tmp_path / "other", seed=1)
     loaded = []
-    real = reference.load_causal_lm
+    real = reference.load_frozen_lm
 
     def spy(*a, **k):
         model = real(*a, **k)
         loaded.append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr(reference, "load_causal_lm", spy)
+    monkeypatch.setattr(reference, "load_frozen_lm", spy)
     cfg = make_cfg(tmp_path, tiny_dir, data, f"algo.ref_model={other}")
     algo = build(cfg)
     gc.collect()
