@@ -144,7 +144,7 @@ def run_posttrain(args, work: Path, kl: bool, variant: str) -> dict:
         "forward_fraction": [r["forward_token_fraction"] for r in steps],
         "zero_variance": [r["zero_variance_groups"] for r in steps],
         "params": sum(p.numel() for p in algo.model.parameters()), "models": algo.models_in_memory, "beta": beta,
-        "settings": f"autocast={'bf16' if wants_bf16(cfg.model) else 'fp32'}, ckpt={'on' if cfg.model.gradient_checkpointing else 'off'}",
+        "settings": f"autocast={'bf16' if wants_bf16(cfg.model, 'cpu') else 'fp32'}, ckpt={'on' if cfg.model.gradient_checkpointing else 'off'}",
         "threads": torch.get_num_threads(),
     }
 

@@ -108,7 +108,7 @@ def main(argv=None) -> None:
     by_kind: dict[str, float] = defaultdict(float)
     for e in events:
         by_kind[kind_of(e.key)] += e.self_cpu_time_total
-    compute = "bf16 autocast" if wants_bf16(cfg.model) else "fp32"
+    compute = "bf16 autocast" if wants_bf16(cfg.model, "cpu") else "fp32"
     print(f"\n{args.algo.upper()} step {args.warmup + 1}, {args.model}, batch {args.batch_size}, {compute}, "
           f"{torch_threads()} threads: {captured['wall']:.2f} s wall, {total / 1e6:.2f} s in aten ops "
           f"(load average {os.getloadavg()[0]:.1f})")

@@ -100,7 +100,7 @@ def run_posttrain(args, work: Path) -> dict:
         "lengths": lengths, "labels": labels, "step_s": [r["step_time_s"] for r in steps], "losses": [r["loss"] for r in steps],
         "padding": sum(r["padding_fraction"] for r in steps) / len(steps), "threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in algo.model.parameters()),
-        "settings": f"autocast={'bf16' if wants_bf16(cfg.model) else 'fp32'}, ckpt={'on' if cfg.model.gradient_checkpointing else 'off'}",
+        "settings": f"autocast={'bf16' if wants_bf16(cfg.model, 'cpu') else 'fp32'}, ckpt={'on' if cfg.model.gradient_checkpointing else 'off'}",
     }
 
 

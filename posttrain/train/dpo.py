@@ -71,11 +71,15 @@ def split_degenerate(records: list[Record]) -> tuple[list[Record], list[Record]]
 
 
 def report_degenerate(cfg: RunConfig, name: str, dropped: list[Record]) -> None:
-    """Add the count (and the first few places) to data_report.json; warn when any were dropped."""
+    """Add the count (and the first few places) to data_report.json (rank 0 only: ranks writing the same file
+    at once read each other's half-written JSON); warn when any were dropped."""
+    from posttrain.train.distributed import context
+
     path = Path(cfg.train.output_dir) / "data_report.json"
-    report = json.loads(path.read_text()) if path.exists() else {}
-    report.setdefault(name, {}).update(degenerate_dropped=len(dropped), first_degenerate=[r.where for r in dropped[:5]])
-    common.write_json(path, report)
+    if context().is_main:
+        report = json.loads(path.read_text()) if path.exists() else {}
+        report.setdefault(name, {}).update(degenerate_dropped=len(dropped), first_degenerate=[r.where for r in dropped[:5]])
+        common.write_json(path, report)
     if dropped:
         log.warning("%s data: dropped %d pairs whose chosen == rejected (first: %s)", name, len(dropped),
                     ", ".join(r.where for r in dropped[:5]))

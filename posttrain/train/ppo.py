@@ -103,7 +103,9 @@ class PPO(OnlineBase):
                                  "algo.reward_model_kind=scalar): an implicit reward model has no score head")
             critic = critic_from_reward_model(copy.deepcopy(rm))
         else:
-            source = self.reference.model if self.reference.model is not None else self.model
+            ref = self.reference.model
+            # a bf16 reference (model.frozen_dtype) would hand the critic rounded weights: copy the policy then
+            source = ref if ref is not None and not self.cfg.model.frozen_dtype else self.model
             critic = critic_from_causal_lm(copy.deepcopy(source))
         # a copy of a frozen model may sit on the CPU (offload_frozen) or in bf16 (frozen_dtype): the critic trains
         # on the run's device in the policy's dtype

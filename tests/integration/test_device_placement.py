@@ -126,6 +126,9 @@ def test_every_tensor_on_the_run_device(tmp_path, tiny_dir, data, case):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses and all(isinstance(v, float) and v == v for v in losses)  # finite, logged
     assert all("mem/host_peak_rss_gb" in r for r in rows if "loss" in r)
+    if "frozen_dtype=bf16" in " ".join(extra):  # the frozen reference in bf16, the trained critic in the policy's fp32
+        assert next(algo.reference.model.parameters()).dtype == torch.bfloat16
+        assert {p.dtype for p in algo.critic.parameters()} == {torch.float32}
 
 
 def test_a_tensor_created_without_a_device_is_caught(tmp_path, tiny_dir, data, monkeypatch):

@@ -128,3 +128,20 @@ def test_cli_refuses_cuda_without_a_gpu_in_one_line(gpus, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 0 and "train.device=cuda" in err
     assert "CPU-only" in err or "is_available" in err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_an_offloaded_frozen_model_visits_the_device_only_for_its_call():
+    from posttrain.models.loading import frozen_on
+
+    model = torch.nn.Linear(2, 2)
+    moves = []
+    real_to = model.to
+    model.to = lambda device, *a, **k: (moves.append(str(device)), real_to("cpu"))[1]  # record, stay on the host
+    with frozen_on(model, "meta") as inside:
+        assert inside is model and moves == ["meta"]
+    assert moves == ["meta", "cpu"]  # back home afterwards
+    with frozen_on(model, "cpu"):
+        pass
+    assert moves == ["meta", "cpu"]  # already there: not moved
+    with frozen_on(None, "meta") as nothing:
+        assert nothing is None

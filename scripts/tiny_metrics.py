@@ -1,0 +1,105 @@
+"""Tiny-model runs of every algorithm at a fixed seed, their logged metrics written to one JSON file: the evidence
+that a refactor changed no number. Run it before and after, then compare:
+
+    .venv/bin/python scripts/tiny_metrics.py /tmp/before.json
+    ... change the code ...
+    .venv/bin/python scripts/tiny_metrics.py /tmp/after.json --compare /tmp/before.json
+
+Timing and memory metrics (which differ run to run) are left out; everything else must be bit-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+VOLATILE = ("step_time_s", "tokens_per_s", "completions_per_s", "peak_mem_gb", "mem/", "timing/", "reference/seconds")
+ONLINE = ["algo.rewards=[tiny:vowel_reward]", "algo.max_new_tokens=6", "algo.prompts_per_step=4", "algo.num_generations=4",
+          "train.batch_size=8", "algo.eval_max_new_tokens=6", "data.num_eval_examples=4", "train.lr=1e-2"]
+RUNS = {
+    "sft": ("sft", "sft", ["train.lr=3e-3", "train.grad_accum=2", "train.batch_size=4"]),
+    "rm": ("rm", "pairs", ["train.lr=1e-3"]),
+    "dpo": ("dpo", "pairs", ["train.lr=1e-3"]),
+    "ipo": ("dpo", "pairs", ["train.lr=1e-3", "algo.loss_type=ipo"]),
+    "kto": ("kto", "unpaired", ["train.lr=1e-3"]),
+    "grpo": ("grpo", "prompts", [*ONLINE, "algo.beta=0.05", "algo.num_iterations=2"]),
+    "grpo-kl-reward": ("grpo", "prompts", [*ONLINE, "algo.beta=0.05", "algo.kl_in=reward"]),
+    "ppo": ("ppo", "prompts", [*ONLINE, "algo.num_generations=1", "algo.prompts_per_step=8"]),
+    "online-dpo": ("online-dpo", "prompts", ONLINE),
+}
+
+
+def write_data(folder: Path) -> dict:
+    from tiny import prompt_rows, write_jsonl
+
+    rows = {
+        "sft": [{"messages": [{"role": "user", "content": f"{i % 10}+{i % 7}"}, {"role": "assistant", "content": str(i % 10 + i % 7)}]}
+                for i in range(48)],
+        "pairs": [{"prompt": f"{i}+{i}=", "chosen": f"ok {2 * i}", "rejected": f"no {2 * i + 1 + i % 3}"} for i in range(48)],
+        "unpaired": [{"prompt": f"{i}?", "completion": "yes" if i % 2 else "no", "label": bool(i % 2)} for i in range(48)],
+        "prompts": prompt_rows(32),
+    }
+    return {k: write_jsonl(folder / f"{k}.jsonl", v) for k, v in rows.items()}
+
+
+def run_all(folder: Path, steps: int) -> dict:
+    import importlib
+
+    from posttrain.cli import TRAIN_COMMANDS
+    from posttrain.metrics import read_metrics
+    from tiny import run_config, tiny_model_dir
+
+    model = tiny_model_dir(folder / "model")
+    data = write_data(folder)
+    out = {}
+    for name, (command, kind, extra) in RUNS.items():
+        run_dir = folder / name
+        cfg = run_config(command, run_dir, model, data[kind], "train.device=cpu", "train.num_threads=1",
+                         f"train.max_steps={steps}", "train.eval_every=2", "train.seed=7", *extra)
+        target = TRAIN_COMMANDS[command][0]
+        module, func = target.split(":")
+        getattr(importlib.import_module(module), func)(cfg)
+        out[name] = [{k: v for k, v in row.items() if not k.startswith(VOLATILE)} for row in read_metrics(run_dir)]
+    return out
+
+
+def compare(after: dict, before: dict) -> int:
+    bad = 0
+    for name in sorted(set(before) | set(after)):
+        a, b = after.get(name), before.get(name)
+        if a == b:
+            print(f"{name:16s} identical ({len(a)} rows, {sum(len(r) for r in a)} values)")
+            continue
+        bad += 1
+        print(f"{name:16s} DIFFERS")
+        for i, (ra, rb) in enumerate(zip(a or [], b or [])):
+            for key in sorted(set(ra) | set(rb)):
+                if ra.get(key) != rb.get(key):
+                    print(f"    row {i} {key}: before {rb.get(key)!r} after {ra.get(key)!r}")
+    return 1 if bad else 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("output")
+    p.add_argument("--compare", help="an earlier output: exit 1 unless every run's metrics are identical")
+    p.add_argument("--steps", type=int, default=4)
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_all(Path(tmp), args.steps)
+    Path(args.output).write_text(json.dumps(result, indent=1, sort_keys=True))
+    print(f"wrote {args.output}: {', '.join(f'{k} {len(v)} rows' for k, v in result.items())}")
+    return compare(result, json.loads(Path(args.compare).read_text())) if args.compare else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
