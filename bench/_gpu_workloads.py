@@ -1,5 +1,5 @@
-"""The workloads of bench/gpu_check.py: model shapes, synthetic data, the posttrain and TRL workers, FLOP counts,
-the bf16 matmul peak and the device-placement check (also used by tests/gpu).
+"""The workloads of bench/gpu_check.py: model shapes, synthetic data, the posttrain and TRL workers, FLOP counts
+and the device-placement check (`off_device`, also used by tests/gpu).
 
 Models are random-initialised from a config (no hub, no download) and saved as a normal HF folder with the
 character-level ChatML tokenizer of tests/tiny.py: token ids past its ~104 entries decode to nothing, which is

@@ -2,7 +2,7 @@
 on random-init models of SmolLM2-135M's and Qwen2.5-0.5B's shapes; asserts every trained parameter and optimizer
 state is on the device, and reports speed, MFU and memory.
 
-    python bench/gpu_check.py --device cuda                  # what scripts/gpu_check.sh runs (~6 min on an H200)
+    python bench/gpu_check.py --device cuda                  # what scripts/gpu_check.sh runs (sized for < 8 min on an H200)
     python bench/gpu_check.py --device cpu --quick           # the same code path on a CPU, tiny shapes, 1+1 steps
     python bench/gpu_check.py --dry-run [--quick]            # print the plan, run nothing
 
@@ -142,7 +142,6 @@ def reporting_errors(fn):
         result["worker_s"] = time.perf_counter() - start
         return result
     return run
-
 
 
 WORKERS = {"posttrain": reporting_errors(W.run_posttrain), "trl": reporting_errors(W.run_trl),

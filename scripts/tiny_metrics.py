@@ -69,12 +69,21 @@ def run_all(folder: Path, steps: int) -> dict:
     return out
 
 
+# metrics renamed since an earlier version: compared under their new names
+RENAMED: dict[str, str] = {}
+
+
 def compare(after: dict, before: dict) -> int:
+    """Every value logged before must be logged after, bit-identical (under its new name if renamed); metrics
+    that are new are listed, not counted as differences."""
     bad = 0
     for name in sorted(set(before) | set(after)):
-        a, b = after.get(name), before.get(name)
+        b = [{RENAMED.get(k, k): v for k, v in row.items()} for row in before.get(name, [])]
+        added = sorted({k for row in after.get(name, []) for k in row} - {k for row in b for k in row})
+        a = [{k: v for k, v in row.items() if k not in added} for row in after.get(name, [])]
         if a == b:
-            print(f"{name:16s} identical ({len(a)} rows, {sum(len(r) for r in a)} values)")
+            new = f"; new metrics: {', '.join(added)}" if added else ""
+            print(f"{name:16s} identical ({len(a)} rows, {sum(len(r) for r in a)} values{new})")
             continue
         bad += 1
         print(f"{name:16s} DIFFERS")

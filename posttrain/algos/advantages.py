@@ -15,16 +15,11 @@ from typing import Callable
 
 import torch
 
+from posttrain.registry import Registry
+
 AdvantageFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
-
-
-def register_advantage(name: str):
-    def deco(fn: AdvantageFn) -> AdvantageFn:
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-
-    return deco
+ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
+register_advantage = ADVANTAGE_ESTIMATORS.register
 
 
 def _group_stats(rewards: torch.Tensor, group: torch.Tensor):

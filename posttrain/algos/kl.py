@@ -14,16 +14,11 @@ from typing import Callable
 
 import torch
 
+from posttrain.registry import Registry
+
 LOG_RATIO_CLAMP = 20.0  # |log r| <= 20 keeps exp(log r) <= 4.9e8: finite in fp16/bf16/fp32, and far past any real KL
-KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
-
-
-def register_kl(name: str):
-    def deco(fn):
-        KL_ESTIMATORS[name] = fn
-        return fn
-
-    return deco
+KL_ESTIMATORS = Registry("KL estimator")  # name -> fn(log r) with r = π_ref / π
+register_kl = KL_ESTIMATORS.register
 
 
 @register_kl("k1")

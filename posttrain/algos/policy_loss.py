@@ -1,8 +1,13 @@
-"""Policy-gradient losses of PPO and GRPO: the clipped surrogate, the clipped value loss and the KL penalty term.
+"""Policy-gradient losses of PPO and GRPO: the policy-loss registry (clipped surrogate, dual-clip), the clipped
+value loss, the KL penalty term, and `actor_loss` — policy gradient + KL term + entropy bonus — that both share.
 
 All take per-token tensors (B, T) with a mask (B, T) and aggregate with `posttrain.ops.agg_loss`, whose
 num_tokens / num_seqs / max_len are passed through so gradient accumulation can normalize by the whole batch.
 Metrics are detached 0-d tensors (no host sync here); the trainer decides when to read them.
+
+A policy loss is `fn(logp, old_logp, advantages, mask, *, clip_low, clip_high, agg_mode, num_tokens, num_seqs,
+max_len, **options) -> LossOutput`, registered by name (`@POLICY_LOSSES.register("name")`) and chosen by
+`algo.policy_loss`; adding one is one decorated function and its test.
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ import torch
 
 from posttrain.algos.kl import LOG_RATIO_CLAMP, kl_estimate
 from posttrain.ops import agg_loss, masked_mean
+from posttrain.registry import Registry
 from posttrain.types import LossOutput
+
+POLICY_LOSSES = Registry("policy loss")
 
 
 def clipped_surrogate(
@@ -63,6 +71,60 @@ def clipped_surrogate(
             "approx_kl": masked_mean(kl_estimate(old_logp, logp, "k3"), mask),
             "ratio_mean": masked_mean(ratio.float(), mask),
         }
+    return LossOutput(loss, metrics)
+
+
+@POLICY_LOSSES.register("clip")
+def clip_policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, agg_mode="token-mean",
+                     num_tokens=None, num_seqs=None, max_len=None, **_) -> LossOutput:
+    """PPO's clipped surrogate (with DAPO's clip-higher when clip_high > clip_low): `clipped_surrogate`."""
+    return clipped_surrogate(logp, old_logp, advantages, mask, clip_low, clip_high, agg_mode, num_tokens, num_seqs, max_len)
+
+
+@POLICY_LOSSES.register("dual_clip")
+def dual_clip_policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, agg_mode="token-mean",
+                          num_tokens=None, num_seqs=None, max_len=None, dual_clip=3.0, **_) -> LossOutput:
+    """Dual-clip PPO (Ye et al. 2020, eq. 5): the clipped surrogate with negative-advantage tokens' loss capped at
+    -c A (c = `dual_clip` > 1; the paper uses 3), so one token with a huge ratio cannot dominate the update."""
+    if dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    return clipped_surrogate(logp, old_logp, advantages, mask, clip_low, clip_high, agg_mode, num_tokens, num_seqs,
+                             max_len, dual_clip=dual_clip)
+
+
+def actor_loss(
+    name: str,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    entropy: torch.Tensor | None = None,
+    *,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    **options,
+) -> LossOutput:
+    """The actor's loss of GRPO and PPO: policy loss `name` + kl_coef * KL term (when `ref_logp` is given: the KL
+    in the loss, DeepSeekMath eq. 3) − entropy_coef * entropy bonus, all aggregated alike (`options` carries
+    clip_low/clip_high/agg_mode/num_tokens/num_seqs/max_len and the loss's own options).
+
+    logp, old_logp, mask, entropy, ref_logp (B, T); advantages (B, T) or (B,). Metrics: the policy loss's, plus
+    policy_loss, kl_loss (with a KL term) and entropy (masked token mean, when `entropy` is given).
+    """
+    out = POLICY_LOSSES.lookup(name)(logp, old_logp, advantages, mask, **options)
+    loss, metrics = out.loss, {**out.metrics, "policy_loss": out.loss.detach()}
+    counts = {k: options.get(k) for k in ("num_tokens", "num_seqs", "max_len")}
+    agg_mode = options.get("agg_mode", "token-mean")
+    if ref_logp is not None:
+        kl = kl_penalty_loss(logp, ref_logp, mask, kl_estimator, agg_mode, **counts)
+        loss = loss + kl_coef * kl.loss
+        metrics["kl_loss"] = kl.loss.detach()
+    if entropy is not None:
+        if entropy_coef:
+            loss = loss - entropy_coef * agg_loss(entropy, mask, agg_mode, **counts)
+        metrics["entropy"] = masked_mean(entropy.detach(), mask)
     return LossOutput(loss, metrics)
 
 

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from posttrain.types import LossOutput
 
+from posttrain.registry import Registry
+
 Tensor = torch.Tensor
 
 
@@ -68,17 +70,11 @@ class LossSpec:
     needs_reference: bool
 
 
-PREFERENCE_LOSSES: dict[str, LossSpec] = {}
+PREFERENCE_LOSSES = Registry("preference loss")
 
 
 def register(name: str, needs_reference: bool) -> Callable[[LossFn], LossFn]:
-    def wrap(fn: LossFn) -> LossFn:
-        if name in PREFERENCE_LOSSES:
-            raise ValueError(f"preference loss {name!r} registered twice")
-        PREFERENCE_LOSSES[name] = LossSpec(fn, needs_reference)
-        return fn
-
-    return wrap
+    return lambda fn: PREFERENCE_LOSSES.add(name, LossSpec(fn, needs_reference)).fn
 
 
 def _spec(name: str) -> LossSpec:

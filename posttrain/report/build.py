@@ -23,6 +23,8 @@ from posttrain.report.claims import CLAIM_ALGOS, check_claims
 from posttrain.report.load import (MEASURED_FIELDS, SUMMARY_FILE, Run, Stage, fmt, is_number, last_value, load_run,
                                    measured, series)
 
+from posttrain.registry import Registry
+
 REWARD_KEYS = ("reward", "rewards/mean", "reward/mean", "rewards/total")
 # panel title -> the metric keys drawn in it (a panel appears when one of its keys was logged)
 PANELS = {
@@ -60,17 +62,12 @@ class Section:
     blocks: list = field(default_factory=list)  # str (a paragraph) | Table | Image
 
 
-SECTIONS: dict[str, tuple[str, callable]] = {}
+SECTIONS = Registry("report section")
 
 
 def section(id_: str, title: str):
     """Decorator: `fn(run) -> blocks` renders one section; sections appear in registration order."""
-
-    def wrap(fn):
-        SECTIONS[id_] = (title, fn)
-        return fn
-
-    return wrap
+    return lambda fn: (SECTIONS.add(id_, (title, fn)), fn)[1]
 
 
 def _safe(name: str) -> str:

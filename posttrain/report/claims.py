@@ -25,6 +25,8 @@ from itertools import combinations
 
 from posttrain.report.load import Stage, fmt, measured
 
+from posttrain.registry import Registry
+
 CONFIRMED, NOT_CONFIRMED, NOT_MEASURED = "confirmed", "not confirmed", "not measured"
 CLAIM_ALGOS = ("ppo", "dpo", "grpo")
 LEVEL = {"low": 1, "medium": 2, "high": 3}
@@ -43,17 +45,8 @@ class ClaimResult:
     rule: str
 
 
-CLAIMS: dict[str, callable] = {}
-
-
-def register_claim(name: str):
-    """Decorator: `fn(stages) -> ClaimResult` checks the claim `name`; the report runs them in this order."""
-
-    def wrap(fn):
-        CLAIMS[name] = fn
-        return fn
-
-    return wrap
+CLAIMS = Registry("claim")
+register_claim = CLAIMS.register  # `fn(stages) -> ClaimResult` checks the claim `name`; run in this order
 
 
 def _sign(x: float) -> int:

@@ -13,21 +13,14 @@ import importlib
 import inspect
 from typing import Callable
 
+from posttrain.registry import Registry
+
 RewardFn = Callable[..., list]
-REWARDS: dict[str, RewardFn] = {}
+REWARDS = Registry("reward")
 _BUILTIN_MODULES = ("posttrain.rewards.verifiers", "posttrain.rewards.sandbox")
 
 
-def register_reward(name: str):
-    """Decorator: make ``fn`` loadable as ``load_reward(name)``."""
-
-    def deco(fn):
-        if name in REWARDS and REWARDS[name] is not fn:
-            raise ValueError(f"reward {name!r} is already registered ({REWARDS[name]!r})")
-        REWARDS[name] = fn
-        return fn
-
-    return deco
+register_reward = REWARDS.register  # `@register_reward(name)`: `fn` loadable as `load_reward(name)`
 
 
 def _load_builtins() -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+
+from posttrain.registry import Registry
 
 if TYPE_CHECKING:
     from posttrain.types import Rollout
@@ -107,28 +109,19 @@ def reclaim_memory(generator) -> bool:
     return bool(hook()) if callable(hook) else False
 
 
-GENERATORS: dict[str, type] = {}
+GENERATORS = Registry("rollout engine")
 # modules whose import fills GENERATORS; imported on first lookup so `import posttrain.rollout.base` stays cheap
 _ENGINE_MODULES = ("posttrain.rollout.hf", "posttrain.rollout.vllm_engine")
 
 
-def register_generator(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        if name in GENERATORS and GENERATORS[name] is not cls:
-            raise ValueError(f"generator {name!r} is already registered to {GENERATORS[name].__name__}")
-        GENERATORS[name] = cls
-        return cls
-
-    return deco
+register_generator = GENERATORS.register
 
 
 def get_generator(name: str) -> type:
     """The engine class registered under `name` ('hf', 'vllm')."""
     for module in _ENGINE_MODULES:
         importlib.import_module(module)
-    if name not in GENERATORS:
-        raise KeyError(f"unknown rollout engine {name!r}; choose one of {sorted(GENERATORS)}")
-    return GENERATORS[name]
+    return GENERATORS.lookup(name)
 
 
 def validate_prompts(prompt_ids: list[list[int]], num_samples: int) -> None:

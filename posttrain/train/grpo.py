@@ -13,7 +13,7 @@ import torch
 
 from posttrain.algos.advantages import group_advantages, group_is_degenerate
 from posttrain.algos.kl import kl_estimate
-from posttrain.algos.policy_loss import clipped_surrogate, kl_penalty_loss
+from posttrain.algos.policy_loss import actor_loss
 from posttrain.config import RunConfig, register_algo_config
 from posttrain.ops import masked_mean
 from posttrain.train import common
@@ -27,6 +27,8 @@ from posttrain.types import LossOutput
 @dataclass
 class GRPOConfig(OnlineConfig):
     advantage: str = "grpo"  # grpo (z-score) | dr_grpo (mean only) | rloo (leave-one-out)
+    policy_loss: str = "clip"  # clip | dual_clip (posttrain.algos.policy_loss.POLICY_LOSSES)
+    dual_clip: float = 3.0  # dual_clip's c: a negative-advantage token's loss is capped at -c A (Ye et al. 2020)
     clip_low: float = 0.2  # ratio floor 1 - clip_low
     clip_high: float = 0.2  # ratio ceiling 1 + clip_high (DAPO clip-higher: 0.28)
     num_iterations: int = 1  # mu: passes over each rollout (old log-probs stored when > 1)
@@ -106,15 +108,12 @@ class GRPO(OnlineBase):
         logp, entropy = self.current_logps(rows)
         mask = b.loss_mask[rows]
         old = b.extra["old_logp"][rows] if "old_logp" in b.extra else logp.detach()
-        counts = dict(num_tokens=totals["num_tokens"], num_seqs=totals["num_seqs"], max_len=a.max_new_tokens)
-        out = clipped_surrogate(logp, old, b.extra["advantages"][rows], mask, a.clip_low, a.clip_high, a.loss_agg, **counts)
-        loss, metrics = out.loss, dict(out.metrics)
-        if self.reference is not None and a.kl_in == "loss":
-            kl = kl_penalty_loss(logp, b.extra["ref_logp"][rows], mask, a.kl_estimator, a.loss_agg, **counts)
-            loss = loss + a.beta * kl.loss
-            metrics["kl_loss"] = kl.loss.detach()
-        metrics["entropy"] = masked_mean(entropy.detach(), mask)
-        return LossOutput(loss, metrics)
+        kl_in_loss = self.reference is not None and a.kl_in == "loss"
+        return actor_loss(a.policy_loss, logp, old, b.extra["advantages"][rows], mask, entropy,
+                          ref_logp=b.extra["ref_logp"][rows] if kl_in_loss else None, kl_coef=a.beta,
+                          kl_estimator=a.kl_estimator, clip_low=a.clip_low, clip_high=a.clip_high, agg_mode=a.loss_agg,
+                          dual_clip=a.dual_clip, num_tokens=totals["num_tokens"], num_seqs=totals["num_seqs"],
+                          max_len=a.max_new_tokens)
 
 
 def masked_group_advantages(rewards, group, valid, estimator: str) -> torch.Tensor:

@@ -14,10 +14,10 @@ import torch
 
 from posttrain.algos.advantages import gae
 from posttrain.algos.kl import KL_CONTROLLERS
-from posttrain.algos.policy_loss import clipped_surrogate, clipped_value_loss
+from posttrain.algos.policy_loss import actor_loss, clipped_value_loss
 from posttrain.config import RunConfig, register_algo_config
 from posttrain.models.loading import torch_dtype
-from posttrain.ops import agg_loss, masked_mean, whiten
+from posttrain.ops import whiten
 from posttrain.train import common
 from posttrain.train.loop import Iteration, Trainer
 from posttrain.train.online import OnlineBase, OnlineConfig, _chunks
@@ -37,6 +37,8 @@ class PPOConfig(OnlineConfig):
     lam: float = 0.95
     ppo_epochs: int = 2
     minibatch_rows: int = 0  # 0 = the whole rollout per update
+    policy_loss: str = "clip"  # clip | dual_clip (posttrain.algos.policy_loss.POLICY_LOSSES)
+    dual_clip: float = 3.0  # dual_clip's c (Ye et al. 2020)
     clip_low: float = 0.2
     clip_high: float = 0.2
     value_clip: float = 0.2
@@ -163,17 +165,14 @@ class PPO(OnlineBase):
         logp, entropy = self.current_logps(rows)
         mask = b.loss_mask[rows]
         counts = dict(num_tokens=totals["num_tokens"], num_seqs=totals["num_seqs"], max_len=a.max_new_tokens)
-        pg = clipped_surrogate(logp, b.extra["old_logp"][rows], b.extra["advantages"][rows], mask, a.clip_low, a.clip_high,
-                               a.loss_agg, **counts)
+        actor = actor_loss(a.policy_loss, logp, b.extra["old_logp"][rows], b.extra["advantages"][rows], mask, entropy,
+                           entropy_coef=a.entropy_coef, clip_low=a.clip_low, clip_high=a.clip_high, agg_mode=a.loss_agg,
+                           dual_clip=a.dual_clip, **counts)  # the KL is in the reward (k1 per token), not in the loss
         with common.autocast_context(self.cfg.model, self.device.type):
             values = self._completion_values(b, rows)
         vf = clipped_value_loss(values, b.extra["values"][rows], b.extra["returns"][rows], mask, a.value_clip, a.loss_agg, **counts)
-        ent = agg_loss(entropy, mask, a.loss_agg, **counts)
-        loss = pg.loss + a.vf_coef * vf.loss - a.entropy_coef * ent
-        self._update_kls.append(float(pg.metrics["approx_kl"]))
-        metrics = {**pg.metrics, **vf.metrics, "value_loss": vf.loss.detach(), "policy_loss": pg.loss.detach(),
-                   "entropy": masked_mean(entropy.detach(), mask)}
-        return LossOutput(loss, metrics)
+        self._update_kls.append(float(actor.metrics["approx_kl"]))
+        return LossOutput(actor.loss + a.vf_coef * vf.loss, {**actor.metrics, **vf.metrics, "value_loss": vf.loss.detach()})
 
     def early_stop(self) -> bool:
         """Trust region: no more updates on this rollout once the policy moved more than target_kl."""

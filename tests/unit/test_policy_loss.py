@@ -167,3 +167,66 @@ def _train_bandit(beta, steps=120):
 def test_larger_beta_ends_at_lower_kl():
     kl_free, kl_mid, kl_strong = _train_bandit(0.0), _train_bandit(0.3), _train_bandit(3.0)
     assert kl_free > kl_mid > kl_strong > 0
+
+
+def test_policy_losses_are_selected_by_name():
+    from posttrain.algos.policy_loss import POLICY_LOSSES, actor_loss
+
+    assert {"clip", "dual_clip"} <= set(POLICY_LOSSES)
+    logp = torch.log(torch.tensor([[0.5, 0.9, 0.2]]))
+    old = torch.log(torch.tensor([[0.1, 0.9, 0.9]]))  # ratios 5, 1, 0.22
+    adv, mask = torch.tensor([-1.0]), torch.ones(1, 3)
+    direct = clipped_surrogate(logp, old, adv, mask, dual_clip=3.0)
+    named = actor_loss("dual_clip", logp, old, adv, mask, dual_clip=3.0)
+    assert named.loss.item() == direct.loss.item() and named.metrics["clip_ratio/dual"] == direct.metrics["clip_ratio/dual"]
+    assert actor_loss("clip", logp, old, adv, mask).loss.item() == clipped_surrogate(logp, old, adv, mask).loss.item()
+    with pytest.raises(KeyError, match="unknown policy loss 'nope'; choose one of"):
+        actor_loss("nope", logp, old, adv, mask)
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        actor_loss("dual_clip", logp, old, adv, mask, dual_clip=0.5)
+
+
+def test_actor_loss_adds_the_kl_term_and_the_entropy_bonus():
+    from posttrain.algos.policy_loss import actor_loss, kl_penalty_loss
+    from posttrain.ops import agg_loss
+
+    torch.manual_seed(0)
+    logp, old, ref = -torch.rand(2, 4), -torch.rand(2, 4), -torch.rand(2, 4)
+    entropy, adv = torch.rand(2, 4), torch.tensor([0.5, -1.0])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.float32)
+    out = actor_loss("clip", logp, old, adv, mask, entropy, ref_logp=ref, kl_coef=0.1, kl_estimator="k2",
+                     entropy_coef=0.01, agg_mode="seq-mean-token-mean")
+    pg = clipped_surrogate(logp, old, adv, mask, agg_mode="seq-mean-token-mean").loss
+    kl = kl_penalty_loss(logp, ref, mask, "k2", "seq-mean-token-mean").loss
+    ent = agg_loss(entropy, mask, "seq-mean-token-mean")
+    torch.testing.assert_close(out.loss, pg + 0.1 * kl - 0.01 * ent)
+    assert {"policy_loss", "kl_loss", "entropy", "clip_ratio", "approx_kl"} <= set(out.metrics)
+
+
+def test_a_new_policy_loss_is_one_decorated_function(tmp_path, tiny_dir):
+    """Adding a policy loss touches one place: this registration; GRPO then trains with it by name."""
+    from posttrain.algos.policy_loss import POLICY_LOSSES
+    from posttrain.ops import agg_loss
+    from posttrain.train.grpo import run_grpo
+    from posttrain.types import LossOutput
+    from tiny import prompt_rows, run_config, write_jsonl
+
+    calls = []
+
+    @POLICY_LOSSES.register("test_vanilla_pg")
+    def vanilla_pg(logp, old_logp, advantages, mask, *, agg_mode="token-mean", num_tokens=None, num_seqs=None,
+                   max_len=None, **_):
+        calls.append(logp.shape)
+        per_token = -advantages.unsqueeze(-1) * logp  # REINFORCE with the group baseline
+        return LossOutput(agg_loss(per_token, mask, agg_mode, num_tokens=num_tokens, num_seqs=num_seqs),
+                          {"approx_kl": torch.zeros(())})
+
+    try:
+        data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(16))
+        run_grpo(run_config("grpo", tmp_path / "run", tiny_dir, data, "algo.policy_loss=test_vanilla_pg",
+                            "algo.rewards=[tiny:vowel_reward]", "algo.max_new_tokens=4", "algo.prompts_per_step=2",
+                            "algo.num_generations=4", "train.max_steps=2", "data.num_eval_examples=2",
+                            "algo.eval_max_new_tokens=2"))
+        assert calls  # GRPO's updates went through the registered loss
+    finally:
+        del POLICY_LOSSES["test_vanilla_pg"]

@@ -12,18 +12,11 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
+from posttrain.registry import Registry
+
 MakeRecords = Callable[..., list[dict]]
-TASKS: dict[str, MakeRecords] = {}
-
-
-def register_task(name: str) -> Callable[[MakeRecords], MakeRecords]:
-    def deco(fn: MakeRecords) -> MakeRecords:
-        if name in TASKS:
-            raise ValueError(f"task {name!r} is registered twice")
-        TASKS[name] = fn
-        return fn
-
-    return deco
+TASKS = Registry("task")
+register_task = TASKS.register
 
 
 def make_task_records(

@@ -38,6 +38,8 @@ from typing import Callable, Literal
 
 from posttrain.data.tasks import register_task
 
+from posttrain.registry import Registry
+
 Kind = Literal["sft", "preference", "unpaired", "prompts"]
 Split = Literal["train", "test"]
 Step = tuple[int, str, int, int]  # (left, op, right, result) of one reduction
@@ -180,15 +182,8 @@ def question(problem: Problem) -> str:
 
 
 Mistake = Callable[[Problem, random.Random], "list[Step] | None"]
-MISTAKES: dict[str, Mistake] = {}
-
-
-def _mistake(name: str) -> Callable[[Mistake], Mistake]:
-    def deco(fn: Mistake) -> Mistake:
-        MISTAKES[name] = fn
-        return fn
-
-    return deco
+MISTAKES = Registry("arithmetic mistake")
+_mistake = MISTAKES.register
 
 
 def _forgotten_carry(step: Step) -> int:
@@ -267,15 +262,8 @@ def _assistant(text: str, conversational: bool):
 
 
 Builder = Callable[[Problem, int, random.Random, bool], dict]
-BUILDERS: dict[str, Builder] = {}
-
-
-def _builder(kind: str) -> Callable[[Builder], Builder]:
-    def deco(fn: Builder) -> Builder:
-        BUILDERS[kind] = fn
-        return fn
-
-    return deco
+BUILDERS = Registry("record builder")
+_builder = BUILDERS.register
 
 
 @_builder("sft")
