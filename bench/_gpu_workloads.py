@@ -153,24 +153,25 @@ def _write_order(work: Path, algo: str, order: list[int]) -> None:
 
 # ---- FLOPs (PaLM appendix B: 6N per trained token, 2N per forward-only token, plus attention) -----------------------
 
-def train_flops(params: int, layers: int, hidden: int, tokens: float, seq: float) -> float:
-    """Forward + backward of `tokens` tokens in rows of mean length `seq`: 6N + 12·L·d·seq per token."""
-    return tokens * (6 * params + 12 * layers * hidden * seq)
-
-
 def step_flops(algo: str, m: dict, train_tokens: float, gen_tokens: float, rows: int, updates: float) -> float:
-    """Model FLOPs of one step; `rows` sequences per update, `updates` optimizer updates in the step.
-    Generation: 2N per new token (its attention left out). SFT, DPO, GRPO: one training pass over their tokens
-    (GRPO with beta 0 loads no reference). PPO: three forward passes over the rollout (old policy, reference,
-    critic values), then policy and critic (each ~N parameters) trained over it once per update. The one-off
-    DPO reference pass is in no timed step (both sides precompute it), so it is not counted."""
-    n, layers, d = m["params"], m["layers"], m["hidden"]
+    """Model FLOPs of one step: `train_tokens` trained (prompt + completion, summed over the step's `updates`
+    optimizer updates of `rows` sequences each), `gen_tokens` generated.
+
+    SFT, DPO: 6N + 12·L·d·S per trained token (S: the mean row length; N counts the tied embedding once, as the
+    LM head). The one-off DPO reference pass is in no timed step (both sides precompute it) and is not counted.
+    GRPO, PPO: 2N per generated token; training runs the trunk (N minus the V·d head) on every token but the LM
+    head only on completion tokens (both sides score those alone). PPO adds two forward passes (old policy,
+    reference) and the critic: a trunk without LM head, one forward for the values and trained every update."""
+    n, layers, d, vocab = m["params"], m["layers"], m["hidden"], m["vocab"]
     updates = max(updates, 1.0)
-    seq = train_tokens / max(rows * updates, 1)
-    flops = 2 * n * gen_tokens + train_flops(n, layers, d, train_tokens, seq)
+    attn = 12 * layers * d * train_tokens / max(rows * updates, 1)  # per token, forward + backward
+    if algo in ("sft", "dpo"):
+        return train_tokens * (6 * n + attn)
+    head, trunk, rollout = vocab * d, n - vocab * d, train_tokens / updates
+    flops = 2 * n * gen_tokens + updates * (rollout * (6 * trunk + attn) + 6 * head * gen_tokens)
     if algo == "ppo":
-        forward_pass = train_flops(n, layers, d, train_tokens / updates, seq) / 3
-        flops += 3 * forward_pass + train_flops(n, layers, d, train_tokens, seq)  # + the critic's training
+        forward = rollout * (2 * trunk + attn / 3)
+        flops += 2 * (forward + 2 * head * gen_tokens) + forward + updates * rollout * (6 * trunk + attn)
     return flops
 
 
@@ -216,6 +217,7 @@ ALGO_CLASSES = {"sft": ("posttrain.train.sft", "SFT"), "dpo": ("posttrain.train.
 
 
 def posttrain_overrides(algo: str, s: Sizes, args) -> list[str]:
+    """The run's config overrides: the TRL contenders' sizes and settings, on `args.device`."""
     warm, timed = step_counts(algo, s)
     common = [f"train.device={args.device}", f"model.autocast={'bf16' if args.precision == 'bf16' else 'none'}",
               "train.tensorboard=false", "train.progress=false", "data.eval_fraction=0", f"train.max_steps={warm + timed}",
@@ -293,7 +295,7 @@ def _device_memory(device) -> dict:
 # ---- TRL contender -------------------------------------------------------------------------------------------------
 
 def trl_has(algo: str) -> str | None:
-    """Why TRL cannot run `algo` here (None: it can). Imports nothing heavy in the caller."""
+    """Why TRL cannot run `algo` here (None: it can); imports trl only to look for a PPOTrainer."""
     import importlib.util
 
     if importlib.util.find_spec("trl") is None:

@@ -13,16 +13,19 @@ when any posttrain or TRL workload failed or left a parameter or optimizer state
 
 Settings (both sides): fp32 weights with bf16 autocast (`--precision`), no gradient checkpointing, no
 torch.compile, the same data in the same order, batch shapes, steps, learning rate and sampling settings; TRL
-generates with transformers (use_vllm=False) and precomputes DPO's reference log-probs, as posttrain does.
+generates with transformers (use_vllm=False) and precomputes DPO's reference log-probs, as posttrain does; TF32
+for fp32 matmuls on both (posttrain's devices.prepare; the TRL worker sets the same flags).
 The TRL contenders are those of bench/{sft,dpo,grpo}_vs_trl.py, run on the device.
 
-Figures, over the timed steps after warm-up: tokens/s = trained tokens (non-pad prompt + completion tokens of every
-row trained on; a DPO pair counts both its sequences, the shared prompt twice, whatever packing a side does) per
-second of optimizer-step wall time; completions/s = completions sampled per second of whole-step time (generation,
-reward, log-prob passes and updates). MFU = model FLOPs per second over the bf16 matmul peak measured at the start:
-6N + 12·L·d·S per trained token (PaLM appendix B, S the mean row length), 2N per generated token, PPO's three
-forward passes and its critic's training added (_gpu_workloads.step_flops). GPU peak = torch.cuda.max_memory_allocated
-of the contender's process; host RSS = its ru_maxrss. posttrain÷TRL = tokens/s (SFT, DPO) or completions/s (GRPO).
+Figures, over the timed steps after warm-up: tokens/s = trained tokens per second of optimizer-step wall time (the
+non-pad prompt + completion tokens of every row of every update: PPO's 2 epochs count each rollout token twice; a DPO
+pair counts both its sequences, the shared prompt twice, whatever packing a side does); completions/s = completions
+sampled per second of whole-step time (generation, reward, log-prob passes and updates). MFU = model FLOPs per second
+over the bf16 matmul peak measured at the start: 6N + 12·L·d·S per trained token (PaLM appendix B; S the mean row
+length, N with the tied embedding counted once), 2N per generated token, the LM head of GRPO/PPO training counted on
+completion tokens only, PPO's two extra forward passes and its critic added (_gpu_workloads.step_flops). GPU peak =
+torch.cuda.max_memory_allocated of the contender's process; host RSS = its ru_maxrss. posttrain÷TRL = tokens/s (SFT,
+DPO) or completions/s (GRPO).
 """
 
 from __future__ import annotations

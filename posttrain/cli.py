@@ -13,19 +13,7 @@ import logging
 import os
 import sys
 
-# command -> ("module:function", one-line help). The function takes a RunConfig.
-TRAIN_COMMANDS = {
-    "sft": ("posttrain.train.sft:run_sft", "supervised fine-tuning on demonstrations (assistant tokens only)"),
-    "rm": ("posttrain.train.rm:run_rm", "Bradley–Terry reward model on preference pairs"),
-    "dpo": ("posttrain.train.dpo:run_dpo", "DPO family on preference pairs (algo.loss_type=dpo|ipo|robust|cdpo|hinge|simpo|orpo)"),
-    "kto": ("posttrain.train.kto:run_kto", "KTO on unpaired thumbs-up/down data (or split preference pairs)"),
-    "ppo": ("posttrain.train.ppo:run_ppo", "PPO (RLHF) with a critic, a reward model and a KL penalty"),
-    "grpo": ("posttrain.train.grpo:run_grpo", "GRPO / Dr. GRPO / RLOO / DAPO with verifiable rewards"),
-    "online-dpo": ("posttrain.train.online_dpo:run_online_dpo", "iterative DPO on best-vs-worst sampled pairs"),
-    "overopt": ("posttrain.overopt:run_overopt", "reward over-optimization: proxy vs gold reward against KL (best-of-n, PPO)"),
-}
-
-# everyday flags -> dotted config keys (DESIGN.md §3)
+# everyday flags -> dotted config keys (the README's command contract)
 FLAGS = {
     "model": "model.name_or_path",
     "data": "data.path",
@@ -44,7 +32,17 @@ def _resolve(target: str):
     return getattr(importlib.import_module(module), func)
 
 
-def _add_train_parser(sub, name: str, help_text: str) -> None:
+# algo-section fields that also have an everyday flag: field -> (flag, argparse options)
+SECTION_FLAGS = {
+    "ref_model": ("--ref-model", {"dest": "ref_model", "help": "reference model (default: the starting policy)"}),
+    "reward_model": ("--reward-model", {"dest": "reward_model", "help": "reward model folder"}),
+    "rewards": ("--reward", {"dest": "reward", "action": "append", "help": "reward function name or module:function (repeatable)"}),
+}
+
+
+def _add_train_parser(sub, name: str, help_text: str, fields: set[str] | None = None) -> None:
+    """The command's parser; `fields` (its algo section's field names, known once its module is imported) add
+    the flags that set them."""
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("config", nargs="?", help="YAML config file (optional)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-5")
@@ -57,12 +55,9 @@ def _add_train_parser(sub, name: str, help_text: str) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--num-processes", dest="num_processes", type=int, default=1,
                    help="data-parallel processes on this machine (or launch with accelerate launch / torchrun)")
-    if name in ("dpo", "kto", "ppo", "grpo", "online-dpo"):
-        p.add_argument("--ref-model", dest="ref_model", help="reference model (default: the starting policy)")
-    if name in ("ppo", "online-dpo", "grpo", "overopt"):
-        p.add_argument("--reward-model", dest="reward_model", help="reward model folder")
-        if name != "overopt":
-            p.add_argument("--reward", action="append", help="reward function name or module:function (repeatable)")
+    for field_name, (flag, options) in SECTION_FLAGS.items():
+        if field_name in (fields or ()):
+            p.add_argument(flag, **options)
 
 
 def _split_config_and_overrides(args) -> tuple[str | None, list[str]]:
@@ -75,8 +70,9 @@ def _split_config_and_overrides(args) -> tuple[str | None, list[str]]:
 
 def config_from_args(command: str, args):
     from posttrain.config import load_config
+    from posttrain.train import registry
 
-    importlib.import_module(TRAIN_COMMANDS[command][0].split(":")[0])  # registers the command's algo config
+    registry.get(command)  # imports the command's module: registers its algo section
     config, overrides = _split_config_and_overrides(args)
     flags = {dotted: getattr(args, name, None) for name, dotted in FLAGS.items()}
     if getattr(args, "resume", False):
@@ -84,12 +80,18 @@ def config_from_args(command: str, args):
     return load_config(command, config, overrides, flags)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """All commands; the one being run (`chosen`) gets the flags of its algo section (its module is imported)."""
+    from dataclasses import fields
+
+    from posttrain.train import registry
+
     parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, help_text) in TRAIN_COMMANDS.items():
-        _add_train_parser(sub, name, help_text)
+    for name, (_, help_text) in registry.discover().items():
+        names = {f.name for f in fields(registry.get(name).config)} if name == chosen else None
+        _add_train_parser(sub, name, help_text, names)
     from posttrain.evaluate import add_eval_parser
 
     add_eval_parser(sub)
@@ -126,8 +128,17 @@ def _without_num_processes(argv: list[str]) -> list[str]:
     return out
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """The command word of a command line (the first argument that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    from posttrain.train import registry
+
+    words = argv if argv is not None else sys.argv[1:]
+    chosen = _command_in(words)
+    parser = build_parser(chosen if chosen in registry.discover() else None)
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may follow the flags; argparse stops collecting positionals at the first flag
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
@@ -141,14 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain.devices import DeviceError, check_launch
 
     try:
-        if args.command in TRAIN_COMMANDS:
+        if args.command in registry.discover():
             cfg = config_from_args(args.command, args)  # validated before any process is started
             check_launch(cfg.train.device, max(1, args.num_processes))
             if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
                 from posttrain.train.distributed import launch
 
                 return launch(_without_num_processes(argv if argv is not None else sys.argv[1:]), args.num_processes)
-            result = _resolve(TRAIN_COMMANDS[args.command][0])(cfg)
+            result = registry.run(cfg)
             if os.environ.get("RANK", "0") == "0":
                 print(json.dumps(result, indent=1, default=str))
             return 0

@@ -1,19 +1,39 @@
 """Configuration: one dataclass per component, YAML files, dotted `key=value` overrides, everyday flags.
 
-A run's config is a `RunConfig` whose `algo` section is the dataclass of its command (registered in ALGO_CONFIGS
-by the module that implements it). Unknown keys are errors that suggest the closest valid key.
+A run's config is a `RunConfig` whose `algo` section is the dataclass of its command (registered with the command
+by `posttrain.train.registry.algorithm`). Unknown keys are errors that suggest the closest key over every section
+of the command; renamed keys (`rename_key`) are accepted for one release with a deprecation warning. The field
+docs (`posttrain CMD --help`, `posttrain config CMD`) are the fields' comments, read by `config_docs`.
+
+Why hand-written coercion rather than pydantic 2 or OmegaConf structured configs (compared on the same bad inputs):
+`train.max_steps=many` gives here `train.max_steps: expected int, got 'many'`; pydantic `1 validation error for
+Run / train.max_steps / Input should be a valid integer, unable to parse string as an integer [type=int_parsing,
+...]` plus a URL; OmegaConf `Value 'many' of type 'str' could not be converted to Integer / full_key: ... /
+reference_type=Train / object_type=Train`. `model.lora=3`: here `model.lora: expected a mapping, got 3`; OmegaConf
+`Merge error: int is not a subclass of Lora. value: 3` (no key). `train.save_step=3`: here `... (did you mean
+'save_every'?)`; pydantic `Unexpected keyword argument` (no suggestion); OmegaConf lists both `max_steps` and
+`save_every`. Both libraries also refuse inputs this parser accepts (`a,b` for a list; pydantic `3` for a str,
+OmegaConf `"3.0"` for an int) and read `null` for an optional str as the string "null": one-line errors that name
+the key and the same accepted inputs keep the hand-written parser, with no new dependency.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
+import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from posttrain.registry import Registry
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -103,76 +123,209 @@ class RunConfig:
     algo: Any = None
 
 
-ALGO_CONFIGS: dict[str, type] = {}
+ALGO_SECTIONS = Registry("algo section")  # command -> the dataclass of its `algo` section
 
 
-def register_algo_config(command: str):
-    """Class decorator: the dataclass of hyper-parameters for `posttrain COMMAND`."""
+def register_algo_section(command: str, cls: type) -> None:
+    """Called by the algorithm/command decorators (posttrain.train.registry), not by hand."""
+    ALGO_SECTIONS.add(command, cls)
 
-    def wrap(cls):
-        ALGO_CONFIGS[command] = cls
-        return cls
 
-    return wrap
+def config_sections(command: str) -> list[tuple[str, type]]:
+    """(section, dataclass) of a command's config: model, data, train, then its algo section if it has one."""
+    sections = [(name, typ) for name, typ in _field_types(RunConfig).items() if dataclasses.is_dataclass(typ)]
+    algo = ALGO_SECTIONS.get(command)
+    return sections + ([("algo", algo)] if algo is not None else [])
 
+
+def config_keys(command: str) -> list[str]:
+    """Every dotted key of a command's config, sections included (`model.lora` and `model.lora.r`)."""
+    keys = ["command"]
+    for name, cls in config_sections(command):
+        keys += [name, *_dotted_keys(cls, name)]
+    return keys
+
+
+# ---- renamed keys ---------------------------------------------------------------------------------------------------
+
+# old dotted key -> new dotted key; either may be a field or a whole section (`algo.reference` -> `algo.ref`) and they
+# may sit in different sections. Saved configs and scripts keep working for one release after a rename; the module
+# that moved the field registers it with `rename_key` next to the field.
+RENAMED_KEYS: dict[str, str] = {}
+
+
+def rename_key(old: str, new: str) -> None:
+    """Accept the dotted key (or section) `old` as `new` for one release, with a deprecation warning."""
+    if old == new:
+        raise ValueError(f"config key {old!r} cannot be renamed to itself")
+    if RENAMED_KEYS.get(old, new) != new:
+        raise ValueError(f"config key {old!r} is already renamed to {RENAMED_KEYS[old]!r}; refusing {new!r}")
+    RENAMED_KEYS[old] = new
+
+
+def _renamed(dotted: str) -> tuple[str, str | None]:
+    """(the current name of `dotted`, the deprecated key it went through or None): the longest renamed key that
+    is `dotted` or a section above it is replaced, repeatedly, so chains of renames resolve (a cycle stops)."""
+    used, seen = None, set()
+    while dotted not in seen:
+        seen.add(dotted)
+        parts = dotted.split(".")
+        old = next((".".join(parts[:n]) for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in RENAMED_KEYS), None)
+        if old is None:
+            break
+        dotted, used = ".".join([RENAMED_KEYS[old], *parts[old.count(".") + 1:]]), used or old
+    return dotted, used
+
+
+def _deprecated(old: str, warned: set[str]) -> None:
+    if old not in warned:  # once per old key and config, however many of its fields the config sets
+        warned.add(old)
+        log.warning("config key %r is deprecated; use %r (the old name goes in the next release)", old, _renamed(old)[0])
+
+
+def _rename_tree(tree: dict, warned: set[str]) -> None:
+    """Move the renamed keys a config file uses to their new places. Sections first, so that a renamed field
+    inside a renamed section is found where the section moved."""
+    for old in sorted(RENAMED_KEYS, key=lambda k: k.count(".")):
+        *parents, leaf = old.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        new = _renamed(old)[0]
+        if _has_dotted(tree, new):
+            raise ConfigError(f"config keys {old!r} and {new!r} are both set; {old!r} is the old name of {new!r}")
+        set_dotted(tree, new, node.pop(leaf))
+        _deprecated(old, warned)
+
+
+def _has_dotted(tree: dict, dotted: str) -> bool:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+# ---- validation -----------------------------------------------------------------------------------------------------
 
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _closest(name: str, options) -> str:
-    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+def _dotted_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    for name, typ in _field_types(cls).items():
+        key = f"{prefix}.{name}" if prefix else name
+        keys += [key, *(_dotted_keys(typ, key) if dataclasses.is_dataclass(typ) else ())]
+    return keys
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
+def _similarity(a: str, b: str) -> float:
+    """difflib's ratio raised for a shared start (Jaro-Winkler's prefix bonus): a typo usually keeps the first
+    letters, and plain ratio puts `save_step` nearer `max_steps` than `save_every`."""
+    ratio = difflib.SequenceMatcher(None, a, b).ratio()
+    return ratio + 0.1 * min(len(os.path.commonprefix([a, b])), 4) * (1 - ratio)
+
+
+def _path_similarity(a: str, b: str) -> float:
+    """Of two dotted keys after their shared leading sections (a shared `train.` says nothing about the typo)."""
+    pa, pb = a.split("."), b.split(".")
+    while len(pa) > 1 and len(pb) > 1 and pa[0] == pb[0]:
+        pa, pb = pa[1:], pb[1:]
+    return _similarity(".".join(pa), ".".join(pb))
+
+
+def _closest(path: str, keys) -> str:
+    """` (did you mean X?)` for an unknown dotted key: the nearest key of the whole run by leaf name (`loss_type`
+    finds `algo.loss_type`) or by path (`model.lora_r` finds `model.lora.r`). A key in another section needs the
+    stronger match; X is a bare name when it sits in the same section."""
+    parent, _, leaf = path.rpartition(".")
+    best, best_score = None, (0.0, 0.0)
+    for key in keys:
+        key_parent, _, key_leaf = key.rpartition(".")
+        if path.startswith(key + "."):  # a section above the typo
+            continue
+        by_path = _path_similarity(path, key)
+        score = (max(_similarity(leaf, key_leaf), by_path), by_path)
+        if score[0] >= (0.6 if key_parent == parent else 0.8) and score > best_score:
+            best, best_score = key, score
+    if best is None:
+        return ""
+    best_parent, _, best_leaf = best.rpartition(".")
+    return f" (did you mean {(best_leaf if best_parent == parent else best)!r}?)"
+
+
+def _coerce(value: Any, typ: Any, where: str, keys: list[str] | None = None) -> Any:
     """Turn a YAML/CLI value into the annotated type, with an error that names the key."""
     origin = typing.get_origin(typ)
     if dataclasses.is_dataclass(typ):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return build(typ, value, where)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return build(typ, _mapping(value, where), where, keys)
+    if origin in (typing.Union, types.UnionType):  # Optional[X] / X | None: "null" and "none" from the command line
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _coerce(value, args[0], where)
+        return _coerce(value, next(a for a in typing.get_args(typ) if a is not type(None)), where, keys)
     if origin in (list, tuple):
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
-        (inner, *_) = typing.get_args(typ) or (Any,)
-        items = [_coerce(v, inner, where) for v in value]
-        return tuple(items) if origin is tuple else items
-    if typ is bool:
-        if isinstance(value, str):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return bool(value)
-    if typ in (int, float):
-        try:
-            return typ(float(value)) if typ is int and float(value).is_integer() else typ(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}") from None
-    if typ is str:
-        return str(value)
+        return _sequence(value, typ, where)
+    if typ is dict or origin is dict:
+        return _mapping(value, where)
+    if typ in (bool, int, float, str):
+        return _scalar(value, typ, where)
     return value
 
 
-def build(cls, values: dict, where: str = ""):
-    """A dataclass from a (partial) mapping; unknown keys raise with the closest valid one."""
-    types = _field_types(cls)
+def _mapping(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return value
+
+
+def _sequence(value: Any, typ: Any, where: str) -> list | tuple:
+    if isinstance(value, str):  # from the command line: "a,b" or a YAML list "[1, 2]"
+        value = _yaml(value, where) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    (inner, *_) = typing.get_args(typ) or (Any,)
+    items = [_coerce(v, inner, where) for v in value]
+    return tuple(items) if typing.get_origin(typ) is tuple else items
+
+
+def _scalar(value: Any, typ: type, where: str) -> Any:
+    if isinstance(value, (list, tuple, dict)):  # str() or bool() of a list would pass silently
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+    if typ is str:
+        return str(value)
+    if typ is bool:
+        text = str(value).lower() if isinstance(value, str) else None
+        if text is None:
+            return bool(value)
+        if text in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return text in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    try:  # an int also from "3.0" or 3.0 (YAML reads 1e3 as a string, and scripts write 1000.0)
+        return int(float(value)) if typ is int and float(value).is_integer() else typ(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+
+
+def build(cls, values: dict, where: str = "", keys: list[str] | None = None):
+    """A dataclass from a (partial) mapping; an unknown key raises with the closest of `keys` (every dotted key
+    of the run; default: those of `cls`)."""
+    types_ = _field_types(cls)
+    keys = keys if keys is not None else _dotted_keys(cls, where)
     kwargs = {}
     for key, value in (values or {}).items():
-        path = f"{where}.{key}" if where else key
-        if key not in types:
-            raise ConfigError(f"unknown config key {path!r}{_closest(key, types)}")
-        kwargs[key] = _coerce(value, types[key], path)
+        path = f"{where}.{key}" if where else str(key)
+        if key not in types_:
+            raise ConfigError(f"unknown config key {path!r}{_closest(path, keys)}")
+        kwargs[key] = _coerce(value, types_[key], path, keys)
     return cls(**kwargs)
 
+
+# ---- files, overrides -----------------------------------------------------------------------------------------------
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
@@ -188,34 +341,52 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(exc).split())}") from None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value (e.g. train.lr=1e-5)")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
+    value = _yaml(raw, f"override {text!r}") if raw else ""
     return key.strip(), value
 
 
+def _read_file(path: str) -> dict:
+    with open(path) as fh:
+        tree = _yaml(fh.read(), path) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the config file must be a YAML mapping")
+    return tree
+
+
 def load_config(command: str, path: str | None = None, overrides: list[str] = (), flags: dict | None = None) -> RunConfig:
-    """File < flags < key=value overrides, then validated into a RunConfig whose `algo` matches the command."""
-    tree: dict = {}
-    if path:
-        with open(path) as fh:
-            tree = yaml.safe_load(fh) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the config file must be a YAML mapping")
-    tree.pop("command", None)
+    """File < flags < key=value overrides (old names of renamed keys moved to the new ones), then validated into a
+    RunConfig whose `algo` matches the command."""
+    warned: set[str] = set()
+    tree = _read_file(path) if path else {}
+    tree.pop("command", None)  # the command line names the command (a run's saved config.yaml carries it too)
+    _rename_tree(tree, warned)
     for dotted, value in (flags or {}).items():
-        if value is not None:
-            set_dotted(tree, dotted, value)
+        if value is not None:  # the flag table is code, not the user's words: no warning for it
+            set_dotted(tree, _renamed(dotted)[0], value)
     for text in overrides:
-        set_dotted(tree, *parse_override(text))
+        dotted, value = parse_override(text)
+        dotted, old = _renamed(dotted)
+        if old is not None:
+            _deprecated(old, warned)
+        set_dotted(tree, dotted, value)
+    keys = config_keys(command)
     algo_tree = tree.pop("algo", {}) or {}
-    cfg = build(RunConfig, tree)
+    cfg = build(RunConfig, tree, "", keys)
     cfg.command = command
-    algo_cls = ALGO_CONFIGS.get(command)
+    algo_cls = ALGO_SECTIONS.get(command)
     if algo_cls is not None:
-        cfg.algo = build(algo_cls, algo_tree, "algo")
+        cfg.algo = build(algo_cls, _mapping(algo_tree, "algo"), "algo", keys)
     elif algo_tree:
         raise ConfigError(f"command {command!r} takes no 'algo' section")
     return cfg

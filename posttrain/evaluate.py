@@ -144,10 +144,10 @@ def run_eval(args) -> int:
 
 def _eval_reward_model(path, tokenizer, records, device) -> dict:
     from posttrain.models.loading import load_reward_model
-    from posttrain.train.rm import encode_pair, pairwise_accuracy
+    from posttrain.data.preference import encode_pair_ids
 
     model = load_reward_model(path, pad_token_id=tokenizer.pad_token_id, trainable=False, device=device)
-    pairs = [encode_pair(r, tokenizer, True) for r in records]
+    pairs = [encode_pair_ids(r, tokenizer, True) for r in records]
     return {"num_pairs": len(pairs), **pairwise_accuracy(model, pairs, tokenizer.pad_token_id)}
 
 
@@ -165,3 +165,26 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one) | cpu | cuda | cuda:N")
     p.add_argument("--output", help="per-sample results JSONL (default: MODEL/eval_results.jsonl)")
     p.set_defaults(func=run_eval)
+
+
+@torch.no_grad()
+def pairwise_accuracy(model, pairs, pad_id: int, batch_size: int = 8, model_cfg=None) -> dict:
+    """Share of held-out pairs (token-id pairs, `encode_pair_ids`) whose chosen completion scores higher under the
+    reward model, and the mean margin."""
+    from posttrain.data.preference import pad_pair_ids
+    from posttrain.devices import module_device, to_device
+    from posttrain.models.forward import pair_scores
+    from posttrain.models.loading import autocast_context
+
+    if not pairs:
+        return {}
+    model.eval()
+    device = module_device(model)
+    correct, margin = 0, 0.0
+    for s in range(0, len(pairs), batch_size):
+        batch = to_device(pad_pair_ids(pairs[s : s + batch_size], pad_id), device)
+        with autocast_context(model_cfg, device.type) if model_cfg else torch.no_grad():
+            chosen, rejected = pair_scores(model, batch)
+        correct += int((chosen > rejected).sum())
+        margin += float((chosen - rejected).sum())
+    return {"accuracy": correct / len(pairs), "margin": margin / len(pairs)}

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import RunConfig, register_algo_config
+from posttrain.config import RunConfig
+from posttrain.train.registry import command
 
 
-@register_algo_config("overopt")
 @dataclass
 class OverOptConfig:
     reward_model: str | None = None  # the proxy reward model (required)
@@ -64,8 +64,8 @@ def rl_points(rows: list[dict], gold: str, start: dict | None = None) -> list[di
     proxy_key, gold_key = "eval/reward_model/mean_reward", f"eval/{gold}/mean_reward"
     points, kl_at = ([start] if start else []), {}
     for r in rows:
-        if isinstance(r.get("kl"), (int, float)):
-            kl_at[r["step"]] = float(r["kl"])
+        if isinstance(r.get("kl/seq_k1_sum"), (int, float)):  # PPO's sequence KL to its reference
+            kl_at[r["step"]] = float(r["kl/seq_k1_sum"])
         if proxy_key in r and gold_key in r and r["step"] in kl_at:
             point = {"method": "ppo", "step": r["step"], "kl": max(kl_at[r["step"]], 0.0),
                      "gold_reward": float(r[gold_key]), "proxy_reward": float(r[proxy_key])}
@@ -81,6 +81,8 @@ def _sample_scores(model, tokenizer, records, fns: dict, cfg: OverOptConfig, sam
     return {name: torch.tensor([r[name] for r in rows], dtype=torch.float32).reshape(len(records), -1) for name in fns}
 
 
+@command("overopt", config=OverOptConfig,
+         help="reward over-optimization: proxy vs gold reward against KL (best-of-n, PPO)")
 def run_overopt(cfg: RunConfig) -> dict:
     """`posttrain overopt`: best-of-n and PPO points of proxy and gold reward against KL; overoptimization.json."""
     from transformers import AutoModelForCausalLM

@@ -18,7 +18,7 @@ class Registry(dict):
     def add(self, name: str, value: Any) -> Any:
         old = self.get(name)
         if old is not None and old is not value and _qualname(old) != _qualname(value):
-            raise ValueError(f"{self.kind} {name!r} is registered twice ({_qualname(old)} and {_qualname(value)})")
+            raise ValueError(f"{self.kind} {name!r} is already registered ({_qualname(old)}); refusing {_qualname(value)}")
         self[name] = value
         return value
 

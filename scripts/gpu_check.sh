@@ -5,7 +5,7 @@
 # completions/s, MFU against the measured bf16 matmul peak and GPU peak memory, side by side with TRL.
 #
 # Here (PyPI reachable), once:   bash scripts/gpu_wheels.sh          # trl, datasets, dill, multiprocess -> .whl/
-# Then with the device tool:     run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
+# Then with the device tool:     run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=500)
 #   the table comes back at the end of output_tail and as $OUT/gpu_check.md (+ .json, the log, the tests' junit xml)
 # Without a GPU:                 bash scripts/gpu_check.sh --dry-run                # what it would run
 #                                bash scripts/gpu_check.sh --cpu                    # the same on the CPU, --quick shapes
@@ -17,7 +17,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 TOTAL_S=${GPU_CHECK_TOTAL_S:-480}
 if [[ -z "${GPU_CHECK_INNER:-}" && "${1:-}" != "--dry-run" ]]; then  # the whole run under one deadline
-    GPU_CHECK_INNER=1 exec timeout -k 10 "$TOTAL_S" bash "$0" "$@"
+    GPU_CHECK_INNER=1 exec timeout -k 10 "$TOTAL_S" bash "$repo/scripts/gpu_check.sh" "$@"
 fi
 dry=0 device=cuda quick=()
 while [[ $# -gt 0 ]]; do

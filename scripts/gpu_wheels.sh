@@ -2,7 +2,7 @@
 # Wheels for the GPU check: downloads here (where PyPI is reachable) the pure-Python packages that posttrain and
 # TRL need on the device machine and that its image lacks, into .whl/ (ignored by git via .git/info/exclude).
 #
-#   bash scripts/gpu_wheels.sh        # then: run(command="bash scripts/gpu_check.sh", carry=[".whl"]) (see gpu_check.sh)
+#   bash scripts/gpu_wheels.sh        # then: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=500)
 #
 # The machine (nvidia-h200, /work/.library/device/KINDS.md): Python 3.12, torch 2.11+cu130, transformers 5.17.0,
 # huggingface_hub 1.33.0, accelerate, peft, pyarrow, pandas, fsspec, xxhash, requests, httpx, aiohttp, jinja2,

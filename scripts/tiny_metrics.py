@@ -49,10 +49,8 @@ def write_data(folder: Path) -> dict:
 
 
 def run_all(folder: Path, steps: int) -> dict:
-    import importlib
-
-    from posttrain.cli import TRAIN_COMMANDS
     from posttrain.metrics import read_metrics
+    from posttrain.train.registry import run
     from tiny import run_config, tiny_model_dir
 
     model = tiny_model_dir(folder / "model")
@@ -62,9 +60,7 @@ def run_all(folder: Path, steps: int) -> dict:
         run_dir = folder / name
         cfg = run_config(command, run_dir, model, data[kind], "train.device=cpu", "train.num_threads=1",
                          f"train.max_steps={steps}", "train.eval_every=2", "train.seed=7", *extra)
-        target = TRAIN_COMMANDS[command][0]
-        module, func = target.split(":")
-        getattr(importlib.import_module(module), func)(cfg)
+        run(cfg)
         out[name] = [{k: v for k, v in row.items() if not k.startswith(VOLATILE)} for row in read_metrics(run_dir)]
     return out
 

@@ -51,12 +51,10 @@ def tiny_model_dir(path, seed: int = 0, pad_is_eos: bool = True) -> str:
 
 def run_config(command: str, out_dir, model_dir: str, data: str, *overrides: str):
     """A RunConfig for a quick tiny-model run: fp32, no TensorBoard, no progress bar."""
-    import importlib
-
-    from posttrain.cli import TRAIN_COMMANDS
     from posttrain.config import load_config
+    from posttrain.train import registry
 
-    importlib.import_module(TRAIN_COMMANDS[command][0].split(":")[0])  # registers the algo config
+    registry.get(command)  # imports the command's module: registers its algo section
     base = ["model.autocast=none", "train.tensorboard=false", "train.progress=false", "data.eval_fraction=0.1"]
     return load_config(command, None, base + list(overrides), {
         "model.name_or_path": model_dir, "data.path": data, "train.output_dir": str(out_dir)})

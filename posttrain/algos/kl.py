@@ -10,7 +10,6 @@ vanishes only in expectation over pi (E_pi[grad log pi] = 0).
 
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 

@@ -66,7 +66,7 @@ def kto_loss(
         undesirable_weight * torch.sigmoid(-beta * (z_ref - logratios)),
     )
     rewards = (beta * logratios).detach()
-    metrics = {"kl": z_ref}
+    metrics = {"kto/z_ref": z_ref}  # the reference point: a batch estimate of KL(π‖π_ref), not a per-token KL
     if desirable.any():
         metrics["rewards/chosen"] = rewards[desirable].mean()
     if (~desirable).any():

@@ -5,8 +5,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+import torch
+
 from posttrain.data.chat import Encoded
 from posttrain.ops import IGNORE_INDEX
+from posttrain.types import RolloutBatch
 
 
 @dataclass
@@ -148,3 +151,48 @@ def padding_fraction(lengths: list[int]) -> float:
     if not lengths:
         return 0.0
     return 1.0 - sum(lengths) / (len(lengths) * max(lengths))
+
+
+def pad_encoded(items: list[Encoded], pad_id: int) -> dict:
+    """Right-padded (R, T) batch of encoded sequences with their labels (input_ids, attention_mask, labels)."""
+    return pad_batch([x.input_ids for x in items], pad_id, "right", [x.labels for x in items])
+
+
+def select_rows(batch: RolloutBatch, keep: torch.Tensor) -> RolloutBatch:
+    """The rows where `keep` (N,) bool is true, groups renumbered from 0 in order of appearance."""
+    idx = keep.nonzero().squeeze(-1)
+    _, group = torch.unique_consecutive(batch.group[idx], return_inverse=True)
+    return RolloutBatch(
+        input_ids=batch.input_ids[idx], attention_mask=batch.attention_mask[idx], completion_mask=batch.completion_mask[idx],
+        loss_mask=batch.loss_mask[idx], rewards=batch.rewards[idx], group=group, truncated=batch.truncated[idx],
+        prompt_width=batch.prompt_width, texts=[batch.texts[i] for i in idx.tolist()],
+        prompts=[batch.prompts[i] for i in idx.tolist()], pad_id=batch.pad_id,
+        extra={**batch.extra, "reward_valid": batch.extra["reward_valid"][idx]},
+    )
+
+
+def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
+    """Rows of several rollouts in one batch: prompts re-left-padded and completions re-right-padded."""
+    import torch.nn.functional as F
+
+    P = max(b.prompt_width for b in batches)
+    C = max(b.completion_mask.shape[1] for b in batches)
+    pad_id = batches[0].pad_id
+
+    def widen(b, t, fill):
+        prompt, comp = t[:, : b.prompt_width], t[:, b.prompt_width :]
+        return torch.cat([F.pad(prompt, (P - b.prompt_width, 0), value=fill), F.pad(comp, (0, C - comp.shape[1]), value=fill)], 1)
+
+    offsets, groups = 0, []
+    for b in batches:
+        groups.append(b.group + offsets)
+        offsets += int(b.group.max()) + 1 if b.num_rows else 0
+    cat = lambda f: torch.cat([f(b) for b in batches])  # noqa: E731
+    return RolloutBatch(
+        input_ids=cat(lambda b: widen(b, b.input_ids, pad_id)), attention_mask=cat(lambda b: widen(b, b.attention_mask, 0)),
+        completion_mask=cat(lambda b: F.pad(b.completion_mask, (0, C - b.completion_mask.shape[1]))),
+        loss_mask=cat(lambda b: F.pad(b.loss_mask, (0, C - b.loss_mask.shape[1]))), rewards=cat(lambda b: b.rewards),
+        group=torch.cat(groups), truncated=cat(lambda b: b.truncated), prompt_width=P,
+        texts=[t for b in batches for t in b.texts], prompts=[p for b in batches for p in b.prompts], pad_id=pad_id,
+        extra={**batches[0].extra, "reward_valid": cat(lambda b: b.extra["reward_valid"])},
+    )

@@ -66,3 +66,28 @@ def reward_scores(model, input_ids, attention_mask) -> torch.Tensor:
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     head = _unwrap(model).score
     return head(picked).squeeze(-1).float()
+
+
+def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the labelled (completion) tokens and their count, per row: (R,) fp32 each.
+
+    batch: input_ids, attention_mask, labels (R, T), or a `shared_prefix.pack_pairs` batch (R = 2 x its rows).
+    Prompt and padding positions carry IGNORE_INDEX, so they never
+    reach the output head and add nothing to the sums (nor, under autograd, to the gradient of anything built on them).
+    """
+    if "score_index" in batch:  # chosen and rejected in one row around their shared prompt
+        from posttrain.models.shared_prefix import shared_prefix_logps
+
+        return shared_prefix_logps(model, batch, chunk)
+    labels = batch["labels"]
+    logp = token_logps(model, batch["input_ids"], batch["attention_mask"], labels, chunk)
+    mask = labels != IGNORE_INDEX
+    mask[:, 0] = False  # the first token has no prediction
+    return (logp * mask).sum(-1), mask.sum(-1).float()
+
+
+def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reward-model scores (B,), (B,) of a `pad_pair_ids` batch: chosen rows first, then rejected rows."""
+    scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])
+    half = scores.shape[0] // 2
+    return scores[:half], scores[half:]

@@ -21,11 +21,28 @@ def resolve_model_path(name_or_path: str) -> str:
     if path.suffix == ".gguf":
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such GGUF file")
-        out = bundled.posttrain_home() / "models" / f"{path.stem}-{abs(hash(str(path.resolve()))) % 10**8}"
+        out = gguf_cache_dir(path)
         if not (out / "config.json").exists():
             bundled.convert_gguf(path, out)
         return str(out)
     return name_or_path
+
+
+def gguf_cache_dir(path: str | Path) -> Path:
+    """The folder a GGUF file is converted into: `$POSTTRAIN_HOME/models/<stem>-<digest>`.
+
+    The digest is sha256 of the resolved path, size and mtime: the same in every process (str hashes are
+    salted per process, so ranks and reruns would each convert into their own folder), and a new one when the
+    file at that path is replaced.
+    """
+    import hashlib
+
+    from posttrain.models import bundled
+
+    path, resolved = Path(path), Path(path).resolve()
+    stat = resolved.stat()
+    key = f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+    return bundled.posttrain_home() / "models" / f"{path.stem}-{hashlib.sha256(key).hexdigest()[:16]}"
 
 
 def torch_dtype(name: str):
@@ -246,3 +263,12 @@ def export_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = True,
     model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def disable_dropout(model) -> None:
+    """Dropout off (p = 0): with it the policy differs from its reference at step 0 (TRL does the same)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.models.forward import _unwrap
-from posttrain.ops import IGNORE_INDEX, hidden_logprobs
+from posttrain.data.packing import pack_rows
+from posttrain.models.forward import _unwrap, token_logps
+from posttrain.ops import hidden_logprobs
+from posttrain.types import RolloutBatch
 
 # attention implementations that take an arbitrary 4D mask (flash-attention kernels do not)
 MASKABLE = ("sdpa", "eager")
@@ -31,49 +33,6 @@ def _attention(model) -> str:
 
 def supports_shared_prefix(model) -> bool:
     return _attention(model) in MASKABLE
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _scored(labels: list[int], to_row) -> list[tuple[int, int]]:
-    """(row position of the predicting hidden state, label) for each labelled token after the first."""
-    return [(to_row(t - 1), labels[t]) for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
-
-
-def pack_pairs(pairs: list[tuple], pad_id: int) -> dict:
-    """pairs: B (first, second) Encoded sequences -> one right-padded batch of B rows.
-
-    Returns input_ids, position_ids (B, T); segments (B, T): 0 prefix, 1 first tail, 2 second tail, -1 padding;
-    score_index (N,) flat positions into (B*T) of the hidden states that predict the N labelled tokens,
-    score_label (N,), score_seq (N,) in [0, 2B): sequence s < B is pair s's first, B + s its second.
-    """
-    B = len(pairs)
-    rows, positions, segments, index, label, seq = [], [], [], [], [], []
-    prefixes = [common_prefix(a.input_ids, b.input_ids) for a, b in pairs]
-    T = max(len(a) + len(b) - L for (a, b), L in zip(pairs, prefixes))
-    for row, ((first, second), L) in enumerate(zip(pairs, prefixes)):
-        n1, n2 = len(first), len(second)
-        ids = first.input_ids + second.input_ids[L:]
-        pad = T - len(ids)
-        rows.append(ids + [pad_id] * pad)
-        positions.append(list(range(n1)) + list(range(L, n2)) + [0] * pad)
-        segments.append([0] * L + [1] * (n1 - L) + [2] * (n2 - L) + [-1] * pad)
-        for s, (seq_labels, to_row) in enumerate(((first.labels, lambda i: i),
-                                                  (second.labels, lambda i, L=L, n1=n1: i if i < L else n1 + i - L))):
-            for pos, lab in _scored(seq_labels, to_row):
-                index.append(row * T + pos)
-                label.append(lab)
-                seq.append(s * B + row)
-    as_long = lambda x: torch.tensor(x, dtype=torch.long, device="cpu")  # noqa: E731  (host staging)
-    return {"input_ids": as_long(rows), "position_ids": as_long(positions), "segments": as_long(segments),
-            "score_index": as_long(index), "score_label": as_long(label), "score_seq": as_long(seq), "num_seqs": 2 * B}
 
 
 def block_mask(segments: torch.Tensor, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -119,45 +78,6 @@ def shared_prefix_logps(model, batch: dict, chunk_size: int = 1024) -> tuple[tor
     return sums, counts
 
 
-def pack_groups(prompts: list[list[int]], completions: list[list[list[int]]], pad_id: int) -> dict:
-    """R prompts with their completions -> R right-padded rows [prompt | completion 1 | ... | completion K_r].
-
-    The G samples of a GRPO group share their prompt, so its tokens run through the model once instead of G
-    times (on the demo task a group of 8 costs ~3x fewer tokens). Every completion token is scored; the first
-    of each is predicted by the prompt's last hidden state.
-    Returns input_ids, position_ids, segments (R, T) (0 prompt, k the k-th completion, -1 padding); score_index,
-    score_label (N,) as in `pack_pairs`; score_seq (N,) the completion's number in row-major order of
-    `completions`; score_pos (N,) the token's index within its completion.
-    """
-    T = max(len(p) + sum(len(c) for c in cs) for p, cs in zip(prompts, completions))
-    rows, positions, segments, index, label, seq, pos = [], [], [], [], [], [], []
-    number = 0
-    for r, (prompt, tails) in enumerate(zip(prompts, completions)):
-        if not prompt:
-            raise ValueError("pack_groups needs a non-empty prompt: a completion's first token is predicted from it")
-        L = len(prompt)
-        ids, position, segment = list(prompt), list(range(L)), [0] * L
-        for k, tail in enumerate(tails, start=1):
-            start = len(ids)
-            for t, token in enumerate(tail):
-                index.append(r * T + (L - 1 if t == 0 else start + t - 1))
-                label.append(token)
-                seq.append(number)
-                pos.append(t)
-            ids += tail
-            position += range(L, L + len(tail))
-            segment += [k] * len(tail)
-            number += 1
-        pad = T - len(ids)
-        rows.append(ids + [pad_id] * pad)
-        positions.append(position + [0] * pad)
-        segments.append(segment + [-1] * pad)
-    as_long = lambda x: torch.tensor(x, dtype=torch.long, device="cpu")  # noqa: E731  (host staging)
-    return {"input_ids": as_long(rows), "position_ids": as_long(positions), "segments": as_long(segments),
-            "score_index": as_long(index), "score_label": as_long(label), "score_seq": as_long(seq),
-            "score_pos": as_long(pos), "num_seqs": number}
-
-
 def grouped_token_logps(model, batch: dict, width: int, chunk_size: int = 1024, with_entropy: bool = False,
                         temperature: float = 1.0):
     """Per-token log-probs (S, width) fp32 of the S completions of a `pack_groups` batch, aligned with each
@@ -169,3 +89,17 @@ def grouped_token_logps(model, batch: dict, width: int, chunk_size: int = 1024, 
         return values.new_zeros(batch["num_seqs"], width, dtype=torch.float32).index_put(where, values.float())
 
     return (spread(out[0]), spread(out[1])) if with_entropy else spread(out)
+
+
+def completion_logps(model, batch: RolloutBatch, rows: torch.Tensor, chunk: int, with_entropy: bool = False,
+                     temperature: float = 1.0, share_prompt: bool = True):
+    """Log-probs (len(rows), C) fp32 of the completion tokens of `rows` (0 past each end) [and the entropies of
+    the predicting distributions]: one packed row per group when `share_prompt` and the attention takes a block
+    mask, else the padded rows with positions from the attention mask."""
+    C = batch.completion_mask.shape[1]
+    if share_prompt and supports_shared_prefix(model):
+        return grouped_token_logps(model, pack_rows(batch, rows), C, chunk, with_entropy, temperature)
+    out = token_logps(model, batch.input_ids[rows], batch.attention_mask[rows], batch.labels(rows), chunk,
+                      with_entropy, temperature)
+    P = batch.prompt_width
+    return (out[0][:, P:], out[1][:, P:]) if with_entropy else out[:, P:]

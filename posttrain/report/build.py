@@ -27,13 +27,14 @@ from posttrain.registry import Registry
 
 REWARD_KEYS = ("reward", "rewards/mean", "reward/mean", "rewards/total")
 # panel title -> the metric keys drawn in it (a panel appears when one of its keys was logged)
+SEQ_KL = "kl/seq_k1_sum"  # nats per completion (k1 summed): the KL measure comparable across GRPO, PPO, online DPO
 PANELS = {
     "loss": ("loss", "eval/loss"),
     "reward": REWARD_KEYS + ("eval/reward", "eval/mean_reward"),
     "rewards & margins": ("rewards/chosen", "rewards/rejected", "rewards/margins", "margin",
                           "eval/rewards/margins", "eval/margin"),
     "accuracy": ("accuracy", "rewards/accuracies", "eval/accuracy", "eval/rewards/accuracies"),
-    "KL": ("kl",),
+    "KL": ("kl/seq_k1_sum",),
     "entropy": ("entropy",),
     "clip ratio": ("clip_ratio",),
 }
@@ -147,8 +148,8 @@ def comparison(run: Run) -> list:
 
 def _trajectory(stage: Stage):
     for key in REWARD_KEYS:
-        pairs = [(r["kl"], r[key]) for r in stage.rows
-                 if not r.get("final") and is_number(r.get("kl")) and is_number(r.get(key))]
+        pairs = [(r[SEQ_KL], r[key]) for r in stage.rows
+                 if not r.get("final") and is_number(r.get(SEQ_KL)) and is_number(r.get(key))]
         if pairs:
             return key, pairs
     return None, []

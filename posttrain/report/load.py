@@ -195,7 +195,7 @@ def _first_final(rows: list[dict], keys: tuple[str, ...]):
 FALLBACKS = {
     "heldout_accuracy": lambda rows: _first_final(rows, ("eval/accuracy", "eval/rewards/accuracies")),
     "mean_reward": lambda rows: _first_final(rows, ("eval/reward", "eval/mean_reward", "eval/rewards/mean")),
-    "kl_to_ref": lambda rows: _with_source(last_value(rows, "kl")[0], "metrics.jsonl last `kl`"),
+    "kl_to_ref": lambda rows: _with_source(last_value(rows, "kl/seq_k1_sum")[0], "metrics.jsonl last `kl/seq_k1_sum`"),
     "wall_time_s": lambda rows: _with_source(_sum(rows, "step_time_s"), "metrics.jsonl sum of `step_time_s`"),
     "peak_mem_gb": lambda rows: _with_source(max(series(rows, "peak_mem_gb")[1], default=None),
                                              "metrics.jsonl max `peak_mem_gb`"),

@@ -77,7 +77,13 @@ class Generator(Protocol):
 
 
 class MemoryHooks:
-    """Optional engine hooks that lend the engine's device memory to the trainer between samplings.
+    """What a trainer asks of an engine besides `generate`, with the defaults of an engine that samples with the
+    policy itself (HF): it holds no weights of its own (`weight_copies` 0, `sync_weights` nothing to do) and no
+    memory to lend. An engine with its own copy of the weights (vLLM) overrides them; engines subclass this.
+
+    weight_copies: copies of the policy's weights the engine holds (counted in models_in_memory).
+    sync_weights(model): give the engine the policy's current weights (once per step, before it samples).
+    Memory hooks, which lend the engine's device memory to the trainer between samplings:
 
     sleep():   after a step's sampling and scoring, before the optimizer updates: free what the engine holds on
                the device that sampling alone needs (vLLM: its KV cache, and its weights copied to CPU RAM).
@@ -85,6 +91,13 @@ class MemoryHooks:
     Each returns True when it changed something. These defaults do nothing: an engine that samples with the
     policy itself (HF) holds no memory of its own to lend.
     """
+
+    weight_copies = 0
+    syncs = 0  # weight syncs so far (logged as engine/weight_syncs by engines that hold weights)
+    sleeps = 0  # sleeps so far (engine/sleeps)
+
+    def sync_weights(self, model) -> None:
+        return None
 
     def sleep(self) -> bool:
         return False

@@ -4,7 +4,8 @@ Why not `model.generate`: we need the log-prob of every sampled token under exac
 recomputes, positions that are right under left padding, and the prompt encoded once per group.
 
 - Prompts are left-padded; position ids are `cumsum(mask) - 1` and are passed explicitly at every step, so models
-  with absolute positions (GPT-2) see the same positions as for an unpadded prompt (PITFALLS #1).
+  with absolute positions (GPT-2) see the same positions as for an unpadded prompt (the default positions
+  0..P-1 would start a left-padded row's first real token at its pad count).
 - Prefix sharing: the distinct prompts of a chunk are encoded once, then the KV cache and the last-position
   logits are repeated G times along the batch dimension (`DynamicCache.batch_repeat_interleave`); all N*G rows
   are decoded together. Rows that stop are dropped from the batch (`batch_select_indices`).
@@ -12,7 +13,7 @@ recomputes, positions that are right under left padding, and the prompt encoded 
   Neural Text Degeneration", sec. 3.1), sampled with a `torch.Generator` seeded per call.
 - The returned log-prob of a token is log softmax(logits / T) of the FULL (unfiltered) distribution at that
   token, not of the top-k/top-p renormalized one: that is what the trainer recomputes from a forward pass at the
-  same temperature, so the importance ratio is exactly 1 before any update (PITFALLS #11). At T = 0 (greedy)
+  same temperature, so the importance ratio is exactly 1 before any update. At T = 0 (greedy)
   there is no sampling temperature and the log-prob is taken at T = 1.
 
 Shapes: B prompts in a chunk, G samples per prompt, R = B*G rows, P prompt length, C completion length, V vocab.
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from posttrain.models.loading import bf16_autocast
 from posttrain.ops import position_ids_from_mask
-from posttrain.rollout.base import SamplingParams, register_generator, validate_prompts
+from posttrain.rollout.base import MemoryHooks, SamplingParams, register_generator, validate_prompts
 from posttrain.types import Rollout
 
 
@@ -104,7 +105,7 @@ class StopStringMatcher:
 
 
 @register_generator("hf")
-class HFGenerator:
+class HFGenerator(MemoryHooks):
     """Generator over a `transformers` causal LM (any dtype), following `posttrain.rollout.base.Generator`.
 
     model: the policy; put in eval mode for the call (dropout off), its train/eval mode restored afterwards.
@@ -162,7 +163,7 @@ class HFGenerator:
         finally:
             self.model.train(was_training)
         # assembled outside inference mode: the trainer may save these tensors for backward
-        rollout = _assemble(chunks, len(prompt_ids), num_samples, self.pad_token_id)
+        rollout = _assemble(chunks, self.pad_token_id)
         if self.tokenizer is not None:
             rows = [ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)]
             rollout.texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
@@ -176,9 +177,9 @@ class HFGenerator:
             return bf16_autocast(device.type)
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
-    def _generate_chunk(self, prompts, params, G, generator, matcher):
-        """B prompts -> (prompt ids (R, P), prompt mask (R, P), completion (R, C), mask (R, C), logp (R, C),
-        truncated (R,)) with R = B * G, rows prompt-major."""
+    def _generate_chunk(self, prompts, params, G, generator, matcher) -> Rollout:
+        """B prompts -> a Rollout of R = B * G rows, prompt-major, padded to this chunk's own P and C; `group`
+        indexes the chunk's prompts (0..B-1) and `texts` is left empty (`generate` decodes the whole batch)."""
         from transformers import DynamicCache
 
         device = next(self.model.parameters()).device
@@ -199,8 +200,11 @@ class HFGenerator:
         if self.share_prefix and G > 1:
             cache.batch_repeat_interleave(G)  # each prompt's keys/values copied to its G sample rows, in place
             logits, ids, mask, pos = (x.repeat_interleave(G, dim=0) for x in (logits, ids, mask, pos))
-        completion = self._decode(logits, cache, mask, pos[:, -1] + 1, params, generator, matcher)
-        return (ids, mask, *completion)
+        completion_ids, completion_mask, logprobs, truncated = self._decode(
+            logits, cache, mask, pos[:, -1] + 1, params, generator, matcher)
+        group = torch.arange(len(prompts), device=device).repeat_interleave(G)
+        return Rollout(prompt_ids=ids, prompt_mask=mask, completion_ids=completion_ids,
+                       completion_mask=completion_mask, logprobs=logprobs, truncated=truncated, group=group)
 
     def _decode(self, logits, cache, attn, next_pos, params, generator, matcher):
         """Token-by-token decoding of R rows from their last-position logits (R, V) and prefilled cache.
@@ -243,22 +247,27 @@ class HFGenerator:
         return tokens[:, :steps], cmask[:, :steps], logps[:, :steps], ~stopped
 
 
-def _assemble(chunks, num_prompts: int, G: int, pad_token_id: int) -> Rollout:
-    """Concatenate per-chunk results: prompts left-padded to the longest P, completions right-padded to C."""
-    P = max(c[0].shape[1] for c in chunks)
-    C = max(c[2].shape[1] for c in chunks)
+def _assemble(chunks: list[Rollout], pad_token_id: int) -> Rollout:
+    """Concatenate per-chunk Rollouts: prompts left-padded to the longest P, completions right-padded to the
+    longest C, each chunk's prompt indices offset by the prompts of the chunks before it."""
+    P = max(c.prompt_ids.shape[1] for c in chunks)
+    C = max(c.completion_ids.shape[1] for c in chunks)
 
-    def cat(i, width, left, value):
-        return torch.cat([F.pad(c[i], (width - c[i].shape[1], 0) if left else (0, width - c[i].shape[1]), value=value)
-                          for c in chunks])
+    def cat(name, width, left, value):
+        def pad(x):
+            return F.pad(x, (width - x.shape[1], 0) if left else (0, width - x.shape[1]), value=value)
+        return torch.cat([pad(getattr(c, name)) for c in chunks])
 
-    device = chunks[0][0].device
+    offset, groups = 0, []
+    for c in chunks:
+        groups.append(c.group + offset)
+        offset += int(c.group.max()) + 1
     return Rollout(
-        prompt_ids=cat(0, P, True, pad_token_id),
-        prompt_mask=cat(1, P, True, 0),
-        completion_ids=cat(2, C, False, pad_token_id),
-        completion_mask=cat(3, C, False, 0),
-        logprobs=cat(4, C, False, 0.0),
-        truncated=torch.cat([c[5] for c in chunks]),
-        group=torch.arange(num_prompts, device=device).repeat_interleave(G),
+        prompt_ids=cat("prompt_ids", P, True, pad_token_id),
+        prompt_mask=cat("prompt_mask", P, True, 0),
+        completion_ids=cat("completion_ids", C, False, pad_token_id),
+        completion_mask=cat("completion_mask", C, False, 0),
+        logprobs=cat("logprobs", C, False, 0.0),
+        truncated=torch.cat([c.truncated for c in chunks]),
+        group=torch.cat(groups),
     )

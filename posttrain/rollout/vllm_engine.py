@@ -163,11 +163,7 @@ class VLLMGenerator(MemoryHooks):
         """The engine an online run samples with: the starting checkpoint, then the policy's weights at each sync."""
         from posttrain.devices import module_device
         from posttrain.models.loading import resolve_model_path
-        from posttrain.train.sharding import resolve_sharding
 
-        if resolve_sharding(cfg.train) != "none":
-            raise ValueError("algo.engine=vllm with train.sharding: each rank's vLLM engine needs whole weights; "
-                             "use train.sharding=none (data-parallel ranks each run their own engine)")
         options = dict(cfg.algo.vllm_options)
         options.setdefault("max_model_len", cfg.data.max_prompt_length + cfg.algo.max_new_tokens)
         options.setdefault("seed", cfg.train.seed)

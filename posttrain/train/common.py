@@ -123,6 +123,11 @@ class DatasetAlgorithm:
     and export it with `self.tokenizer`: the data position is their resumable state."""
 
     updates_per_step = 1
+    monitor = None  # online algorithms set a FailureMonitor
+
+    def early_stop(self) -> bool:
+        """Whether the update just run ends this iteration (PPO's trust region); never, by default."""
+        return False
 
     @property
     def device(self) -> torch.device:
@@ -147,7 +152,27 @@ class DatasetAlgorithm:
 
 
 __all__ = [
-    "DatasetAlgorithm",
+    "DatasetAlgorithm", "once_metrics", "report_degenerate",
     "autocast_context", "autocast_for", "run_device", "describe_model", "encode_all", "load_policy_and_tokenizer", "load_splits", "make_order",
     "padded_sft_batch", "setup_run", "write_json",
 ]
+
+
+def report_degenerate(cfg: RunConfig, name: str, dropped: list[Record]) -> None:
+    """Add the count (and the first few places) to data_report.json (rank 0 only: ranks writing the same file
+    at once read each other's half-written JSON); warn when any were dropped."""
+    from posttrain.train.distributed import context
+
+    path = Path(cfg.train.output_dir) / "data_report.json"
+    if context().is_main:
+        report = json.loads(path.read_text()) if path.exists() else {}
+        report.setdefault(name, {}).update(degenerate_dropped=len(dropped), first_degenerate=[r.where for r in dropped[:5]])
+        write_json(path, report)
+    if dropped:
+        log.warning("%s data: dropped %d pairs whose chosen == rejected (first: %s)", name, len(dropped),
+                    ", ".join(r.where for r in dropped[:5]))
+
+
+def once_metrics(model, ref_metrics: dict) -> dict:
+    """Logged with the first step of a process: parameter counts, models held, what the reference pass did."""
+    return {**describe_model(model), "models_in_memory": 1, **ref_metrics}

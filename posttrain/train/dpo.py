@@ -10,28 +10,27 @@ Reference log-probs come from one pass before training (`posttrain.train.referen
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from posttrain.algos.preference import PairLogps, needs_reference, preference_loss
-from posttrain.config import RunConfig, register_algo_config
-from posttrain.data.chat import Encoded, encode_prompt_completion
-from posttrain.data.collate import apply_length_policy
+from posttrain.config import RunConfig
 from posttrain.data.formats import Record
+from posttrain.data.preference import PairItem, encode_pair, fit_both, pair_batch, split_degenerate
 from posttrain.devices import to_device
-from posttrain.models.shared_prefix import pack_pairs, supports_shared_prefix
+from posttrain.models.forward import sequence_logps
+from posttrain.models.loading import disable_dropout
+from posttrain.models.shared_prefix import supports_shared_prefix
 from posttrain.train import common, reference
-from posttrain.train.loop import Iteration, Trainer
+from posttrain.train.loop import Iteration
+from posttrain.train.registry import algorithm
 from posttrain.types import LossOutput
 
 log = logging.getLogger("posttrain")
 
 
-@register_algo_config("dpo")
 @dataclass
 class DPOConfig:
     loss_type: str = "dpo"  # dpo | ipo | robust | cdpo | hinge | simpo | orpo (posttrain.algos.preference)
@@ -51,95 +50,19 @@ class DPOConfig:
 
 # ---- helpers shared with KTO ---------------------------------------------------------------------------------------
 
-def disable_dropout(model) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
-def _canonical(value) -> str:
-    return json.dumps(value, sort_keys=True) if isinstance(value, list) else str(value).strip()
-
-
-def split_degenerate(records: list[Record]) -> tuple[list[Record], list[Record]]:
-    """(kept, dropped): a pair whose chosen and rejected texts are equal teaches nothing (PITFALLS #15)."""
-    kept, dropped = [], []
-    for record in records:
-        same = _canonical(record.data["chosen"]) == _canonical(record.data["rejected"])
-        (dropped if same else kept).append(record)
-    return kept, dropped
-
-
-def report_degenerate(cfg: RunConfig, name: str, dropped: list[Record]) -> None:
-    """Add the count (and the first few places) to data_report.json (rank 0 only: ranks writing the same file
-    at once read each other's half-written JSON); warn when any were dropped."""
-    from posttrain.train.distributed import context
-
-    path = Path(cfg.train.output_dir) / "data_report.json"
-    if context().is_main:
-        report = json.loads(path.read_text()) if path.exists() else {}
-        report.setdefault(name, {}).update(degenerate_dropped=len(dropped), first_degenerate=[r.where for r in dropped[:5]])
-        common.write_json(path, report)
-    if dropped:
-        log.warning("%s data: dropped %d pairs whose chosen == rejected (first: %s)", name, len(dropped),
-                    ", ".join(r.where for r in dropped[:5]))
-
-
-def once_metrics(model, ref_metrics: dict) -> dict:
-    """Logged with the first step of a process: parameter counts, models held, what the reference pass did."""
-    return {**common.describe_model(model), "models_in_memory": 1, **ref_metrics}
-
-
-def fit_both(max_length: int, policy: str):
-    """The over-long policy applied to every sequence of an example; None (drop) if any of them is dropped."""
-    def fit(seqs):
-        out = tuple(apply_length_policy(s, max_length, policy) for s in seqs)
-        return None if any(s is None for s in out) else out
-
-    return fit
-
 
 # ---- pairs ---------------------------------------------------------------------------------------------------------
-
-@dataclass
-class PairItem:
-    index: int  # position in its split: the key of its reference log-probs
-    chosen: Encoded
-    rejected: Encoded
-
-
-def encode_pair(record: Record, tokenizer, use_chat: bool) -> tuple[Encoded, Encoded]:
-    data = record.data
-    chosen = encode_prompt_completion(tokenizer, data["prompt"], data["chosen"], use_chat)
-    rejected = encode_prompt_completion(tokenizer, data["prompt"], data["rejected"], use_chat)
-    return chosen, rejected
-
-
-def pair_batch(items: list[PairItem], pad_id: int, split: str, share_prompt: bool = False) -> dict:
-    """A micro-batch of B pairs: with `share_prompt`, B rows [prompt | chosen | rejected] (shared_prefix.pack_pairs);
-    otherwise chosen rows then rejected rows, one right-padded batch of 2B rows (input_ids, attention_mask, labels).
-    Either way the log-probs come out as 2B sums, chosen first."""
-    if share_prompt:
-        batch = pack_pairs([(p.chosen, p.rejected) for p in items], pad_id)
-        forward_tokens = int((batch["segments"] >= 0).sum())
-    else:
-        batch = reference.padded([p.chosen for p in items] + [p.rejected for p in items], pad_id)
-        forward_tokens = int(batch["attention_mask"].sum())
-    batch["ref_keys"] = [(f"{split}.chosen", p.index) for p in items] + [(f"{split}.rejected", p.index) for p in items]
-    batch["num_pairs"] = len(items)
-    batch["pair_tokens"] = sum(len(p.chosen) + len(p.rejected) for p in items)  # what two separate rows would hold
-    batch["forward_tokens"] = forward_tokens
-    return batch
 
 
 def pair_logps(model, batch: dict, ref: torch.Tensor | None, chunk: int) -> PairLogps:
     """One forward pass over the 2B rows, split into chosen and rejected (B,) sums and lengths."""
-    sums, lengths = reference.sequence_logps(model, batch, chunk)
+    sums, lengths = sequence_logps(model, batch, chunk)
     half = sums.shape[0] // 2
     ref_c, ref_r = (ref[:half], ref[half:]) if ref is not None else (None, None)
     return PairLogps(sums[:half], sums[half:], lengths[:half], lengths[half:], ref_c, ref_r)
 
 
+@algorithm("dpo", config=DPOConfig, help="DPO family on preference pairs (algo.loss_type=dpo|ipo|robust|cdpo|hinge|simpo|orpo)")
 class DPO(common.DatasetAlgorithm):
     """The DPO family for the one loop."""
 
@@ -161,7 +84,7 @@ class DPO(common.DatasetAlgorithm):
             self.reference, ref_metrics = reference.build_reference(
                 model, cfg, self._ref_columns(), self.pad_id, algo.ref_model, algo.precompute_ref
             )
-        self._once = once_metrics(model, ref_metrics)
+        self._once = common.once_metrics(model, ref_metrics)
 
     def _load(self, name: str, records: list[Record]) -> list[PairItem]:
         kept, dropped = split_degenerate(records)
@@ -169,7 +92,7 @@ class DPO(common.DatasetAlgorithm):
         encode = lambda r: encode_pair(r, self.tokenizer, use_chat)  # noqa: E731
         fit = fit_both(self.cfg.data.max_length, self.cfg.data.overlong)
         pairs, _ = common.encode_all(kept, encode, lambda p: max(map(len, p)), self.cfg, fit, name)
-        report_degenerate(self.cfg, name, dropped)
+        common.report_degenerate(self.cfg, name, dropped)
         return [PairItem(i, c, r) for i, (c, r) in enumerate(pairs)]
 
     def _ref_columns(self) -> dict[str, reference.RefColumn]:
@@ -228,10 +151,3 @@ class DPO(common.DatasetAlgorithm):
                 sums[key] = sums.get(key, 0.0) + float(value) * len(chunk)
         self.model.train()
         return {key: value / len(self.eval_items) for key, value in sums.items()}
-
-
-
-def run_dpo(cfg: RunConfig) -> dict:
-    """`posttrain dpo`: train with cfg.algo.loss_type, evaluate, write the run directory; returns the last metrics."""
-    common.setup_run(cfg)
-    return Trainer(DPO(cfg), cfg.train).fit()

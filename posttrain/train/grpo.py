@@ -14,16 +14,14 @@ import torch
 from posttrain.algos.advantages import group_advantages, group_is_degenerate
 from posttrain.algos.kl import kl_estimate
 from posttrain.algos.policy_loss import actor_loss
-from posttrain.config import RunConfig, register_algo_config
-from posttrain.ops import masked_mean
-from posttrain.train import common
-from posttrain.train.loop import Iteration, Trainer
-from posttrain.train.online import OnlineBase, OnlineConfig
-from posttrain.train.rollout_batch import RolloutBatch
+from posttrain.config import RunConfig
+from posttrain.train.loop import Iteration
+from posttrain.train.registry import algorithm
+from posttrain.train.online import OnlineBase, OnlineConfig, kl_metrics, valid_mean
+from posttrain.types import RolloutBatch
 from posttrain.types import LossOutput
 
 
-@register_algo_config("grpo")
 @dataclass
 class GRPOConfig(OnlineConfig):
     advantage: str = "grpo"  # grpo (z-score) | dr_grpo (mean only) | rloo (leave-one-out)
@@ -40,12 +38,16 @@ class GRPOConfig(OnlineConfig):
     max_sampling_rounds: int = 3
 
 
+@algorithm("grpo", config=GRPOConfig, help="GRPO / Dr. GRPO / RLOO / DAPO with verifiable rewards")
 class GRPO(OnlineBase):
     def __init__(self, cfg: RunConfig):
-        super().__init__(cfg, needs_reference=cfg.algo.beta > 0)
         a = cfg.algo
-        rows = a.prompts_per_step * a.num_generations
-        self.updates_per_step = a.num_iterations * -(-rows // (a.minibatch_rows or rows))
+        if a.beta > 0 and a.kl_in == "loss" and a.kl_estimator == "k1":
+            raise ValueError("algo.kl_estimator=k1 with algo.kl_in=loss adds no KL pressure: the expected gradient of "
+                             "k1 under samples from the policy is 0. Use k3 (the forward KL's gradient), k2 (the reverse "
+                             "KL's) or algo.kl_in=reward")
+        super().__init__(cfg, needs_reference=a.beta > 0)
+        self.updates_per_step = self.planned_updates(a.num_iterations, a.minibatch_rows)
 
     def _collect(self, step: int) -> tuple[RolloutBatch, dict]:
         """A rollout; with dynamic sampling, groups with equal rewards are replaced by fresh prompts' groups."""
@@ -53,14 +55,14 @@ class GRPO(OnlineBase):
         batch = self.sample(step)
         metrics = dict(batch.extra["metrics"])
         degenerate = group_is_degenerate(batch.rewards, batch.group)
-        metrics["zero_variance_groups"] = float(degenerate.float().sum() / a.num_generations / a.prompts_per_step)
+        metrics["zero_variance_groups"] = float(degenerate.float().mean())  # of this process's rows (= its groups)
         if a.dynamic_sampling:
             batch, rounds = self._refill(batch, step, degenerate)
             metrics["dynamic_sampling/rounds"] = float(rounds)
         return batch, metrics
 
     def _refill(self, batch: RolloutBatch, step: int, degenerate: torch.Tensor):
-        from posttrain.train.rollout_batch import concat_batches, select_rows
+        from posttrain.data.collate import concat_batches, select_rows
 
         kept = select_rows(batch, ~degenerate)
         rounds = 0
@@ -85,15 +87,15 @@ class GRPO(OnlineBase):
             policy = batch.extra.get("old_logp")
             if policy is None:
                 policy = self.policy_logps(batch)
-            metrics.update(_kl_metrics(policy, ref, batch.loss_mask))
+            metrics.update(kl_metrics(policy, ref, batch.loss_mask))
             if a.kl_in == "reward":
-                seq_kl = (kl_estimate(policy, ref, "k1") * batch.loss_mask).sum(-1)
+                seq_kl = (kl_estimate(policy, ref, a.kl_estimator or "k1") * batch.loss_mask).sum(-1)
                 rewards = rewards - a.beta * seq_kl
         batch.extra["advantages"] = masked_group_advantages(rewards, batch.group, batch.extra["reward_valid"], a.advantage)
         self.batch = batch
         inert = self._inert_rows(batch)
         metrics["forward_token_fraction"] = self._forward_token_fraction(batch, inert)
-        metrics.update(models_in_memory=float(self.models_in_memory), reward=_valid_mean(batch), reward_std=float(batch.rewards[batch.extra["reward_valid"]].std()) if batch.num_rows > 1 else 0.0)
+        metrics.update(models_in_memory=float(self.models_in_memory), reward=valid_mean(batch), reward_std=float(batch.rewards[batch.extra["reward_valid"]].std()) if batch.num_rows > 1 else 0.0)
         return Iteration(self.updates(batch.num_rows, a.minibatch_rows, a.num_iterations, step, inert), metrics)
 
     def _inert_rows(self, batch: RolloutBatch) -> torch.Tensor | None:
@@ -111,7 +113,7 @@ class GRPO(OnlineBase):
         kl_in_loss = self.reference is not None and a.kl_in == "loss"
         return actor_loss(a.policy_loss, logp, old, b.extra["advantages"][rows], mask, entropy,
                           ref_logp=b.extra["ref_logp"][rows] if kl_in_loss else None, kl_coef=a.beta,
-                          kl_estimator=a.kl_estimator, clip_low=a.clip_low, clip_high=a.clip_high, agg_mode=a.loss_agg,
+                          kl_estimator=a.kl_estimator or "k3", clip_low=a.clip_low, clip_high=a.clip_high, agg_mode=a.loss_agg,
                           dual_clip=a.dual_clip, num_tokens=totals["num_tokens"], num_seqs=totals["num_seqs"],
                           max_len=a.max_new_tokens)
 
@@ -124,19 +126,4 @@ def masked_group_advantages(rewards, group, valid, estimator: str) -> torch.Tens
     return adv
 
 
-def _kl_metrics(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> dict:
-    """All three estimates of KL(pi || ref) per token on the sampled tokens, plus the k1 sequence sum."""
-    out = {f"kl/{k}": float(masked_mean(kl_estimate(logp, ref_logp, k), mask)) for k in ("k1", "k2", "k3")}
-    out["kl"] = out["kl/k3"]
-    out["kl/sequence_k1"] = float(((logp - ref_logp) * mask).sum(-1).mean())
-    return out
 
-
-def _valid_mean(batch: RolloutBatch) -> float:
-    valid = batch.extra["reward_valid"]
-    return float(batch.rewards[valid].mean()) if valid.any() else float("nan")
-
-
-def run_grpo(cfg: RunConfig) -> dict:
-    common.setup_run(cfg)
-    return Trainer(GRPO(cfg), cfg.train).fit()

@@ -21,17 +21,20 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.algos.kto import kto_loss, mismatched_indices
-from posttrain.config import RunConfig, register_algo_config
+from posttrain.config import RunConfig
 from posttrain.data.chat import Encoded, encode_prompt_completion
 from posttrain.data.formats import Record, read_records
 from posttrain.devices import to_device
 from posttrain.train import common, reference
-from posttrain.train.dpo import disable_dropout, fit_both, once_metrics, report_degenerate, split_degenerate
-from posttrain.train.loop import Iteration, Trainer
+from posttrain.data.collate import pad_encoded
+from posttrain.data.preference import fit_both, split_degenerate
+from posttrain.models.forward import sequence_logps
+from posttrain.models.loading import disable_dropout
+from posttrain.train.loop import Iteration
+from posttrain.train.registry import algorithm
 from posttrain.types import LossOutput
 
 
-@register_algo_config("kto")
 @dataclass
 class KTOConfig:
     beta: float = 0.1  # β of the implicit reward
@@ -113,10 +116,10 @@ def encode_example(record: Record, tokenizer, use_chat: bool) -> KTOItem:
 
 def kto_batch(items: list[KTOItem], pad_id: int, split: str) -> dict:
     """The trained rows (B, T) with labels and `desirable` (B,), and under "kl" the B mismatched rows."""
-    batch = reference.padded([x.seq for x in items], pad_id)
+    batch = pad_encoded([x.seq for x in items], pad_id)
     batch["ref_keys"] = [(f"{split}.completion", x.index) for x in items]
     batch["desirable"] = torch.tensor([x.desirable for x in items], device="cpu")
-    batch["kl"] = reference.padded([x.kl for x in items], pad_id)
+    batch["kl"] = pad_encoded([x.kl for x in items], pad_id)
     batch["kl"]["ref_keys"] = [(f"{split}.kl", x.index) for x in items]
     return batch
 
@@ -138,6 +141,7 @@ def reward_accuracy(rewards: torch.Tensor, desirable: torch.Tensor, pair: torch.
 
 # ---- the algorithm -------------------------------------------------------------------------------------------------
 
+@algorithm("kto", config=KTOConfig, help="KTO on unpaired thumbs-up/down data (or split preference pairs)")
 class KTO(common.DatasetAlgorithm):
     """KTO for the one loop."""
 
@@ -165,7 +169,7 @@ class KTO(common.DatasetAlgorithm):
         self.reference, ref_metrics = reference.build_reference(
             model, cfg, columns, self.pad_id, algo.ref_model, algo.precompute_ref
         )
-        self._once = once_metrics(model, ref_metrics)
+        self._once = common.once_metrics(model, ref_metrics)
 
     def _load(self, name: str, records: list[Record], kind: str) -> list[KTOItem]:
         if kind == "preference":
@@ -181,7 +185,7 @@ class KTO(common.DatasetAlgorithm):
 
         items, _ = common.encode_all(examples, encode, lambda x: max(len(x.seq), len(x.kl)), self.cfg, fit, name)
         if kind == "preference":
-            report_degenerate(self.cfg, name, dropped)
+            common.report_degenerate(self.cfg, name, dropped)
         return [dataclasses.replace(x, index=i) for i, x in enumerate(items)]
 
 
@@ -202,7 +206,7 @@ class KTO(common.DatasetAlgorithm):
         for batch in update:
             kl = to_device(batch["kl"], self.device)  # totals run before the loop moves the micro-batches
             with common.autocast_context(self.cfg.model, self.device.type):
-                kl_policy.append(reference.sequence_logps(self.model, kl, self.cfg.model.logprob_chunk)[0].float())
+                kl_policy.append(sequence_logps(self.model, kl, self.cfg.model.logprob_chunk)[0].float())
             kl_ref.append(self.reference.logps(kl))
         return {
             "num_rows": sum(b["input_ids"].shape[0] for b in update),
@@ -214,7 +218,7 @@ class KTO(common.DatasetAlgorithm):
     def _logratio_parts(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         ref = self.reference.logps(batch)
         with common.autocast_context(self.cfg.model, self.device.type):
-            logps, _ = reference.sequence_logps(self.model, batch, self.cfg.model.logprob_chunk)
+            logps, _ = sequence_logps(self.model, batch, self.cfg.model.logprob_chunk)
         return logps, ref
 
     def loss(self, micro, totals) -> LossOutput:
@@ -253,10 +257,3 @@ class KTO(common.DatasetAlgorithm):
             out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
         accuracy = reward_accuracy(rewards, desirable, torch.tensor([x.pair for x in self.eval_items], device="cpu"))
         return out if accuracy is None else {**out, "rewards/accuracies": accuracy}
-
-
-
-def run_kto(cfg: RunConfig) -> dict:
-    """`posttrain kto`: train, evaluate, write the run directory; returns the last logged metrics."""
-    common.setup_run(cfg)
-    return Trainer(KTO(cfg), cfg.train).fit()

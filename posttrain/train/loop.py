@@ -45,7 +45,12 @@ class Iteration:
 
 
 class Algorithm(Protocol):
+    """What the loop asks of an algorithm (`common.DatasetAlgorithm` gives the defaults)."""
+
     device: torch.device  # where its models live: the loop moves every micro-batch there before `loss`
+    model: torch.nn.Module  # the trained model `export` writes (gathered first when sharded)
+    monitor: Any  # failure-mode monitor (train/monitors.FailureMonitor) or None
+    def early_stop(self) -> bool: ...  # after an update: skip this iteration's remaining updates (PPO's target_kl)
     def modules(self) -> dict[str, torch.nn.Module]: ...  # trained and checkpointed modules by name
     def next_iteration(self, step: int) -> Iteration: ...
     def totals(self, update: list[Any]) -> dict: ...  # counts over the whole accumulated update
@@ -197,7 +202,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.params, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, cfg.max_steps * max(1, algo.updates_per_step))
         self.step, self.bad_in_a_row = 0, 0
-        self.monitor = getattr(algo, "monitor", None)  # failure-mode monitors (online algorithms)
+        self.monitor = algo.monitor  # failure-mode monitors (online algorithms; None elsewhere)
         self._step_start, self._applied = None, False  # what a Ctrl-C in the middle of a step rolls back to
 
     def _state(self) -> dict:
@@ -272,7 +277,7 @@ class Trainer:
                     )
                 rows.append({"skipped": 1.0})
                 continue
-            if rows and getattr(self.algo, "early_stop", None) is not None and distributed.any_rank(self.algo.early_stop()):
+            if rows and distributed.any_rank(self.algo.early_stop()):
                 break  # PPO's trust region: this minibatch saw the policy past target_kl, so it is not applied
             self.optimizer.step()
             self._applied = True
@@ -343,8 +348,7 @@ class Trainer:
         if final_eval:
             last = logger.log(self.step, {**final_eval, "final": True})
         self.save()
-        exported = getattr(self.algo, "model", None)
-        weights = sharding.full_state_dict(exported) if exported is not None and sharding.is_sharded(exported) else None
+        weights = sharding.full_state_dict(self.algo.model) if sharding.is_sharded(self.algo.model) else None
         if self.is_main:
             self.algo.export(self.out_dir / "final", state_dict=weights)
         logger.close()

@@ -116,7 +116,7 @@ class FailureMonitor:
         return None
 
     def _kl(self, v: dict):
-        kl = v.get("kl")
+        kl = v.get("kl/token_k3_mean")  # nats per token, never negative: the same measure in every algorithm
         if kl is None:
             return None
         previous, self.previous_kl = self.previous_kl, kl

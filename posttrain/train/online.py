@@ -1,4 +1,6 @@
-"""What the online algorithms (GRPO, PPO, online DPO) share: prompts, rollouts, rewards, reference, updates.
+"""What the online algorithms (GRPO, PPO, online DPO) share, composed from three parts built in this order:
+the reference (`reference.ModelReference`), the rewards (`online_rewards.build_rewards`, which may share that
+reference) and the rollout collector (`collector.RolloutCollector`: prompts, engine, scored rollouts).
 
 An online iteration: take `prompts_per_step` prompts, sample G completions each with the current policy
 (KV cache of each prompt shared by its G samples), score them with the reward functions, compute the
@@ -7,23 +9,18 @@ reference and old-policy log-probs the loss needs, then hand the loop minibatch 
 
 from __future__ import annotations
 
-import inspect
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from posttrain.config import RunConfig
-from posttrain.data.chat import encode_prompt, end_of_turn_ids
-from posttrain.data.collate import filter_by_length
-from posttrain.models.shared_prefix import supports_shared_prefix
-from posttrain.rollout.base import get_generator, reclaim_memory, release_memory
-from posttrain.models.loading import adapter_disabled, frozen_on, load_frozen_lm, resolve_model_path, wants_bf16
+from posttrain.models.loading import load_frozen_lm, resolve_model_path, wants_bf16
+from posttrain.models.shared_prefix import completion_logps, supports_shared_prefix
 from posttrain.train import common
-from posttrain.train.monitors import distinct_n
-from posttrain.train.distributed import context
-from posttrain.train.rollout_batch import RolloutBatch, completion_logps
-from posttrain.train.sharding import full_params
+from posttrain.train.collector import RolloutCollector
+from posttrain.train.online_rewards import RewardSetup, build_rewards
+from posttrain.train.reference import ModelReference
+from posttrain.types import RolloutBatch
 
 
 @dataclass
@@ -46,209 +43,74 @@ class OnlineConfig:
     top_p: float = 1.0
     top_k: int = 0
     beta: float = 0.0  # KL coefficient; 0 loads no reference
-    kl_estimator: str = "k3"  # k1 | k2 | k3 (Schulman 2020)
+    # k1 | k2 | k3 (Schulman 2020), or null: k1 where the KL is in the reward (unbiased), k3 where it is in the loss.
+    # In the loss, k3's expected gradient is that of the forward KL(π_ref‖π) and k2's that of the reverse KL(π‖π_ref);
+    # k1's is 0 (E_π[∇ log π] = 0: no KL pressure), so k1 in the loss is refused ("A Comedy of Estimators", 2025)
+    kl_estimator: str | None = None
     mask_truncated: bool = False  # completions that hit max_new_tokens get no loss (DAPO overlong filtering)
     eval_rewards: list[str] = field(default_factory=list)  # held-out scoring; default: `rewards`
     eval_max_new_tokens: int = 48
     monitor: dict = field(default_factory=dict)  # MonitorConfig options (train/monitors.py); {enabled: false} turns off
-    share_prompt: bool = True  # score a group's completions in one row around its prompt (train/rollout_batch.py)
+    share_prompt: bool = True  # score a group's completions in one row around its prompt (models/shared_prefix.py)
     engine: str = "hf"  # rollout engine: hf (the policy itself) | vllm (colocated vLLM, weights synced each step)
     vllm_options: dict = field(default_factory=dict)  # passed to vllm.LLM (gpu_memory_utilization, dtype, ...)
 
 
-def accepts(fn, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-def build_reward_runner(cfg: OnlineConfig, names: list[str] | None = None, reward_model_fn=None):
-    from posttrain.rewards.registry import load_reward
-    from posttrain.rewards.runner import RewardRunner
-
-    names = list(names if names is not None else cfg.rewards)
-    weights = list(cfg.reward_weights) or [1.0] * len(names)
-    if len(weights) != len(names):
-        raise ValueError(f"reward_weights has {len(weights)} entries for {len(names)} rewards")
-    fns = [(n.split(":")[-1], load_reward(n, **cfg.reward_options.get(n, {})), w) for n, w in zip(names, weights)]
-    if reward_model_fn is not None:
-        fns.append(("reward_model", reward_model_fn, 1.0))
-    return RewardRunner(fns, num_workers=cfg.reward_workers, timeout_s=cfg.reward_timeout_s, on_error=cfg.reward_on_error)
-
-
-class Reference:
-    """Reference log-probs: the LoRA policy with its adapter off (no copy), or a frozen model (one copy)."""
-
-    def __init__(self, policy, cfg: RunConfig, path: str | None, device: torch.device):
-        self.policy, self.model = policy, None
-        if not (cfg.model.lora.enabled and path is None):
-            self.model = load_frozen_lm(cfg.model, resolve_model_path(path or cfg.model.name_or_path), device)
-
-    @property
-    def copies(self) -> int:
-        return 1 if self.model is not None else 0
-
-    @torch.no_grad()
-    def logps(self, batch: RolloutBatch, rows, temperature: float, chunk: int, share_prompt: bool) -> torch.Tensor:
-        """Completion log-probs (len(rows), C) under the reference."""
-        frozen = self.model is not None
-        with frozen_on(self.model, batch.input_ids.device) if frozen else adapter_disabled(self.policy):
-            return completion_logps(self.model if frozen else self.policy, batch, rows, chunk, False, temperature,
-                                    share_prompt)
+def online_reference(policy, cfg: RunConfig, path: str | None, device: torch.device) -> ModelReference:
+    """The reference of an online run: `path` (default: the starting checkpoint) loaded frozen, or — a LoRA policy
+    with no `ref_model` — the policy with its adapter switched off (no copy)."""
+    if cfg.model.lora.enabled and path is None:
+        return ModelReference(policy, None, cfg.model)
+    return ModelReference(policy, load_frozen_lm(cfg.model, resolve_model_path(path or cfg.model.name_or_path), device),
+                          cfg.model)
 
 
 class OnlineBase(common.DatasetAlgorithm):
     """Prompts, generation, rewards and evaluation; subclasses add their advantages and losses."""
 
+    extra_copies = 0  # models a subclass adds (PPO's critic)
+
     def __init__(self, cfg: RunConfig, needs_reference: bool):
         self.cfg, self.algo_cfg = cfg, cfg.algo
         self.model, self.tokenizer = common.load_policy_and_tokenizer(cfg)
-        train, held = common.load_splits(cfg, "prompts")
-        self.train_prompts = self._encode_prompts(train, "train")
-        self.eval_records = held
-        world = context().world
-        if self.algo_cfg.prompts_per_step % world:
-            raise ValueError(f"prompts_per_step={self.algo_cfg.prompts_per_step} must be divisible by the {world} processes")
-        self.order = common.make_order([len(p[1]) for p in self.train_prompts], cfg, self.algo_cfg.prompts_per_step // world,
-                                       group_by_length=False, drop_last=True)
-        self.generator = get_generator(self.algo_cfg.engine).for_training(self.model, self.tokenizer, cfg)
-        self._synced_step: int | None = None  # the step whose weights a separate engine (vLLM) holds
-        self.reference = Reference(self.model, cfg, self.algo_cfg.ref_model, self.device) if needs_reference else None
-        self.rewards = build_reward_runner(self.algo_cfg, reward_model_fn=self._reward_model_fn())
+        train, self.eval_records = common.load_splits(cfg, "prompts")
+        self.reference = online_reference(self.model, cfg, self.algo_cfg.ref_model, self.device) if needs_reference else None
+        self.rewards: RewardSetup = build_rewards(cfg, self.model, self.tokenizer, self.reference, self.device)
+        self.collector = RolloutCollector(cfg, self.model, self.tokenizer, train, self.rewards.runner)
         self.batch: RolloutBatch | None = None
         self.monitor = _make_monitor(self.algo_cfg.monitor)
 
-    def _encode_prompts(self, records, name: str):
-        """(record, prompt ids) pairs; prompts over max_prompt_length are dropped and counted, never truncated
-        (a cut prompt is another question), so generator and trainer see identical ids (PITFALLS #9)."""
-        encoded = [(r, encode_prompt(self.tokenizer, r.data["prompt"])) for r in records]
-        kept, report = filter_by_length(
-            encoded, [len(ids) for _, ids in encoded], [r.where for r in records], self.cfg.data.max_prompt_length, "drop"
-        )
-        common.record_length_report(self.cfg, f"{name}_prompts", report)
-        return kept
+    def local_rows(self) -> int:
+        """Rollout rows this process samples per step (its share of prompts_per_step, times G)."""
+        from posttrain.train.distributed import context
 
-    def _reward_model_fn(self):
-        a = self.algo_cfg
-        if a.reward_model_kind not in ("scalar", "implicit"):
-            raise ValueError(f"algo.reward_model_kind must be scalar or implicit, got {a.reward_model_kind!r}")
-        if not a.reward_model:
-            return None
-        if a.reward_model_kind == "implicit":
-            return self._implicit_reward_fn()
-        from posttrain.models.loading import load_reward_model
-        from posttrain.rewards.model_rewards import RewardModelReward
+        return self.algo_cfg.prompts_per_step // context().world * self.algo_cfg.num_generations
 
-        m = self.cfg.model
-        self.reward_model = load_reward_model(a.reward_model, m.frozen_dtype or m.dtype, self.tokenizer.pad_token_id,
-                                              trainable=False, device="cpu" if m.offload_frozen else self.device)
-        self.model_reward_fn = RewardModelReward(self.reward_model, self.tokenizer, device=self.device)
-        return self.model_reward_fn
+    def planned_updates(self, epochs: int, minibatch_rows: int) -> int:
+        """Optimizer updates per step for the schedule: `updates` slices this process's rows into minibatches."""
+        rows = self.local_rows()
+        return epochs * -(-rows // (minibatch_rows or rows))
 
-    def _implicit_reward_fn(self):
-        """A DPO model's implicit reward, with the β, reference and templating its run recorded (unless set here);
-        the reference is PPO's own frozen reference when they are the same checkpoint (no second copy)."""
-        import os
+    @property
+    def order(self):
+        """The prompt order (the data position a checkpoint saves)."""
+        return self.collector.order
 
-        from posttrain.rewards.model_rewards import ImplicitReward, dpo_run_settings
-
-        a, m = self.algo_cfg, self.cfg.model
-        run = dpo_run_settings(a.reward_model)
-        beta = a.reward_model_beta if a.reward_model_beta is not None else run.get("beta")
-        if beta is None:
-            raise ValueError(f"set algo.reward_model_beta: {a.reward_model} has no DPO run config.yaml to read β from")
-        same = lambda x, y: os.path.realpath(resolve_model_path(x)) == os.path.realpath(resolve_model_path(y))  # noqa: E731
-        self.implicit_models = [load_frozen_lm(m, resolve_model_path(a.reward_model), self.device)]
-        ref_path = a.reward_model_ref or run.get("ref") or m.name_or_path
-        ours, ref_context = (self.reference.model if self.reference is not None else None), None
-        if ours is not None and same(ref_path, a.ref_model or m.name_or_path):
-            ref = ours
-        elif m.lora.enabled and a.ref_model is None and same(ref_path, m.name_or_path):  # the adapter switched off
-            ref, ref_context = self.model, (lambda: adapter_disabled(self.model))
-        else:
-            ref = load_frozen_lm(m, resolve_model_path(ref_path), self.device)
-            self.implicit_models.append(ref)
-        self.model_reward_fn = ImplicitReward(self.implicit_models[0], ref, self.tokenizer, beta,
-                                              use_chat=run.get("use_chat", True), ref_context=ref_context,
-                                              autocast=lambda: common.autocast_context(m, self.device.type),
-                                              device=self.device)
-        return self.model_reward_fn
+    def sample(self, step: int, round_: int = 0) -> RolloutBatch:
+        return self.collector.sample(step, round_)
 
     @property
     def models_in_memory(self) -> int:
-        rm = (1 if getattr(self, "reward_model", None) is not None else 0) + len(getattr(self, "implicit_models", []))
-        engine = getattr(self.generator, "weight_copies", 0)  # vLLM holds its own copy of the policy
-        return 1 + (self.reference.copies if self.reference else 0) + rm + self.extra_copies + engine
-
-    extra_copies = 0
+        """Copies of model weights held at once: the policy, a frozen reference, reward models, a critic's own
+        decoder, an engine's copy of the policy (vLLM)."""
+        reference = self.reference.copies if self.reference is not None else 0
+        return 1 + reference + self.rewards.copies + self.extra_copies + self.collector.engine.weight_copies
 
     @property
     def logp_temperature(self) -> float:
-        """Log-probs are scored at the sampling temperature, so the ratio is 1 before any update (PITFALLS #11)."""
+        """Log-probs are scored at the sampling temperature, so the ratio is 1 before any update (the sampling-
+        temperature mismatch TRL once had)."""
         return self.algo_cfg.temperature or 1.0
-
-    def sampling_params(self, max_new_tokens: int, greedy: bool = False):
-        from posttrain.rollout.base import SamplingParams
-
-        a = self.algo_cfg
-        return SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=0.0 if greedy else a.temperature, top_p=a.top_p, top_k=a.top_k,
-            stop_token_ids=sorted(end_of_turn_ids(self.tokenizer)), batch_size=max(1, a.prompts_per_step),
-        )
-
-    def sample(self, step: int, round_: int = 0) -> RolloutBatch:
-        """Generate and score G completions for the next prompts of the data order."""
-        a = self.algo_cfg
-        picked = [self.train_prompts[i] for i in self.order.next()]
-        seed = self.cfg.train.seed * 1_000_003 + step * 101 + round_ * 7 + context().rank * 100_003  # ranks differ
-        start = time.perf_counter()
-        with full_params(self.model):  # sharded: ranks sample different lengths, so no collective per token
-            reclaim_memory(self.generator)  # a colocated engine (vLLM) takes back its KV cache and weights
-            self._sync_engine(step)
-            rollout = self.generator.generate([ids for _, ids in picked], self.sampling_params(a.max_new_tokens),
-                                              a.num_generations, seed)
-            release_memory(self.generator)  # ... and lends them to the scoring passes and the updates
-        gen_time = time.perf_counter() - start
-        records = [r for r, _ in picked for _ in range(a.num_generations)]
-        prompts = [r.data["prompt"] for r in records]
-        columns = {k: [r.data.get(k) for r in records] for k in records[0].data if k != "prompt"}
-        lengths = rollout.completion_mask.sum(-1).tolist()
-        # raw_prompt: the messages themselves, so model rewards template them as their training pairs were
-        scored = self.rewards([_prompt_text(p) for p in prompts], rollout.texts, **{**columns, "raw_prompt": prompts},
-                              **self._length_column(lengths))
-        rewards = torch.tensor(scored.total, dtype=torch.float32, device=rollout.completion_ids.device)
-        loss_mask = rollout.completion_mask.clone()
-        if a.mask_truncated:
-            loss_mask[rollout.truncated] = 0
-        # NaN: a reward that could not be computed (bad gold answer, sandbox failure); inf: a broken reward. Such rows
-        # get no loss and no advantage, and their group's statistics use the valid rows only.
-        masked = ~torch.isfinite(rewards)
-        loss_mask[masked] = 0
-        rewards = rewards.masked_fill(masked, 0.0)  # finite everywhere; `reward_valid` says which rows count
-        batch = RolloutBatch(
-            input_ids=torch.cat([rollout.prompt_ids, rollout.completion_ids], 1),
-            attention_mask=torch.cat([rollout.prompt_mask, rollout.completion_mask], 1),
-            completion_mask=rollout.completion_mask, loss_mask=loss_mask, rewards=rewards, group=rollout.group,
-            truncated=rollout.truncated, prompt_width=rollout.prompt_ids.shape[1], texts=rollout.texts, prompts=prompts,
-            pad_id=self.tokenizer.pad_token_id,
-        )
-        batch.extra["reward_valid"] = ~masked
-        batch.extra["sampler_logp"] = rollout.logprobs
-        batch.extra["metrics"] = {**scored.metrics(), "rewards/masked_samples": float(masked.sum()), **_length_metrics(rollout), "timing/generate_s": gen_time,
-                                  "completions_per_s": batch.num_rows / max(gen_time, 1e-9)}
-        for name in ("syncs", "sleeps"):  # counters of an engine with its own weights (vLLM)
-            if hasattr(self.generator, name):
-                batch.extra["metrics"][f"engine/{'weight_syncs' if name == 'syncs' else name}"] = float(getattr(self.generator, name))
-        return batch
-
-    def _sync_engine(self, step: int) -> None:
-        """An engine with its own copy of the weights (vLLM) gets the policy's once per step, before it samples:
-        the weights change only in the updates between steps (dynamic sampling's extra rounds reuse them)."""
-        if hasattr(self.generator, "sync_weights") and self._synced_step != step:
-            self.generator.sync_weights(self.model)
-            self._synced_step = step
 
     def _forward_token_fraction(self, batch: RolloutBatch, inert: torch.Tensor | None = None) -> float:
         """Tokens the training forward passes process over those of all rows padded: < 1 when a group's prompt is
@@ -256,10 +118,6 @@ class OnlineBase(common.DatasetAlgorithm):
         share = self.algo_cfg.share_prompt and supports_shared_prefix(self.model)
         rows = None if inert is None else (~inert).nonzero().squeeze(-1)
         return batch.forward_tokens(share, rows) / max(batch.forward_tokens(False), 1)
-
-    def _length_column(self, lengths) -> dict:
-        wants = any(accepts(fn, "completion_lengths") for _, fn, _ in self.rewards.fns)
-        return {"completion_lengths": lengths} if wants else {}
 
     @torch.no_grad()
     def policy_logps(self, batch: RolloutBatch, with_entropy: bool = False):
@@ -274,12 +132,15 @@ class OnlineBase(common.DatasetAlgorithm):
             ents.append(ent)
         return (torch.cat(outs), torch.cat(ents)) if with_entropy else torch.cat(outs)
 
+    @torch.no_grad()
     def reference_logps(self, batch: RolloutBatch) -> torch.Tensor:
+        """Completion log-probs (N, C) under the reference, in row chunks."""
         outs = []
-        for rows in _chunks(batch.num_rows, self.cfg.train.batch_size):
-            with common.autocast_context(self.cfg.model, self.device.type):
-                outs.append(self.reference.logps(batch, rows, self.logp_temperature, self.cfg.model.logprob_chunk,
-                                                 self.algo_cfg.share_prompt))
+        with self.reference.scoring(batch.input_ids.device) as reference:
+            for rows in _chunks(batch.num_rows, self.cfg.train.batch_size):
+                with common.autocast_context(self.cfg.model, self.device.type):
+                    outs.append(completion_logps(reference, batch, rows, self.cfg.model.logprob_chunk, False,
+                                                 self.logp_temperature, self.algo_cfg.share_prompt))
         return torch.cat(outs)
 
     def current_logps(self, rows, with_entropy: bool = True):
@@ -331,13 +192,30 @@ class OnlineBase(common.DatasetAlgorithm):
         from posttrain.evaluate import GenEvalConfig, evaluate_policy, load_reward_fns
 
         fns = load_reward_fns(self.algo_cfg.eval_rewards or [r for r in self.algo_cfg.rewards])
-        if getattr(self, "model_reward_fn", None) is not None:  # the trained-on (proxy) score of the same answers
-            fns["reward_model"] = self.model_reward_fn
+        if self.rewards.model_fn is not None:  # the trained-on (proxy) score of the same answers
+            fns["reward_model"] = self.rewards.model_fn
         gen_cfg = GenEvalConfig(max_new_tokens=self.algo_cfg.eval_max_new_tokens, batch_size=32,
                                 autocast=wants_bf16(self.cfg.model, self.device.type))
         summary, _ = evaluate_policy(self.model, self.tokenizer, self.eval_records, fns, gen_cfg)
         return {k: v for k, v in summary.items() if isinstance(v, float)}
 
+
+def kl_metrics(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> dict:
+    """KL(π‖π_ref) measured on the sampled tokens, each metric named for what it is: the token means of the three
+    estimators (nats per token; k2 and k3 never negative) and the mean over rows of each sequence's k1 sum (nats
+    per completion: the unbiased sequence KL, comparable across algorithms)."""
+    from posttrain.algos.kl import kl_estimate
+    from posttrain.ops import masked_mean
+
+    out = {f"kl/token_{k}_mean": float(masked_mean(kl_estimate(logp, ref_logp, k), mask)) for k in ("k1", "k2", "k3")}
+    out["kl/seq_k1_sum"] = float(((logp - ref_logp) * mask).sum(-1).mean())
+    return out
+
+
+def valid_mean(batch: RolloutBatch) -> float:
+    """Mean reward of the rows whose reward was computed (NaN when none was, rather than a mean of nothing)."""
+    valid = batch.extra["reward_valid"]
+    return float(batch.rewards[valid].mean()) if valid.any() else float("nan")
 
 
 class Update(list):
@@ -361,18 +239,3 @@ def _make_monitor(options: dict):
 
 def _chunks(n: int, size: int) -> list[torch.Tensor]:
     return [torch.arange(s, min(s + size, n), device="cpu") for s in range(0, n, size)]
-
-
-def _prompt_text(prompt) -> str:
-    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-
-
-def _length_metrics(rollout) -> dict:
-    lengths = rollout.completion_mask.sum(-1).float()
-    return {
-        "completions/mean_length": float(lengths.mean()),
-        "completions/max_length": float(lengths.max()),
-        "completions/truncated_fraction": float(rollout.truncated.float().mean()),
-        "completions/distinct_2": distinct_n([ids[m.bool()].tolist() for ids, m in
-                                              zip(rollout.completion_ids, rollout.completion_mask)]),
-    }

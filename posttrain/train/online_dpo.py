@@ -10,14 +10,13 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.algos.preference import PairLogps, needs_reference, preference_loss
-from posttrain.config import RunConfig, register_algo_config
-from posttrain.train import common
-from posttrain.train.loop import Iteration, Trainer
-from posttrain.train.online import OnlineBase, OnlineConfig
+from posttrain.config import RunConfig
+from posttrain.train.loop import Iteration
+from posttrain.train.registry import algorithm
+from posttrain.train.online import OnlineBase, OnlineConfig, valid_mean
 from posttrain.types import LossOutput
 
 
-@register_algo_config("online-dpo")
 @dataclass
 class OnlineDPOConfig(OnlineConfig):
     num_generations: int = 4  # k samples per prompt
@@ -48,6 +47,7 @@ def best_worst_pairs(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.
             torch.tensor(rejected, dtype=torch.long, device=group.device))
 
 
+@algorithm("online-dpo", config=OnlineDPOConfig, help="iterative DPO on best-vs-worst sampled pairs")
 class OnlineDPO(OnlineBase):
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg, needs_reference=needs_reference(cfg.algo.loss_type))
@@ -63,7 +63,7 @@ class OnlineDPO(OnlineBase):
         valid = batch.extra["reward_valid"]
         rewards = torch.where(valid, batch.rewards, torch.full_like(batch.rewards, float("nan")))
         chosen, rejected = best_worst_pairs(rewards, batch.group)
-        metrics = dict(batch.extra["metrics"], pairs=float(len(chosen)), reward=float(batch.rewards[valid].mean()),
+        metrics = dict(batch.extra["metrics"], pairs=float(len(chosen)), reward=valid_mean(batch),
                        models_in_memory=float(self.models_in_memory),
                        forward_token_fraction=self._forward_token_fraction(batch))
         self.batch = batch
@@ -103,8 +103,3 @@ class OnlineDPO(OnlineBase):
         out = preference_loss(a.loss_type, logps, beta=a.beta, label_smoothing=a.label_smoothing,
                               simpo_gamma=a.simpo_gamma, orpo_lambda=a.orpo_lambda)
         return LossOutput(out.loss * n / totals["num_pairs"], out.metrics)
-
-
-def run_online_dpo(cfg: RunConfig) -> dict:
-    common.setup_run(cfg)
-    return Trainer(OnlineDPO(cfg), cfg.train).fit()

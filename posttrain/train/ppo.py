@@ -13,19 +13,19 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.algos.advantages import gae
-from posttrain.algos.kl import KL_CONTROLLERS
+from posttrain.algos.kl import KL_CONTROLLERS, kl_estimate
 from posttrain.algos.policy_loss import actor_loss, clipped_value_loss
-from posttrain.config import RunConfig, register_algo_config
+from posttrain.config import RunConfig
 from posttrain.models.loading import torch_dtype
 from posttrain.ops import whiten
 from posttrain.train import common
-from posttrain.train.loop import Iteration, Trainer
-from posttrain.train.online import OnlineBase, OnlineConfig, _chunks
-from posttrain.train.rollout_batch import RolloutBatch
+from posttrain.train.loop import Iteration
+from posttrain.train.registry import algorithm
+from posttrain.train.online import OnlineBase, OnlineConfig, _chunks, kl_metrics, valid_mean
+from posttrain.types import RolloutBatch
 from posttrain.types import LossOutput
 
 
-@register_algo_config("ppo")
 @dataclass
 class PPOConfig(OnlineConfig):
     num_generations: int = 1
@@ -69,6 +69,7 @@ class RunningMoments:
         return (x - self.mean) / (self.var**0.5 + 1e-8)
 
 
+@algorithm("ppo", config=PPOConfig, help="PPO (RLHF) with a critic, a reward model and a KL penalty")
 class PPO(OnlineBase):
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg, needs_reference=True)
@@ -80,7 +81,7 @@ class PPO(OnlineBase):
         self.moments = RunningMoments()
         rows = a.prompts_per_step * a.num_generations
         self.updates_per_step = a.ppo_epochs * -(-rows // (a.minibatch_rows or rows))
-        self._update_kls: list[float] = []
+        self._update_kls: list[tuple[float, int]] = []  # (approx_kl, loss tokens) of the current update's micro-batches
 
     def _make_critic(self, init: str):
         import copy
@@ -98,7 +99,7 @@ class PPO(OnlineBase):
             return critic
         if init not in ("auto", "reward_model", "policy"):
             raise ValueError(f"algo.critic_init must be auto, reward_model, policy or shared, got {init!r}")
-        rm = getattr(self, "reward_model", None)
+        rm = self.rewards.scalar_model
         if init == "reward_model" or (init == "auto" and rm is not None):
             if rm is None:
                 raise ValueError("critic_init=reward_model needs a scalar reward model (algo.reward_model with "
@@ -145,7 +146,7 @@ class PPO(OnlineBase):
         if a.normalize_rewards and valid.any():
             self.moments.update(scores[valid])
             scores = torch.where(valid, self.moments.normalize(scores), scores)
-        kl = (old_logp - ref_logp) * mask  # k1 per token on the sampled tokens
+        kl = kl_estimate(old_logp, ref_logp, a.kl_estimator or "k1") * mask  # per token on the sampled tokens
         token_rewards = -self.kl_ctl.value * kl
         last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()  # the last loss token of each row
         token_rewards = token_rewards + last.float() * scores[:, None]
@@ -154,9 +155,10 @@ class PPO(OnlineBase):
             advantages = whiten(advantages, mask) * mask
         batch.extra.update(old_logp=old_logp, values=values, advantages=advantages, returns=returns)
         self.batch, self._update_kls = batch, []
-        seq_kl = float(kl.sum(-1).mean())
-        metrics.update(_ppo_metrics(batch, values, returns, mask), kl=seq_kl, kl_coef=self.kl_ctl.value,
-                       reward=float(batch.rewards[valid].mean()), models_in_memory=float(self.models_in_memory))
+        seq_kl = float(kl.sum(-1).mean())  # the penalised estimate, summed per sequence: what the KL controller tracks
+        metrics.update(_ppo_metrics(batch, values, returns, mask), **kl_metrics(old_logp, ref_logp, mask),
+                       kl_coef=self.kl_ctl.value, reward=valid_mean(batch), models_in_memory=float(self.models_in_memory))
+        metrics[f"kl/seq_{a.kl_estimator or 'k1'}_sum"] = seq_kl
         self.kl_ctl.update(seq_kl, batch.num_rows)
         return Iteration(self.updates(batch.num_rows, a.minibatch_rows, a.ppo_epochs, step), metrics)
 
@@ -171,13 +173,19 @@ class PPO(OnlineBase):
         with common.autocast_context(self.cfg.model, self.device.type):
             values = self._completion_values(b, rows)
         vf = clipped_value_loss(values, b.extra["values"][rows], b.extra["returns"][rows], mask, a.value_clip, a.loss_agg, **counts)
-        self._update_kls.append(float(actor.metrics["approx_kl"]))
+        self._update_kls.append((float(actor.metrics["approx_kl"]), int(mask.sum())))
         return LossOutput(actor.loss + a.vf_coef * vf.loss, {**actor.metrics, **vf.metrics, "value_loss": vf.loss.detach()})
 
+    def totals(self, update) -> dict:
+        self._update_kls = []  # a new update begins: early_stop judges its micro-batches only
+        return super().totals(update)
+
     def early_stop(self) -> bool:
-        """Trust region: no more updates on this rollout once the policy moved more than target_kl."""
+        """Trust region: no more updates on this rollout once the update just applied moved the policy more than
+        target_kl — its approx_kl over all its micro-batches' loss tokens, not the last micro-batch's alone."""
         target = self.algo_cfg.target_kl
-        return bool(target) and bool(self._update_kls) and self._update_kls[-1] > target
+        tokens = sum(n for _, n in self._update_kls)
+        return bool(target) and tokens > 0 and sum(kl * n for kl, n in self._update_kls) / tokens > target
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "kl_ctl": self.kl_ctl.state_dict(), "moments": vars(self.moments).copy()}
@@ -195,8 +203,3 @@ def _ppo_metrics(batch: RolloutBatch, values, returns, mask) -> dict:
     var = ret.var() if ret.numel() > 1 else ret.new_zeros(())
     explained = float(1 - (ret - val).var() / var) if float(var) > 0 else 0.0
     return {"returns/mean": float(ret.mean()), "values/mean": float(val.mean()), "explained_variance": explained}
-
-
-def run_ppo(cfg: RunConfig) -> dict:
-    common.setup_run(cfg)
-    return Trainer(PPO(cfg), cfg.train).fit()

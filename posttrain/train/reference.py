@@ -1,4 +1,7 @@
-"""Reference log-probs for the offline losses (DPO family, KTO): computed once, before training, and kept on disk.
+"""The reference π_ref, one abstraction for every algorithm: a table of log-probs computed once (offline losses),
+or a model run per batch (`ModelReference`: a frozen copy, or the LoRA policy with its adapter switched off).
+
+For the offline losses (DPO family, KTO) it is computed once, before training, and kept on disk.
 
 The dataset is fixed and π_ref is frozen, so log π_ref(y | x) of every sequence a run scores is a constant. One
 no-grad pass before the first update computes the sums for the examples the run will visit (and the eval split) and
@@ -14,7 +17,7 @@ names another checkpoint.
   3. otherwise the policy itself, before its first update. Full fine-tuning: the policy holds the very weights a
      frozen copy would load, so no second copy is loaded at all. A LoRA policy that starts from a trained
      (non-zero) adapter: the reference is that initial policy, adapter on, not the bare base.
-With `precompute_ref=False` the reference runs on every micro-batch instead (`LiveReference`): case 2 switches the
+With `precompute_ref=False` the reference runs on every micro-batch instead (`ModelReference`): case 2 switches the
 adapter off per batch (one model); cases 1 and 3 keep a frozen model next to the policy (two models).
 """
 
@@ -34,11 +37,10 @@ from pathlib import Path
 import torch
 
 from posttrain.data.chat import Encoded
-from posttrain.data.collate import BatchOrder, pad_batch
+from posttrain.data.collate import BatchOrder, pad_encoded
 from posttrain.devices import module_device, to_device
-from posttrain.models.forward import token_logps
+from posttrain.models.forward import sequence_logps
 from posttrain.models.loading import adapter_disabled, autocast_context, frozen_on, load_frozen_lm, resolve_model_path
-from posttrain.ops import IGNORE_INDEX
 
 log = logging.getLogger("posttrain")
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -58,29 +60,6 @@ class RefColumn:
     shares_prompt_with: str | None = None
 
 
-def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the labelled (completion) tokens and their count, per row: (R,) fp32 each.
-
-    batch: input_ids, attention_mask, labels (R, T), or a `shared_prefix.pack_pairs` batch (R = 2 x its rows).
-    Prompt and padding positions carry IGNORE_INDEX, so they never
-    reach the output head and add nothing to the sums (nor, under autograd, to the gradient of anything built on them).
-    """
-    if "score_index" in batch:  # chosen and rejected in one row around their shared prompt
-        from posttrain.models.shared_prefix import shared_prefix_logps
-
-        return shared_prefix_logps(model, batch, chunk)
-    labels = batch["labels"]
-    logp = token_logps(model, batch["input_ids"], batch["attention_mask"], labels, chunk)
-    mask = labels != IGNORE_INDEX
-    mask[:, 0] = False  # the first token has no prediction
-    return (logp * mask).sum(-1), mask.sum(-1).float()
-
-
-def padded(items: list[Encoded], pad_id: int) -> dict:
-    """Right-padded (R, T) batch of encoded sequences with their labels."""
-    return pad_batch([x.input_ids for x in items], pad_id, "right", [x.labels for x in items])
-
-
 @torch.no_grad()
 def score_sequences(model, items: list[Encoded], pad_id: int, batch_size: int, model_cfg) -> torch.Tensor:
     """Summed completion log-probs (N,) fp32 of `items` under `model`; batches are sorted by length to cut padding."""
@@ -92,16 +71,16 @@ def score_sequences(model, items: list[Encoded], pad_id: int, batch_size: int, m
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         with autocast_context(model_cfg, device.type):
-            sums, _ = sequence_logps(model, to_device(padded([items[i] for i in idx], pad_id), device), model_cfg.logprob_chunk)
+            sums, _ = sequence_logps(model, to_device(pad_encoded([items[i] for i in idx], pad_id), device), model_cfg.logprob_chunk)
         out[idx] = sums.float().cpu()
     model.train(was_training)
     return out
 
 
 @torch.no_grad()
-def score_pairs(model, pairs: list[tuple[Encoded, Encoded]], pad_id: int, batch_size: int, model_cfg):
+def score_shared_prompt_pairs(model, pairs: list[tuple[Encoded, Encoded]], pad_id: int, batch_size: int, model_cfg):
     """score_sequences for (first, second) pairs that share a prompt, one row per pair -> (N,), (N,) fp32."""
-    from posttrain.models.shared_prefix import pack_pairs
+    from posttrain.data.packing import pack_pairs
 
     was_training = model.training
     model.eval()
@@ -269,22 +248,37 @@ class PrecomputedReference:
         return values.to(batch["input_ids"].device, non_blocking=True)
 
 
-class LiveReference:
-    """Runs the reference on every batch (precompute_ref=False)."""
+class ModelReference:
+    """The reference as a model run on every batch: a frozen copy (`frozen`: a loaded checkpoint or the initial
+    policy, on the device or offloaded to the host between uses), or — `frozen` None — the LoRA policy itself with
+    its adapter switched off, no copy. Offline losses call `logps(batch)`; online ones run `scoring(device)`."""
 
-    def __init__(self, policy, model_cfg, ref_model: str | None):
-        self.model_cfg, self.policy = model_cfg, policy
-        self.source = reference_source(policy, ref_model)
-        self.model = LIVE[self.source](policy, model_cfg, ref_model)
-        self.models_in_memory = 1 if self.model is None else 2
+    def __init__(self, policy, frozen=None, model_cfg=None):
+        self.policy, self.model, self.model_cfg = policy, frozen, model_cfg
+
+    @property
+    def copies(self) -> int:
+        """Models it adds to memory besides the policy."""
+        return 0 if self.model is None else 1
+
+    @contextlib.contextmanager
+    def scoring(self, device: torch.device):
+        """The module whose forward pass is the reference, on `device`, for the duration."""
+        with adapter_disabled(self.policy) if self.model is None else frozen_on(self.model, device) as model:
+            yield model
 
     @torch.no_grad()
     def logps(self, batch: dict) -> torch.Tensor:
+        """Summed completion log-probs (R,) fp32 of a padded or shared-prompt batch."""
         device = batch["input_ids"].device
-        ctx = adapter_disabled(self.policy) if self.model is None else frozen_on(self.model, device)
-        with ctx as model, autocast_context(self.model_cfg, device.type):
+        with self.scoring(device) as model, autocast_context(self.model_cfg, device.type):
             sums, _ = sequence_logps(model, batch, self.model_cfg.logprob_chunk)
         return sums.float()
+
+
+def live_reference(policy, model_cfg, ref_model: str | None) -> ModelReference:
+    """The reference for precompute_ref=False, from the source `reference_source` picks."""
+    return ModelReference(policy, LIVE[reference_source(policy, ref_model)](policy, model_cfg, ref_model), model_cfg)
 
 
 def precompute(policy, cfg, columns: dict[str, RefColumn], pad_id: int, ref_model: str | None):
@@ -332,7 +326,7 @@ def _score_missing(model, columns: dict[str, RefColumn], todo: dict[str, list[in
         if partner in todo and supports_shared_prefix(model):
             both = sorted(set(todo[col]) & set(todo[partner]))
             pairs = [(columns[col].items[i], columns[partner].items[i]) for i in both]
-            firsts, seconds = score_pairs(model, pairs, pad_id, batch_size, cfg.model)
+            firsts, seconds = score_shared_prompt_pairs(model, pairs, pad_id, batch_size, cfg.model)
             table[col][1].update(zip(both, firsts.tolist()))
             table[partner][1].update(zip(both, seconds.tolist()))
             done = set(both)
@@ -347,5 +341,5 @@ def build_reference(policy, cfg, columns: dict[str, RefColumn], pad_id: int, ref
     if precompute_ref:
         ref, metrics = precompute(policy, cfg, columns, pad_id, ref_model)
         return ref, {**metrics, "models_in_memory": 1}
-    live = LiveReference(policy, cfg.model, ref_model)
-    return live, {"models_in_memory": live.models_in_memory}
+    live = live_reference(policy, cfg.model, ref_model)
+    return live, {"models_in_memory": 1 + live.copies}

@@ -12,18 +12,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from posttrain.config import RunConfig, register_algo_config
-from posttrain.data.chat import encode_prompt_completion
-from posttrain.data.collate import pad_batch
-from posttrain.devices import module_device, to_device
-from posttrain.models.forward import reward_scores
+from posttrain.config import RunConfig
+from posttrain.data.preference import encode_pair_ids, pad_pair_ids, swap_labels
+from posttrain.evaluate import pairwise_accuracy
+from posttrain.models.forward import pair_scores
 from posttrain.models.loading import load_reward_model, load_tokenizer, resolve_model_path
 from posttrain.train import common
-from posttrain.train.loop import Iteration, Trainer
+from posttrain.train.loop import Iteration
+from posttrain.train.registry import algorithm
 from posttrain.types import LossOutput
 
 
-@register_algo_config("rm")
 @dataclass
 class RMConfig:
     use_chat_template: bool = True
@@ -39,34 +38,7 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_coef
     return loss
 
 
-def encode_pair(record, tokenizer, use_chat: bool) -> tuple[list[int], list[int]]:
-    data = record.data
-    chosen = encode_prompt_completion(tokenizer, data["prompt"], data["chosen"], use_chat).input_ids
-    rejected = encode_prompt_completion(tokenizer, data["prompt"], data["rejected"], use_chat).input_ids
-    return chosen, rejected
-
-
-def swap_labels(pairs: list, fraction: float, seed: int) -> tuple[list, int]:
-    """Swap chosen and rejected in round(fraction * len) pairs picked by a seeded permutation."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"algo.label_noise must be in [0, 1], got {fraction}")
-    import random
-
-    picked = set(random.Random(seed).sample(range(len(pairs)), round(fraction * len(pairs))))
-    return [(r, c) if i in picked else (c, r) for i, (c, r) in enumerate(pairs)], len(picked)
-
-
-def pair_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
-    """Chosen rows then rejected rows in one padded batch (2B, T)."""
-    return pad_batch([c for c, _ in pairs] + [r for _, r in pairs], pad_id, "right")
-
-
-def score_pairs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])
-    half = scores.shape[0] // 2
-    return scores[:half], scores[half:]
-
-
+@algorithm("rm", config=RMConfig, help="Bradley–Terry reward model on preference pairs")
 class RewardModeling(common.DatasetAlgorithm):
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -81,7 +53,7 @@ class RewardModeling(common.DatasetAlgorithm):
             for name, p in self.model.named_parameters():
                 p.requires_grad_(p.requires_grad or "score" in name)  # the head is always trained
         train, held = common.load_splits(cfg, "preference")
-        enc = lambda r: encode_pair(r, self.tokenizer, cfg.algo.use_chat_template)  # noqa: E731
+        enc = lambda r: encode_pair_ids(r, self.tokenizer, cfg.algo.use_chat_template)  # noqa: E731
         self.train_pairs, _ = common.encode_all(train, enc, lambda p: max(map(len, p)), cfg)
         self.train_pairs, flipped = swap_labels(self.train_pairs, cfg.algo.label_noise, cfg.train.seed)
         if flipped:
@@ -94,7 +66,7 @@ class RewardModeling(common.DatasetAlgorithm):
         return {"reward_model": self.model}
 
     def next_iteration(self, step: int) -> Iteration:
-        micro = [pair_batch([self.train_pairs[i] for i in self.order.next()], self.pad_id) for _ in range(self.cfg.train.grad_accum)]
+        micro = [pad_pair_ids([self.train_pairs[i] for i in self.order.next()], self.pad_id) for _ in range(self.cfg.train.grad_accum)]
         return Iteration([micro])
 
     def totals(self, update) -> dict:
@@ -103,7 +75,7 @@ class RewardModeling(common.DatasetAlgorithm):
     def loss(self, micro, totals) -> LossOutput:
         self.model.train()
         with common.autocast_context(self.cfg.model, self.device.type):
-            chosen, rejected = score_pairs(self.model, micro)
+            chosen, rejected = pair_scores(self.model, micro)
         per_pair = bradley_terry_loss(chosen, rejected, self.cfg.algo.center_coef)
         metrics = {
             "accuracy": (chosen > rejected).float().mean(),
@@ -118,25 +90,3 @@ class RewardModeling(common.DatasetAlgorithm):
         return pairwise_accuracy(self.model, self.eval_pairs, self.pad_id, self.cfg.train.batch_size, self.cfg.model)
 
 
-
-@torch.no_grad()
-def pairwise_accuracy(model, pairs, pad_id: int, batch_size: int = 8, model_cfg=None) -> dict:
-    """Share of held-out pairs whose chosen completion scores higher, and the mean margin."""
-    if not pairs:
-        return {}
-    model.eval()
-    device = module_device(model)
-    correct, margin = 0, 0.0
-    for s in range(0, len(pairs), batch_size):
-        batch = to_device(pair_batch(pairs[s : s + batch_size], pad_id), device)
-        with common.autocast_context(model_cfg, device.type) if model_cfg else torch.no_grad():
-            chosen, rejected = score_pairs(model, batch)
-        correct += int((chosen > rejected).sum())
-        margin += float((chosen - rejected).sum())
-    return {"accuracy": correct / len(pairs), "margin": margin / len(pairs)}
-
-
-def run_rm(cfg: RunConfig) -> dict:
-    """`posttrain rm`: train a reward model; `final/` loads with AutoModelForSequenceClassification."""
-    common.setup_run(cfg)
-    return Trainer(RewardModeling(cfg), cfg.train).fit()

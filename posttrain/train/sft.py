@@ -6,18 +6,18 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.config import RunConfig, register_algo_config
+from posttrain.config import RunConfig
 from posttrain.data.chat import Encoded, encode_messages, encode_prompt_completion
 from posttrain.data.collate import apply_length_policy
 from posttrain.devices import to_device
 from posttrain.models.forward import token_logps
 from posttrain.ops import IGNORE_INDEX, agg_loss
 from posttrain.train import common
-from posttrain.train.loop import Iteration, Trainer
+from posttrain.train.loop import Iteration
+from posttrain.train.registry import algorithm
 from posttrain.types import LossOutput
 
 
-@register_algo_config("sft")
 @dataclass
 class SFTConfig:
     use_chat_template: bool = True  # prompt/completion records are wrapped as a user/assistant exchange
@@ -41,6 +41,7 @@ def sft_loss(model, batch: dict, totals: dict, agg: str = "token-mean", chunk: i
     return LossOutput(loss, {"padding_fraction": batch["padding_fraction"]})
 
 
+@algorithm("sft", config=SFTConfig, help="supervised fine-tuning on demonstrations (assistant tokens only)")
 class SFT(common.DatasetAlgorithm):
     """The SFT algorithm for the one loop."""
 
@@ -89,11 +90,3 @@ class SFT(common.DatasetAlgorithm):
             nll -= float((logp * mask).sum())
             count += int(mask.sum())
         return {"loss": nll / max(count, 1)}
-
-
-
-def run_sft(cfg: RunConfig) -> dict:
-    """`posttrain sft`: train, evaluate, write the run directory; returns the last logged metrics."""
-    common.setup_run(cfg)
-    algo = SFT(cfg)
-    return Trainer(algo, cfg.train).fit()

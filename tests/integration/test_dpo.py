@@ -14,11 +14,13 @@ import pytest
 import torch
 
 from posttrain.config import load_config
+from posttrain.train.registry import run
 from posttrain.metrics import read_metrics
 from posttrain.models.loading import adapter_disabled, load_causal_lm
 from posttrain.ops import IGNORE_INDEX
 from posttrain.train import common, reference
-from posttrain.train.dpo import DPO, pair_batch, run_dpo
+from posttrain.data.preference import pair_batch
+from posttrain.train.dpo import DPO
 
 LN2 = math.log(2.0)
 BASE = [
@@ -72,7 +74,7 @@ LEARNING = [
 def test_every_loss_type_learns(tmp_path, tiny_dir, loss_type, extra):
     data = write_pairs(tmp_path / "pairs.jsonl", n=50)
     cfg = make_cfg(tmp_path, tiny_dir, data, f"algo.loss_type={loss_type}", "data.eval_fraction=0.2", *extra)
-    final = run_dpo(cfg)
+    final = run(cfg)
     rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert len(rows) == 25
     first, last = rows[0], rows[-5:]
@@ -124,7 +126,7 @@ def test_reference_free_losses_load_no_reference(tmp_path, tiny_dir, data, monke
     monkeypatch.setattr(reference, "build_reference", refuse)
     monkeypatch.setattr(reference, "load_frozen_lm", refuse)
     cfg = make_cfg(tmp_path, tiny_dir, data, f"algo.loss_type={loss_type}", f"algo.precompute_ref={precompute}", "train.max_steps=2")
-    run_dpo(cfg)
+    run(cfg)
     assert not (tmp_path / "run" / reference.REFERENCE_FILE).exists()
     assert read_metrics(tmp_path / "run")[0]["models_in_memory"] == 1
 
@@ -179,7 +181,7 @@ def test_shared_prompt_rows_train_exactly_like_two_rows(tmp_path, tiny_dir, data
     """algo.share_prompt=true (the default) against false: the same losses, margins and gradient norms."""
     runs = {}
     for share in (True, False):
-        run_dpo(make_cfg(tmp_path, tiny_dir, data, f"algo.share_prompt={share}", "train.max_steps=6", run=f"run-{share}"))
+        run(make_cfg(tmp_path, tiny_dir, data, f"algo.share_prompt={share}", "train.max_steps=6", run=f"run-{share}"))
         runs[share] = [r for r in read_metrics(tmp_path / f"run-{share}") if "loss" in r]
     for a, b in zip(runs[True], runs[False]):
         for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected"):
@@ -311,7 +313,7 @@ def test_live_reference_matches_precomputed(tmp_path, tiny_dir, data, lora):
     for precompute in (True, False):
         args = (f"algo.precompute_ref={precompute}", "train.max_steps=4", *extra)
         cfg = make_cfg(tmp_path, tiny_dir, data, *args, run=f"run-{precompute}")
-        run_dpo(cfg)
+        run(cfg)
     pre, live = (read_metrics(tmp_path / f"run-{p}") for p in (True, False))
     assert pre[0]["models_in_memory"] == 1 and live[0]["models_in_memory"] == (1 if lora else 2)
     assert live[0]["loss"] == pytest.approx(LN2, abs=1e-6) and live[-2]["rewards/margins"] != 0.0
@@ -324,13 +326,13 @@ def test_live_reference_matches_precomputed(tmp_path, tiny_dir, data, lora):
 def test_resume_gives_the_same_metrics_and_reuses_the_reference(tmp_path, tiny_dir):
     data = write_pairs(tmp_path / "pairs.jsonl", n=60)
     args = ("train.max_steps=6", "train.save_every=3", "train.batch_size=4", "train.grad_accum=2")
-    run_dpo(make_cfg(tmp_path, tiny_dir, data, *args))
+    run(make_cfg(tmp_path, tiny_dir, data, *args))
     straight = read_metrics(tmp_path / "run")
     ref_hash = file_hash(tmp_path / "run" / reference.REFERENCE_FILE)
     assert straight[0]["reference/computed"] < 2 * 57 + 6  # only the pairs 6 steps visit, plus the eval split
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-6")
     shutil.rmtree(tmp_path / "run" / "final")
-    run_dpo(make_cfg(tmp_path, tiny_dir, data, *args, "train.resume=true"))
+    run(make_cfg(tmp_path, tiny_dir, data, *args, "train.resume=true"))
     resumed = read_metrics(tmp_path / "run")
     assert resumed[3]["reference/computed"] == 0 and resumed[3]["reference/reused"] > 0
     assert file_hash(tmp_path / "run" / reference.REFERENCE_FILE) == ref_hash

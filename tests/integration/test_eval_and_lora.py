@@ -7,7 +7,7 @@ import torch
 
 from posttrain.cli import main
 from posttrain.evaluate import pass_at_k
-from posttrain.train.sft import run_sft
+from posttrain.train.registry import run
 from tiny import addition_sft_rows, run_config, write_jsonl
 
 
@@ -31,11 +31,10 @@ def test_eval_cli_scores_a_causal_lm(tmp_path, tiny_dir, capsys):
 
 
 def test_eval_cli_scores_a_reward_model(tmp_path, tiny_dir, capsys):
-    from posttrain.train.rm import run_rm
 
     pairs = [{"prompt": f"q{i}", "chosen": "a" * (1 + i % 4), "rejected": "z" * (1 + i % 3)} for i in range(24)]
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    run_rm(run_config("rm", tmp_path / "rm", tiny_dir, data, "train.max_steps=2"))
+    run(run_config("rm", tmp_path / "rm", tiny_dir, data, "train.max_steps=2"))
     assert main(["eval", "--model", str(tmp_path / "rm" / "final"), "--data", data, "--limit", "24",
                  "--output", str(tmp_path / "r.jsonl")]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -46,7 +45,7 @@ def test_lora_sft_exports_a_merged_checkpoint(tmp_path, tiny_dir):
     data = write_jsonl(tmp_path / "sft.jsonl", addition_sft_rows(32))
     cfg = run_config("sft", tmp_path / "run", tiny_dir, data, "train.max_steps=5", "train.lr=1e-2",
                      "model.lora.enabled=true", "model.lora.r=4", "model.lora.target_modules=[q_proj,v_proj]")
-    run_sft(cfg)
+    run(cfg)
     from transformers import AutoModelForCausalLM
 
     final = tmp_path / "run" / "final"

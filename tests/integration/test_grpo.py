@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from posttrain.metrics import read_metrics
-from posttrain.train.grpo import GRPO, run_grpo
+from posttrain.train.registry import run
+from posttrain.train.grpo import GRPO
 from posttrain.train.loop import Trainer
 from tiny import prompt_rows, run_config, write_jsonl
 
@@ -23,7 +24,7 @@ def prompts(tmp_path):
 def test_grpo_learns_a_trivial_reward(tmp_path, tiny_dir, prompts):
     cfg = run_config("grpo", tmp_path / "run", tiny_dir, prompts, *FAST, "train.max_steps=30", "train.lr=1e-2",
                      "train.schedule=constant", "algo.beta=0.02")
-    run_grpo(cfg)
+    run(cfg)
     rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]
     assert rows[0]["reward"] < 0.5
     assert max(r["reward"] for r in rows) > 0.9
@@ -56,14 +57,14 @@ def test_all_truncated_batch_with_masking_changes_nothing(tmp_path, tiny_dir, pr
     cfg = run_config("grpo", tmp_path / "run", tiny_dir, prompts, *FAST, "algo.mask_truncated=true", "train.max_steps=2",
                      "train.lr=1e-2", "train.eval_every=0")
     algo = GRPO(cfg)
-    real_generate = algo.generator.generate
+    real_generate = algo.collector.engine.generate
 
     def all_truncated(*args, **kwargs):
         out = real_generate(*args, **kwargs)
         out.truncated = torch.ones_like(out.truncated)
         return out
 
-    algo.generator.generate = all_truncated
+    algo.collector.engine.generate = all_truncated
     algo.evaluate = lambda: {}
     before = [p.detach().clone() for p in algo.model.parameters()]
     Trainer(algo, cfg.train).fit()
@@ -98,7 +99,7 @@ def test_shared_prompt_rows_train_like_padded_rows(tmp_path, tiny_dir, prompts):
         cfg = run_config("grpo", tmp_path / f"run-{share}", tiny_dir, prompts, *FAST, f"algo.share_prompt={share}",
                          "train.max_steps=3", "train.lr=1e-2", "algo.beta=0.05", "algo.num_iterations=2",
                          "algo.minibatch_rows=12", "train.batch_size=8", "train.eval_every=0")
-        run_grpo(cfg)
+        run(cfg)
         runs[share] = [r for r in read_metrics(tmp_path / f"run-{share}") if "loss" in r]
     for shared, padded in zip(runs[True], runs[False]):
         for key in ("loss", "grad_norm", "kl/k3", "entropy", "reward", "approx_kl"):
@@ -108,7 +109,8 @@ def test_shared_prompt_rows_train_like_padded_rows(tmp_path, tiny_dir, prompts):
 
 def test_shared_prompt_logps_after_refill(tmp_path, tiny_dir, prompts):
     """Rollouts concatenated by dynamic sampling (prompts re-left-padded to a wider width) pack correctly."""
-    from posttrain.train.rollout_batch import completion_logps, concat_batches
+    from posttrain.data.collate import concat_batches
+    from posttrain.models.shared_prefix import completion_logps
 
     cfg = run_config("grpo", tmp_path / "run", tiny_dir, prompts, *FAST)
     algo = GRPO(cfg)
@@ -130,7 +132,7 @@ def test_skipping_inert_rows_leaves_the_update_unchanged(tmp_path, tiny_dir, pro
                          "algo.rewards=[tiny:vowel_reward_on_odd_prompts]", "train.max_steps=3", "train.lr=1e-2",
                          "algo.num_iterations=2", "algo.minibatch_rows=16", "train.batch_size=8", "train.eval_every=0",
                          "algo.loss_agg=seq-mean-token-mean")
-        run_grpo(cfg)
+        run(cfg)
         runs[skip] = [r for r in read_metrics(tmp_path / f"run-{skip}") if "loss" in r]
     for skipped, full in zip(runs[True], runs[False]):
         assert skipped["zero_variance_groups"] == full["zero_variance_groups"]
@@ -173,7 +175,7 @@ def test_separate_engine_gets_the_policy_weights_once_per_step(tmp_path, tiny_di
     try:
         cfg = run_config("grpo", tmp_path / "run", tiny_dir, prompts, *FAST, "train.max_steps=3", "train.lr=1e-2",
                          "algo.engine=test-copying", "algo.beta=0.0", "train.eval_every=0")
-        run_grpo(cfg)
+        run(cfg)
     finally:
         GENERATORS.pop("test-copying")
     rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]

@@ -7,7 +7,7 @@ import pytest
 from posttrain.metrics import read_metrics
 from posttrain.models.loading import load_causal_lm, load_tokenizer
 from posttrain.rewards.model_rewards import ImplicitReward, dpo_run_settings
-from posttrain.train.dpo import run_dpo
+from posttrain.train.registry import run
 from tiny import run_config, write_jsonl
 
 
@@ -24,7 +24,7 @@ def _pairs(n=16):
 def test_implicit_reward_reproduces_the_dpo_runs_own_held_out_rewards(tmp_path, tiny_dir):
     pairs = _pairs()
     path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    run_dpo(run_config("dpo", tmp_path / "dpo", tiny_dir, path, "train.max_steps=4", "train.lr=1e-2",
+    run(run_config("dpo", tmp_path / "dpo", tiny_dir, path, "train.max_steps=4", "train.lr=1e-2",
                        "train.batch_size=4", "train.schedule=constant", "algo.beta=0.3", f"data.eval_path={path}",
                        f"data.num_eval_examples={len(pairs)}"))
     final = [r for r in read_metrics(tmp_path / "dpo") if r.get("final")][-1]

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from posttrain.config import load_config
+from posttrain.train.registry import run
 from posttrain.metrics import read_metrics
 from posttrain.models.loading import load_causal_lm
 from posttrain.train import common, reference
-from posttrain.train.kto import KTO, kl_partners, kto_batch, reward_accuracy, run_kto
+from posttrain.train.kto import KTO, kl_partners, kto_batch, reward_accuracy
 
 BASE = [
     "model.autocast=none", "train.num_threads=1", "train.progress=false", "train.tensorboard=false",
@@ -63,16 +64,16 @@ def unpaired(tmp_path):
 
 def test_kto_learns_from_the_reference_point(tmp_path, tiny_dir):
     data = write_unpaired(tmp_path / "u.jsonl", n=60)
-    final = run_kto(make_cfg(tmp_path, tiny_dir, data, "data.eval_fraction=0.25"))
+    final = run(make_cfg(tmp_path, tiny_dir, data, "data.eval_fraction=0.25"))
     rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     first, last = rows[0], rows[-5:]
     assert first["loss"] == pytest.approx(0.5, abs=1e-6)  # σ(0) = 1/2 on every row when policy == reference
-    assert first["kl"] == 0.0 and first["models_in_memory"] == 1
+    assert first["kto/z_ref"] == 0.0 and first["models_in_memory"] == 1
     assert sum(r["loss"] for r in last) / 5 < 0.35
     margins = [r["rewards/margins"] for r in last if "rewards/margins" in r]
     assert margins and min(margins) > 0.5
     assert final["eval/rewards/accuracies"] == 1.0 and final["eval/rewards/margins"] > 0.5
-    assert all(torch.isfinite(torch.tensor(r["kl"])) for r in rows)
+    assert all(torch.isfinite(torch.tensor(r["kto/z_ref"])) for r in rows)
 
 
 def test_kl_partners_are_mismatched():
@@ -103,10 +104,10 @@ def test_kl_pairs_have_precomputed_reference(tmp_path, tiny_dir, unpaired, tok):
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3])
 def test_kl_is_finite_at_small_batches(tmp_path, tiny_dir, unpaired, batch_size):
-    run_kto(make_cfg(tmp_path, tiny_dir, unpaired, f"train.batch_size={batch_size}", "train.max_steps=4"))
+    run(make_cfg(tmp_path, tiny_dir, unpaired, f"train.batch_size={batch_size}", "train.max_steps=4"))
     rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert len(rows) == 4
-    assert all(torch.isfinite(torch.tensor([r["loss"], r["kl"], r["grad_norm"]])).all() for r in rows)
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["kto/z_ref"], r["grad_norm"]])).all() for r in rows)
 
 
 def test_preference_data_feeds_kto(tmp_path, tiny_dir, caplog):
@@ -163,28 +164,28 @@ def test_gradient_accumulation_is_exact(tmp_path, tiny_dir, unpaired):
 def test_live_reference_matches_precomputed(tmp_path, tiny_dir, unpaired):
     for precompute in (True, False):
         args = (f"algo.precompute_ref={precompute}", "train.max_steps=4")
-        run_kto(make_cfg(tmp_path, tiny_dir, unpaired, *args, run=f"run-{precompute}"))
+        run(make_cfg(tmp_path, tiny_dir, unpaired, *args, run=f"run-{precompute}"))
     pre, live = (read_metrics(tmp_path / f"run-{p}") for p in (True, False))
     assert pre[0]["models_in_memory"] == 1 and live[0]["models_in_memory"] == 2
     for a, b in zip(pre, live):
-        for key in ("loss", "kl"):
+        for key in ("loss", "kto/z_ref"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], abs=1e-5)
 
 
 def test_resume_gives_the_same_metrics(tmp_path, tiny_dir, unpaired):
     args = ("train.max_steps=6", "train.save_every=3", "train.batch_size=4", "train.grad_accum=2")
-    run_kto(make_cfg(tmp_path, tiny_dir, unpaired, *args))
+    run(make_cfg(tmp_path, tiny_dir, unpaired, *args))
     straight = read_metrics(tmp_path / "run")
     ref_file = tmp_path / "run" / reference.REFERENCE_FILE
     ref_hash = hashlib.sha256(ref_file.read_bytes()).hexdigest()
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-6")
     shutil.rmtree(tmp_path / "run" / "final")
-    run_kto(make_cfg(tmp_path, tiny_dir, unpaired, *args, "train.resume=true"))
+    run(make_cfg(tmp_path, tiny_dir, unpaired, *args, "train.resume=true"))
     resumed = read_metrics(tmp_path / "run")
     assert resumed[3]["reference/computed"] == 0
     assert hashlib.sha256(ref_file.read_bytes()).hexdigest() == ref_hash
     for a, b in zip(straight[3:6], resumed[3:6]):
         assert a["step"] == b["step"]
-        for key in ("loss", "grad_norm", "kl"):
+        for key in ("loss", "grad_norm", "kto/z_ref"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key

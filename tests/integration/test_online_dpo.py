@@ -3,7 +3,8 @@
 import torch
 
 from posttrain.metrics import read_metrics
-from posttrain.train.online_dpo import best_worst_pairs, run_online_dpo
+from posttrain.train.registry import run
+from posttrain.train.online_dpo import best_worst_pairs
 from tiny import prompt_rows, run_config, write_jsonl
 
 
@@ -20,7 +21,7 @@ def test_online_dpo_raises_a_trivial_reward(tmp_path, tiny_dir):
                      "algo.prompts_per_step=16", "algo.num_generations=4", "train.batch_size=16", "train.max_steps=20",
                      "train.lr=5e-3", "train.schedule=constant", "algo.eval_max_new_tokens=6", "data.num_eval_examples=8",
                      "algo.beta=0.1")
-    run_online_dpo(cfg)
+    run(cfg)
     rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]
     assert rows[-1]["reward"] > rows[0]["reward"] + 0.3
     assert rows[-1]["models_in_memory"] == 2.0 and "rewards/margins" in rows[-1]

@@ -36,7 +36,7 @@ def test_overopt_pipeline(tmp_path, tiny_dir):
     assert bon[1]["proxy_reward"] >= bon[0]["proxy_reward"] - 1e-6 and bon[2]["proxy_reward"] >= bon[1]["proxy_reward"] - 1e-6
     ppo = [p for p in points if p["method"] == "ppo"]
     rows = read_metrics(out / "ppo")
-    kl = {r["step"]: r["kl"] for r in rows if "kl" in r}
+    kl = {r["step"]: r["kl/seq_k1_sum"] for r in rows if "kl/seq_k1_sum" in r}
     logged = [r for r in rows if "eval/reward_model/mean_reward" in r]
     assert [p["step"] for p in ppo] == [0, 1, 2, 3]  # the start, evaluations at steps 1 and 2, the final one
     assert [p["kl"] for p in ppo[1:]] == [max(kl[r["step"]], 0.0) for r in logged]

@@ -3,7 +3,8 @@
 import pytest
 
 from posttrain.metrics import read_metrics
-from posttrain.train.ppo import PPO, RunningMoments, run_ppo
+from posttrain.train.registry import run
+from posttrain.train.ppo import PPO, RunningMoments
 from tiny import prompt_rows, run_config, write_jsonl
 
 FAST = ["algo.rewards=[tiny:vowel_reward]", "algo.max_new_tokens=6", "algo.prompts_per_step=32", "train.batch_size=32",
@@ -16,12 +17,12 @@ def prompts(tmp_path):
 
 
 def test_ppo_learns_a_trivial_reward(tmp_path, tiny_dir, prompts):
-    run_ppo(run_config("ppo", tmp_path / "run", tiny_dir, prompts, *FAST, "train.max_steps=20", "train.lr=1e-2"))
+    run(run_config("ppo", tmp_path / "run", tiny_dir, prompts, *FAST, "train.max_steps=20", "train.lr=1e-2"))
     rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]
     assert rows[0]["reward"] < 0.5 and max(r["reward"] for r in rows) > 0.9
     last = rows[-1]
     assert last["models_in_memory"] == 3.0  # policy, reference, critic (rule-based reward: no reward model)
-    for key in ("returns/mean", "values/mean", "value_loss", "explained_variance", "approx_kl", "clip_ratio", "kl_coef", "kl"):
+    for key in ("returns/mean", "values/mean", "value_loss", "explained_variance", "approx_kl", "clip_ratio", "kl_coef", "kl/seq_k1_sum", "kl/token_k3_mean"):
         assert key in last, key
 
 
@@ -37,7 +38,7 @@ def test_target_kl_stops_the_epochs_early_and_adaptive_beta_moves(tmp_path, tiny
     rows = [r for r in read_metrics(tmp_path / "run") if "updates" in r]
     assert all(r["updates"] == 1.0 for r in rows)  # 4 epochs planned, stopped after the first update
     for prev, nxt in zip(rows, rows[1:]):  # Ziegler et al.: beta *= 1 + clip(KL/target - 1, ±0.2) * n / horizon
-        err = max(-0.2, min(0.2, prev["kl"] / 0.001 - 1))
+        err = max(-0.2, min(0.2, prev["kl/seq_k1_sum"] / 0.001 - 1))
         assert nxt["kl_coef"] == pytest.approx(prev["kl_coef"] * (1 + err * 32 / 100), rel=1e-6)
 
 
@@ -61,14 +62,14 @@ def test_ppo_against_a_dpo_models_implicit_reward(tmp_path, tiny_dir, prompts):
     dpo_model = tiny_model_dir(tmp_path / "dpo-model", seed=1)
     base = [*FAST[1:], "train.max_steps=2", "train.lr=1e-3", "algo.rewards=[]", "algo.eval_rewards=[tiny:vowel_reward]",
             f"algo.reward_model={dpo_model}", "algo.reward_model_kind=implicit", "algo.reward_model_beta=0.5"]
-    run_ppo(run_config("ppo", tmp_path / "shared", tiny_dir, prompts, *base))
+    run(run_config("ppo", tmp_path / "shared", tiny_dir, prompts, *base))
     rows = read_metrics(tmp_path / "shared")
     stepped = [r for r in rows if "reward" in r]
     assert [r["models_in_memory"] for r in stepped] == [4.0, 4.0]
     assert all(r["reward"] == r["reward"] and r["reward"] != 0.0 for r in stepped)  # finite, and not a zero log-ratio
     assert any("eval/reward_model/mean_reward" in r for r in rows)  # the proxy score of held-out answers
     other_ref = tiny_model_dir(tmp_path / "other-ref", seed=2)
-    run_ppo(run_config("ppo", tmp_path / "own", tiny_dir, prompts, *base, f"algo.reward_model_ref={other_ref}"))
+    run(run_config("ppo", tmp_path / "own", tiny_dir, prompts, *base, f"algo.reward_model_ref={other_ref}"))
     assert [r["models_in_memory"] for r in read_metrics(tmp_path / "own") if "reward" in r] == [5.0, 5.0]
 
 
@@ -142,9 +143,23 @@ def test_implicit_reward_with_a_lora_policy_uses_the_adapter_off_base(tmp_path, 
                 p.normal_(0, 0.5)  # the adapted policy now differs from the base
     texts = ["abc", "hello there", "x"]
     plain = ["say 1", "say 2", "say 3"]
-    got = algo.model_reward_fn(plain, texts)
-    copy = ImplicitReward(algo.implicit_models[0], load_causal_lm(cfg.model, tiny_dir, trainable=False),
+    got = algo.rewards.model_fn(plain, texts)
+    copy = ImplicitReward(algo.rewards.loaded[0], load_causal_lm(cfg.model, tiny_dir, trainable=False),
                           algo.tokenizer, 0.5)(plain, texts)
     assert got == pytest.approx(copy, abs=1e-5)
-    adapted = ImplicitReward(algo.implicit_models[0], algo.model, algo.tokenizer, 0.5)(plain, texts)
+    adapted = ImplicitReward(algo.rewards.loaded[0], algo.model, algo.tokenizer, 0.5)(plain, texts)
     assert max(abs(x - y) for x, y in zip(got, adapted)) > 1e-3  # the adapter really was off for the reference
+
+
+def test_early_stop_reads_the_whole_update_not_its_last_micro_batch(tmp_path, tiny_dir, prompts):
+    """The trust-region check averages approx_kl over the update's tokens: a last micro-batch above target_kl
+    with a mean below it does not stop the epochs (and the reverse does)."""
+    algo = PPO(run_config("ppo", tmp_path / "run", tiny_dir, prompts, *FAST, "algo.target_kl=0.1"))
+    update = algo.next_iteration(1).updates[0]
+    algo.totals(update)  # an update begins
+    algo._update_kls += [(0.01, 90), (0.5, 10)]  # last micro-batch 0.5 > 0.1, token mean 0.059 < 0.1
+    assert not algo.early_stop()
+    algo.totals(update)
+    assert algo._update_kls == []  # the next update starts afresh
+    algo._update_kls += [(0.5, 90), (0.01, 10)]  # last 0.01 < 0.1, mean 0.451 > 0.1
+    assert algo.early_stop()

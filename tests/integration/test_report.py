@@ -40,7 +40,7 @@ def _rows(command: str, steps: int, seed: int, spikes=(), skipped=None, nan_at=N
             row.update({"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
                         "rewards/accuracies": rng.random()})
         if command in ("ppo", "grpo"):
-            row.update({"reward": 0.03 * t + rng.random() / 7, "kl": 0.002 * t * t + rng.random() / 1000,
+            row.update({"reward": 0.03 * t + rng.random() / 7, "kl/seq_k1_sum": 0.002 * t * t + rng.random() / 1000,
                         "entropy": 1.0 - 0.01 * t, "clip_ratio": rng.random() / 10})
         if command == "rm":
             row["accuracy"] = rng.random()
@@ -207,7 +207,7 @@ def test_numbers_equal_the_metrics_files(pipeline):
         expected = last_logged(read_rows(pipeline / stage / "metrics.jsonl"), metric)
         assert float(value) == expected, (stage, metric)  # exact: the printed text round-trips to the logged float
         checked.add((stage, metric))
-    assert {("ppo", "kl"), ("ppo", "reward"), ("dpo", "rewards/margins"), ("rm", "eval/accuracy"),
+    assert {("ppo", "kl/seq_k1_sum"), ("ppo", "reward"), ("dpo", "rewards/margins"), ("rm", "eval/accuracy"),
             ("grpo", "eval/accuracy"), ("sft", "eval/loss"), ("ppo", "clip_ratio")} <= checked
 
 
@@ -223,8 +223,8 @@ def test_comparison_table_equals_summary_with_documented_fallback(pipeline):
             if entry[field] is not None:
                 assert type(entry[field])(rows[name][field]) == entry[field], (name, field)
     grpo_rows = read_rows(pipeline / "grpo" / "metrics.jsonl")
-    assert float(rows["grpo"]["kl_to_ref"]) == last_logged(grpo_rows, "kl")
-    assert "except (from metrics.jsonl) grpo kl_to_ref: metrics.jsonl last `kl`." in (pipeline / "report.md").read_text()
+    assert float(rows["grpo"]["kl_to_ref"]) == last_logged(grpo_rows, "kl/seq_k1_sum")
+    assert "except (from metrics.jsonl) grpo kl_to_ref: metrics.jsonl last `kl/seq_k1_sum`." in (pipeline / "report.md").read_text()
 
 
 def test_samples_overoptimization_warnings_tables(pipeline):
@@ -248,10 +248,10 @@ def test_samples_overoptimization_warnings_tables(pipeline):
                             ["grpo", "15", "kl_blowup", "kl > 0.4 <stop?>"]]
     frontier = {(r[0], r[1]): r for r in page.tables["frontier"][1:]}
     ppo_rows = read_rows(pipeline / "ppo" / "metrics.jsonl")
-    assert float(frontier[("ppo", "kl, reward over steps")][2]) == last_logged(ppo_rows, "kl")
+    assert float(frontier[("ppo", "kl, reward over steps")][2]) == last_logged(ppo_rows, "kl/seq_k1_sum")
     assert ("sft", "final (kl_to_ref, mean_reward)") in frontier
     # grpo's kl_to_ref is null in the summary: its final point uses the same fallback as the comparison table
-    assert float(frontier[("grpo", "final (kl_to_ref, mean_reward)")][2]) == last_logged(read_rows(pipeline / "grpo" / "metrics.jsonl"), "kl")
+    assert float(frontier[("grpo", "final (kl_to_ref, mean_reward)")][2]) == last_logged(read_rows(pipeline / "grpo" / "metrics.jsonl"), "kl/seq_k1_sum")
 
 
 def test_claims_confirmed_by_this_pipeline(pipeline):
@@ -306,7 +306,7 @@ def test_single_run_dir_without_optional_parts(tmp_path):
     assert float(row["wall_time_s"]) == sum(r["step_time_s"] for r in rows)
     assert float(row["peak_mem_gb"]) == max(r["peak_mem_gb"] for r in rows)
     assert float(row["tokens_per_s"]) == sorted(r["tokens_per_s"] for r in rows)[2]  # lower median of 6
-    assert float(row["kl_to_ref"]) == rows[-1]["kl"] and row["models_in_memory"] == "—"
+    assert float(row["kl_to_ref"]) == rows[-1]["kl/seq_k1_sum"] and row["models_in_memory"] == "—"
     assert len(page.images) == 2  # curves + the kl/reward trajectory
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from posttrain.metrics import read_metrics
-from posttrain.train.rm import bradley_terry_loss, run_rm
+from posttrain.train.registry import run
+from posttrain.train.rm import bradley_terry_loss
 from tiny import run_config, write_jsonl
 
 
@@ -34,7 +35,7 @@ def test_reward_model_separates_pairs(tmp_path, tiny_dir):
     held = write_jsonl(tmp_path / "held.jsonl", separable_pairs(40, 1))
     cfg = run_config("rm", tmp_path / "rm", tiny_dir, train, f"data.eval_path={held}", "train.max_steps=40",
                      "train.lr=3e-3", "train.batch_size=8")
-    run_rm(cfg)
+    run(cfg)
     rows = read_metrics(tmp_path / "rm")
     assert rows[-1]["eval/accuracy"] > 0.9
     from transformers import AutoModelForSequenceClassification

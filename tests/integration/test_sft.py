@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from posttrain.metrics import read_metrics
+from posttrain.train.registry import run
 from posttrain.ops import IGNORE_INDEX
-from posttrain.train.sft import SFT, run_sft, sft_loss
+from posttrain.train.sft import SFT, sft_loss
 from tiny import addition_sft_rows, run_config, write_jsonl
 
 
@@ -20,7 +21,7 @@ def sft_data(tmp_path):
 
 def test_sft_loss_falls_and_final_loads_with_transformers(tmp_path, tiny_dir, sft_data):
     cfg = run_config("sft", tmp_path / "run", tiny_dir, sft_data, "train.max_steps=25", "train.lr=3e-3", "train.eval_every=25")
-    run_sft(cfg)
+    run(cfg)
     rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert rows[-1]["loss"] < 0.75 * rows[0]["loss"]
     for key in ("lr", "grad_norm", "tokens_per_s", "peak_mem_gb"):
@@ -68,7 +69,7 @@ def test_interrupted_then_resumed_run_logs_the_same_metrics(tmp_path, tiny_dir, 
     from posttrain.train.loop import Trainer
 
     common = ["train.lr=2e-3", "train.grad_accum=2", "train.batch_size=4", "train.save_every=3", "train.max_steps=8"]
-    run_sft(run_config("sft", tmp_path / "full", tiny_dir, sft_data, *common))
+    run(run_config("sft", tmp_path / "full", tiny_dir, sft_data, *common))
     cfg = run_config("sft", tmp_path / "half", tiny_dir, sft_data, *common)
     algo = SFT(cfg)
     real_next = algo.next_iteration
@@ -81,7 +82,7 @@ def test_interrupted_then_resumed_run_logs_the_same_metrics(tmp_path, tiny_dir, 
     algo.next_iteration = interrupt_at_6
     with pytest.raises(SystemExit, match="interrupted at step 5"):
         Trainer(algo, cfg.train).fit()
-    run_sft(run_config("sft", tmp_path / "half", tiny_dir, sft_data, *common, "train.resume=true"))
+    run(run_config("sft", tmp_path / "half", tiny_dir, sft_data, *common, "train.resume=true"))
     keys = ("step", "loss", "grad_norm", "lr", "padding_fraction")
     a = [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "full") if "loss" in r]
     b = [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "half") if "loss" in r]
@@ -135,7 +136,7 @@ def test_max_minutes_stops_early_then_evaluates_and_exports(tmp_path, tiny_dir, 
     monkeypatch.setattr(loop.time, "monotonic", lambda: float(next(clock)))
     cfg = run_config("sft", tmp_path / "run", tiny_dir, sft_data, "train.max_steps=50", "train.max_minutes=1",
                      "train.eval_every=1000")
-    run_sft(cfg)
+    run(cfg)
     steps = [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert steps == [1, 2]  # deadline at 60 s; the checks before steps 1, 2, 3 read 25, 50, 75 s
     assert (tmp_path / "run" / "final" / "config.json").exists()

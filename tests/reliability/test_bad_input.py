@@ -244,7 +244,7 @@ def test_overlong_rl_prompts_are_dropped_and_counted(tmp_path, model_dir):
     cfg = run_config("grpo", tmp_path / "run", model_dir, data, "data.max_prompt_length=40", "data.eval_fraction=0",
                      "algo.rewards=[tiny:vowel_reward]", "algo.prompts_per_step=2", "algo.num_generations=2")
     algo = GRPO(cfg)
-    assert len(algo.train_prompts) == 11
+    assert len(algo.collector.prompts) == 11
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())["train_prompts"]
     assert report["dropped"] == 1 and report["first_overlong"] == [f"{data}:6"]
 

@@ -19,8 +19,7 @@ import torch
 
 from posttrain.metrics import read_metrics
 from posttrain.train import checkpoint as ckpt
-from posttrain.train.grpo import run_grpo
-from posttrain.train.sft import run_sft
+from posttrain.train.registry import run
 from tiny import addition_sft_rows, prompt_rows, run_config, tiny_model_dir, write_jsonl
 
 HERE = Path(__file__).resolve().parent
@@ -90,8 +89,8 @@ def setup(tmp_path_factory):
         "grpo": Child(grpo, ["--step-delay", "0.4", "grpo", "--model", s["model"], "--data", s["prompts"], "--output-dir",
                              str(grpo), *CLI_BASE, *GRPO_ARGS], grpo / "checkpoints/step-2/COMPLETE", signal.SIGINT),
     }
-    run_sft(run_config("sft", root / "reference", s["model"], s["data"], *SFT_ARGS))
-    run_grpo(run_config("grpo", root / "grpo_ref", s["model"], s["prompts"], *GRPO_ARGS))
+    run(run_config("sft", root / "reference", s["model"], s["data"], *SFT_ARGS))
+    run(run_config("grpo", root / "grpo_ref", s["model"], s["prompts"], *GRPO_ARGS))
     s["reference"] = root / "reference"
     yield s
     for child in s["children"].values():
@@ -138,7 +137,7 @@ def test_sigkill_during_training_resumes_from_the_newest_complete_checkpoint(set
     assert_loadable(out / "checkpoints" / "step-4", 4)
     with open(out / "metrics.jsonl", "a") as fh:
         fh.write('{"step": 5, "loss": 0.12')  # what a kill in the middle of a metrics write leaves
-    run_sft(run_config("sft", out, setup["model"], setup["data"], *SFT_ARGS, "train.resume=true"))
+    run(run_config("sft", out, setup["model"], setup["data"], *SFT_ARGS, "train.resume=true"))
     assert_same_metrics(setup["reference"], out)
 
 
@@ -150,7 +149,7 @@ def test_sigkill_inside_a_checkpoint_write_leaves_the_previous_one(setup):
     [half] = temporaries(out)
     assert half.name == f".tmp-step-4-{child.proc.pid}"
     assert (half / "policy.safetensors").exists() and not (half / "optim.pt").exists() and not (half / "COMPLETE").exists()
-    run_sft(run_config("sft", out, setup["model"], setup["data"], *SFT_ARGS, "train.resume=true"))
+    run(run_config("sft", out, setup["model"], setup["data"], *SFT_ARGS, "train.resume=true"))
     assert_same_metrics(setup["reference"], out)
     assert temporaries(out) == [] and checkpoint_names(out) == ["step-6", "step-8"]  # the dead writer's folder is gone
 
@@ -204,27 +203,27 @@ def test_failed_checkpoint_write_leaves_the_previous_one_intact(setup, monkeypat
     with monkeypatch.context() as patch:
         _fail_second_save(patch, how, seen)
         with pytest.raises(Exception) as info:
-            run_sft(run_config("sft", out, setup["model"], setup["data"], *SFT_ARGS))
+            run(run_config("sft", out, setup["model"], setup["data"], *SFT_ARGS))
     assert any("step-4 was not written; the earlier checkpoints" in note for note in getattr(info.value, "__notes__", []))
     if how != "file-size-limit":
         assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
     assert checkpoint_names(out) == ["step-2"] and temporaries(out) == []
     assert not (out / "checkpoints" / "step-4").exists()
     assert _hashes(out / "checkpoints" / "step-2") == seen["before"]
-    run_sft(run_config("sft", out, setup["model"], setup["data"], *SFT_ARGS, "train.resume=true"))
+    run(run_config("sft", out, setup["model"], setup["data"], *SFT_ARGS, "train.resume=true"))
     assert_same_metrics(setup["reference"], out)
 
 
 def test_save_only_model_checkpoints_are_small_and_refuse_to_resume(setup):
     """train.save_only_model: weights and trainer state only (no optimizer), and resuming says why it cannot."""
     out = setup["root"] / "only_model"
-    run_sft(run_config("sft", out, setup["model"], setup["data"], *SFT_ARGS, "train.save_only_model=true"))
+    run(run_config("sft", out, setup["model"], setup["data"], *SFT_ARGS, "train.save_only_model=true"))
     assert checkpoint_names(out) == ["step-6", "step-8"]
     for path in ckpt.list_checkpoints(out / "checkpoints"):
         assert not (path / "optim.pt").exists() and (path / "policy.safetensors").exists()
     assert_same_metrics(setup["reference"], out)  # the training itself is unchanged
     with pytest.raises(RuntimeError, match="holds no optimizer state .*save_only_model"):
-        run_sft(run_config("sft", out, setup["model"], setup["data"], *SFT_ARGS, "train.resume=true",
+        run(run_config("sft", out, setup["model"], setup["data"], *SFT_ARGS, "train.resume=true",
                            "train.save_only_model=true"))
 
 
@@ -240,7 +239,7 @@ def test_ctrl_c_in_grpo_saves_a_checkpoint_and_exits_cleanly(setup):
     step, path = int(found.group(1)), Path(found.group(2))
     assert 2 <= step < 6 and path == out / "checkpoints" / f"step-{step}" and (path / "COMPLETE").exists()
     assert not (out / "final").exists()
-    run_grpo(run_config("grpo", out, setup["model"], setup["prompts"], *GRPO_ARGS, "train.resume=true"))
+    run(run_config("grpo", out, setup["model"], setup["prompts"], *GRPO_ARGS, "train.resume=true"))
     assert (out / "final" / "config.json").exists() and read_metrics(out)[-1]["step"] == 6
 
 
@@ -272,7 +271,6 @@ def test_ctrl_c_in_the_middle_of_a_step_resumes_exactly(setup, monkeypatch, comm
     with pytest.raises(SystemExit, match="interrupted"):
         loop.Trainer(algo, cfg.train).fit()
     monkeypatch.setattr(loop, "_run_update", real_update)
-    run = {"sft": run_sft, "grpo": run_grpo}[command]
     run(run_config(command, out, setup["model"], data, *args, "train.resume=true"))
     assert_same_metrics(reference, out, GRPO_KEYS if command == "grpo" else ("loss", "grad_norm", "lr", "padding_fraction"))
 

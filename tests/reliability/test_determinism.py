@@ -7,9 +7,7 @@ import random
 
 import pytest
 
-from posttrain.train.dpo import run_dpo
-from posttrain.train.grpo import run_grpo
-from posttrain.train.sft import run_sft
+from posttrain.train.registry import run
 from tiny import addition_sft_rows, prompt_rows, run_config, tiny_model_dir, write_jsonl
 
 TIMING = {"tokens_per_s", "step_time_s", "peak_mem_gb", "completions_per_s", "reference/seconds"}
@@ -36,9 +34,9 @@ def pairs(n: int = 24) -> list[dict]:
 
 COMMON = ["train.max_steps=4", "train.num_threads=1", "train.eval_every=2", "train.lr=5e-3"]
 ALGOS = {
-    "sft": (run_sft, lambda d: write_jsonl(d / "sft.jsonl", addition_sft_rows(40)), ["train.batch_size=4"]),
-    "dpo": (run_dpo, lambda d: write_jsonl(d / "pairs.jsonl", pairs()), ["train.batch_size=4"]),
-    "grpo": (run_grpo, lambda d: write_jsonl(d / "prompts.jsonl", prompt_rows(24)),
+    "sft": (run, lambda d: write_jsonl(d / "sft.jsonl", addition_sft_rows(40)), ["train.batch_size=4"]),
+    "dpo": (run, lambda d: write_jsonl(d / "pairs.jsonl", pairs()), ["train.batch_size=4"]),
+    "grpo": (run, lambda d: write_jsonl(d / "prompts.jsonl", prompt_rows(24)),
              ["algo.rewards=[tiny:vowel_reward]", "algo.max_new_tokens=6", "algo.prompts_per_step=2",
               "algo.num_generations=4", "train.batch_size=8", "algo.eval_max_new_tokens=4", "algo.beta=0.05"]),
 }

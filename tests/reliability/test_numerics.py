@@ -107,14 +107,14 @@ def _grpo(tmp_path, files, reward, *extra):
     common.setup_run(cfg)
     algo = GRPO(cfg)
     fn = lambda prompts, completions, **_: [reward(p, c) for p, c in zip(prompts, completions)]  # noqa: E731
-    algo.rewards = RewardRunner([("r", fn, 1.0)], num_workers=2, timeout_s=30)
+    algo.collector.rewards = RewardRunner([("r", fn, 1.0)], num_workers=2, timeout_s=30)
     return cfg, algo
 
 
 def _raw_rewards(batch, reward) -> torch.Tensor:
-    from posttrain.train.online import _prompt_text
+    from posttrain.train.collector import prompt_text
 
-    return torch.tensor([reward(_prompt_text(p), c) for p, c in zip(batch.prompts, batch.texts)], dtype=torch.float64)
+    return torch.tensor([reward(prompt_text(p), c) for p, c in zip(batch.prompts, batch.texts)], dtype=torch.float64)
 
 
 def test_nan_rewards_are_masked_out_of_the_loss_and_counted(tmp_path, files):

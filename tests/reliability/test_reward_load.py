@@ -73,7 +73,7 @@ def test_a_hung_batched_reward_zeroes_the_batch_on_time():
 
 
 def test_a_grpo_step_with_a_hanging_and_crashing_reward_finishes_on_time(tmp_path, flaky):
-    from posttrain.train.grpo import run_grpo
+    from posttrain.train.registry import run
 
     model = tiny_model_dir(tmp_path / "model")
     prompts = write_jsonl(tmp_path / "p.jsonl", prompt_rows(10))
@@ -85,7 +85,7 @@ def test_a_grpo_step_with_a_hanging_and_crashing_reward_finishes_on_time(tmp_pat
                      "algo.prompts_per_step=5", "algo.num_generations=6", "algo.max_new_tokens=4", "train.batch_size=30",
                      "train.max_steps=1", "train.num_threads=1", "data.eval_fraction=0")
     start = time.monotonic()
-    run_grpo(cfg)
+    run(cfg)
     elapsed = time.monotonic() - start
     [row] = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert row["rewards/flaky_reward/errors"] == float(hang + crash)

@@ -129,12 +129,12 @@ def _plant(path: Path, marker: Path) -> None:
 
 
 def test_resume_refuses_a_checkpoint_whose_optimizer_file_is_a_pickle_payload(tmp_path):
-    from posttrain.train.sft import run_sft
+    from posttrain.train.registry import run
 
     model = tiny_model_dir(tmp_path / "model")
     data = write_jsonl(tmp_path / "sft.jsonl", addition_sft_rows(16))
     args = ["train.max_steps=2", "train.batch_size=4", "data.eval_fraction=0", "train.num_threads=1"]
-    run_sft(run_config("sft", tmp_path / "run", model, data, *args))
+    run(run_config("sft", tmp_path / "run", model, data, *args))
     optim = tmp_path / "run" / "checkpoints" / "step-2" / "optim.pt"
     marker = tmp_path / "pwned"
     _plant(optim, marker)
@@ -143,7 +143,7 @@ def test_resume_refuses_a_checkpoint_whose_optimizer_file_is_a_pickle_payload(tm
     assert marker.exists()
     marker.unlink()
     with pytest.raises(RuntimeError, match=r"optim.pt: refused to load, it is not a plain tensor file"):
-        run_sft(run_config("sft", tmp_path / "run", model, data, *args, "train.max_steps=4", "train.resume=true"))
+        run(run_config("sft", tmp_path / "run", model, data, *args, "train.max_steps=4", "train.resume=true"))
     assert not marker.exists()
 
 
@@ -173,7 +173,7 @@ def test_a_module_reward_is_imported_only_when_a_config_names_it(tmp_path, monke
     from posttrain.config import load_config
     from posttrain.evaluate import load_reward_fns
     from posttrain.rewards.registry import REWARDS, _load_builtins, load_reward
-    from posttrain.train.online import build_reward_runner
+    from posttrain.train.online_rewards import build_reward_runner
 
     module = f"sneaky_reward_{secrets.token_hex(4)}"
     marker = tmp_path / "imported"

@@ -29,7 +29,7 @@ def test_sft_on_the_demo_task_raises_heldout_accuracy(tmp_path, smollm2):
     from posttrain.data.formats import load_dataset_records
     from posttrain.evaluate import GenEvalConfig, evaluate_policy, load_reward_fns
     from posttrain.models.loading import load_tokenizer
-    from posttrain.train.sft import run_sft
+    from posttrain.train.registry import run
 
     records = load_dataset_records("task:arithmetic", "prompts", "test", n=40)
     fns, gen = load_reward_fns(["numeric"]), GenEvalConfig(max_new_tokens=24)
@@ -44,7 +44,7 @@ def test_sft_on_the_demo_task_raises_heldout_accuracy(tmp_path, smollm2):
                                     # one weights-only checkpoint: 0.5 GB on disk instead of 2 x 1.6 GB
                                     "train.save_only_model=true", "train.keep_checkpoints=1"],
                       {"model.name_or_path": smollm2, "data.path": "task:arithmetic", "train.output_dir": str(tmp_path / "sft")})
-    run_sft(cfg)
+    run(cfg)
     after = accuracy(str(tmp_path / "sft" / "final"))
     shutil.rmtree(tmp_path / "sft")  # the checkpoint and the exported model: 1 GB a run is not worth keeping
     print(f"held-out accuracy before SFT {before:.3f}, after {after:.3f}")

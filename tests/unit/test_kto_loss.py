@@ -34,7 +34,7 @@ def test_kto_hand_computed():
     ]
     out = kto_loss(t(POLICY), t(REF), torch.tensor(DESIRABLE), t(KL_POLICY), t(KL_REF), beta, wd, wu)
     assert out.loss.item() == pytest.approx(sum(expected) / 4, abs=1e-12)
-    assert out.metrics["kl"].item() == pytest.approx(z)
+    assert out.metrics["kto/z_ref"].item() == pytest.approx(z)
     assert out.metrics["rewards/chosen"].item() == pytest.approx(0.5 * 1.5)
     assert out.metrics["rewards/rejected"].item() == pytest.approx(0.5 * -1.5)
     assert out.metrics["rewards/margins"].item() == pytest.approx(1.5)
@@ -47,7 +47,7 @@ def test_z_ref_clamped_at_zero_and_detached():
     r = [1.0, -1.0, 2.0, -2.0]
     expected = [1 - sig(beta * x) if d else 1 - sig(-beta * x) for x, d in zip(r, DESIRABLE)]
     out = kto_loss(t(POLICY), t(REF), torch.tensor(DESIRABLE), kl_policy, kl_ref, beta)
-    assert out.metrics["kl"].item() == 0.0
+    assert out.metrics["kto/z_ref"].item() == 0.0
     assert out.loss.item() == pytest.approx(sum(expected) / 4, abs=1e-12)
     assert not out.loss.requires_grad  # nothing but kl_policy needed grad, and z_ref is detached
 

@@ -11,7 +11,7 @@ def _run(rows, **options):
 
 
 def test_healthy_run_raises_nothing():
-    rows = [{"reward": 0.1 * i, "entropy": 2.0 - 0.05 * i, "kl": 0.01 * i, "completions/mean_length": 20 + i,
+    rows = [{"reward": 0.1 * i, "entropy": 2.0 - 0.05 * i, "kl/token_k3_mean": 0.01 * i, "completions/mean_length": 20 + i,
              "completions/distinct_2": 0.9, "completions/truncated_fraction": 0.0, "value_loss": 1.0 / i,
              "clip_ratio": 0.05, **({"eval/numeric/accuracy": 0.3 + 0.01 * i} if i % 3 == 0 else {})}
             for i in range(1, 12)]
@@ -30,15 +30,15 @@ def test_reward_hacking_is_proxy_up_while_gold_falls_from_its_best():
 
 
 def test_mode_collapse_length_explosion_and_kl_blowup():
-    rows = [{"entropy": 2.0, "completions/mean_length": 10.0, "kl": 0.0},
-            {"entropy": 1.0, "completions/mean_length": 25.0, "kl": 0.02},
-            {"entropy": 0.4, "completions/mean_length": 31.0, "kl": 0.05},  # entropy 0.4 < 0.25 x 2.0; length 31 > 3 x 10
-            {"entropy": 0.6, "completions/mean_length": 40.0, "kl": 0.9}]  # KL 18x in one step
+    rows = [{"entropy": 2.0, "completions/mean_length": 10.0, "kl/token_k3_mean": 0.0},
+            {"entropy": 1.0, "completions/mean_length": 25.0, "kl/token_k3_mean": 0.02},
+            {"entropy": 0.4, "completions/mean_length": 31.0, "kl/token_k3_mean": 0.05},  # entropy 0.4 < 0.25 x 2.0; length 31 > 3 x 10
+            {"entropy": 0.6, "completions/mean_length": 40.0, "kl/token_k3_mean": 0.9}]  # KL 18x in one step
     assert _run(rows) == [(3, "mode_collapse"), (3, "length_explosion"), (4, "kl_blowup")]
 
 
 def test_an_alert_repeats_only_after_it_cleared():
-    rows = [{"kl": 0.1}, {"kl": 6.0}, {"kl": 7.0}, {"kl": 1.0}, {"kl": 8.0}]
+    rows = [{"kl/token_k3_mean": 0.1}, {"kl/token_k3_mean": 6.0}, {"kl/token_k3_mean": 7.0}, {"kl/token_k3_mean": 1.0}, {"kl/token_k3_mean": 8.0}]
     assert _run(rows, kl_jump=1e9) == [(2, "kl_blowup"), (5, "kl_blowup")]
 
 
@@ -50,8 +50,8 @@ def test_truncation_and_ppo_instability():
 
 
 def test_state_round_trip_continues_identically():
-    rows = [{"entropy": 2.0, "kl": 0.1, "value_loss": 1.0}, {"entropy": 1.5, "kl": 0.2, "value_loss": 1.0},
-            {"entropy": 1.0, "kl": 0.3, "value_loss": 1.0}, {"entropy": 0.3, "kl": 9.0, "value_loss": 50.0}]
+    rows = [{"entropy": 2.0, "kl/token_k3_mean": 0.1, "value_loss": 1.0}, {"entropy": 1.5, "kl/token_k3_mean": 0.2, "value_loss": 1.0},
+            {"entropy": 1.0, "kl/token_k3_mean": 0.3, "value_loss": 1.0}, {"entropy": 0.3, "kl/token_k3_mean": 9.0, "value_loss": 50.0}]
     whole = _run(rows)
     first, second = FailureMonitor(), FailureMonitor()
     for step, row in enumerate(rows[:2], 1):
@@ -69,7 +69,7 @@ def test_distinct_n_and_gold_key_by_hand():
 
 
 def test_disabled_monitor_and_unknown_options():
-    assert _run([{"kl": 100.0}], enabled=False) == []
+    assert _run([{"kl/token_k3_mean": 100.0}], enabled=False) == []
     from posttrain.train.online import _make_monitor
 
     with pytest.raises(ValueError, match="kl_max"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from posttrain.overopt import best_of_n_curve, bon_kl, rl_points
-from posttrain.train.rm import swap_labels
+from posttrain.data.preference import swap_labels
 
 
 def test_best_of_n_kl_by_hand():
@@ -29,10 +29,10 @@ def test_best_of_n_picks_the_proxy_argmax_within_disjoint_groups():
 
 
 def test_rl_points_read_eval_steps_at_their_rollout_kl():
-    rows = [{"step": 1, "kl": 0.5, "reward": 1.0},
-            {"step": 2, "kl": 1.5, "eval/reward_model/mean_reward": 2.0, "eval/numeric/mean_reward": 0.4}]
+    rows = [{"step": 1, "kl/seq_k1_sum": 0.5, "reward": 1.0},
+            {"step": 2, "kl/seq_k1_sum": 1.5, "eval/reward_model/mean_reward": 2.0, "eval/numeric/mean_reward": 0.4}]
     start = {"method": "ppo", "step": 0, "kl": 0.0, "gold_reward": 0.3, "proxy_reward": 0.1}
-    rows.append({"step": 3, "kl": -0.01})  # a slightly negative k1 estimate is clamped to 0
+    rows.append({"step": 3, "kl/seq_k1_sum": -0.01})  # a slightly negative k1 estimate is clamped to 0
     rows.append({"step": 3, "final": True, "eval/reward_model/mean_reward": 3.0, "eval/numeric/mean_reward": 0.1})
     assert rl_points(rows, "numeric", start) == [
         start, {"method": "ppo", "step": 2, "kl": 1.5, "gold_reward": 0.4, "proxy_reward": 2.0},

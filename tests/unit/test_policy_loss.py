@@ -207,7 +207,7 @@ def test_a_new_policy_loss_is_one_decorated_function(tmp_path, tiny_dir):
     """Adding a policy loss touches one place: this registration; GRPO then trains with it by name."""
     from posttrain.algos.policy_loss import POLICY_LOSSES
     from posttrain.ops import agg_loss
-    from posttrain.train.grpo import run_grpo
+    from posttrain.train.registry import run
     from posttrain.types import LossOutput
     from tiny import prompt_rows, run_config, write_jsonl
 
@@ -223,7 +223,7 @@ def test_a_new_policy_loss_is_one_decorated_function(tmp_path, tiny_dir):
 
     try:
         data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(16))
-        run_grpo(run_config("grpo", tmp_path / "run", tiny_dir, data, "algo.policy_loss=test_vanilla_pg",
+        run(run_config("grpo", tmp_path / "run", tiny_dir, data, "algo.policy_loss=test_vanilla_pg",
                             "algo.rewards=[tiny:vowel_reward]", "algo.max_new_tokens=4", "algo.prompts_per_step=2",
                             "algo.num_generations=4", "train.max_steps=2", "data.num_eval_examples=2",
                             "algo.eval_max_new_tokens=2"))

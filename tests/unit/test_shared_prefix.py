@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from posttrain.data.chat import Encoded
-from posttrain.models.shared_prefix import (
-    block_mask, common_prefix, grouped_token_logps, pack_groups, pack_pairs, shared_prefix_logps,
-)
+from posttrain.data.collate import pad_encoded
+from posttrain.data.packing import common_prefix, pack_groups, pack_pairs
+from posttrain.models.forward import sequence_logps
+from posttrain.models.shared_prefix import block_mask, grouped_token_logps, shared_prefix_logps
 from posttrain.ops import IGNORE_INDEX
-from posttrain.train.reference import padded, sequence_logps
 from tiny import tiny_llama
 
 VOCAB = 40
@@ -42,7 +42,7 @@ def model(request):
 
 
 def separate(model, pairs):
-    return sequence_logps(model, padded([a for a, _ in pairs] + [b for _, b in pairs], 0))
+    return sequence_logps(model, pad_encoded([a for a, _ in pairs] + [b for _, b in pairs], 0))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

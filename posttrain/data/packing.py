@@ -1,0 +1,116 @@
+"""Packing sequences that share a prefix into one row (the collation side of `models/shared_prefix.py`).
+
+A preference pair [prefix | chosen tail | rejected tail] (`pack_pairs`), a GRPO group [prompt | completion 1 | ...
+| completion G] (`pack_groups`), or the rows of a rollout by group (`pack_rows`): token lists in, host tensors
+out (input_ids, position ids that restart for each tail, segment ids for the block mask, and the flat positions
+of the hidden states that predict each scored token). The model side scores them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.ops import IGNORE_INDEX
+from posttrain.types import RolloutBatch
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _scored(labels: list[int], to_row) -> list[tuple[int, int]]:
+    """(row position of the predicting hidden state, label) for each labelled token after the first."""
+    return [(to_row(t - 1), labels[t]) for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
+
+
+def pack_pairs(pairs: list[tuple], pad_id: int) -> dict:
+    """pairs: B (first, second) Encoded sequences -> one right-padded batch of B rows.
+
+    Returns input_ids, position_ids (B, T); segments (B, T): 0 prefix, 1 first tail, 2 second tail, -1 padding;
+    score_index (N,) flat positions into (B*T) of the hidden states that predict the N labelled tokens,
+    score_label (N,), score_seq (N,) in [0, 2B): sequence s < B is pair s's first, B + s its second.
+    """
+    B = len(pairs)
+    rows, positions, segments, index, label, seq = [], [], [], [], [], []
+    prefixes = [common_prefix(a.input_ids, b.input_ids) for a, b in pairs]
+    T = max(len(a) + len(b) - L for (a, b), L in zip(pairs, prefixes))
+    for row, ((first, second), L) in enumerate(zip(pairs, prefixes)):
+        n1, n2 = len(first), len(second)
+        ids = first.input_ids + second.input_ids[L:]
+        pad = T - len(ids)
+        rows.append(ids + [pad_id] * pad)
+        positions.append(list(range(n1)) + list(range(L, n2)) + [0] * pad)
+        segments.append([0] * L + [1] * (n1 - L) + [2] * (n2 - L) + [-1] * pad)
+        for s, (seq_labels, to_row) in enumerate(((first.labels, lambda i: i),
+                                                  (second.labels, lambda i, L=L, n1=n1: i if i < L else n1 + i - L))):
+            for pos, lab in _scored(seq_labels, to_row):
+                index.append(row * T + pos)
+                label.append(lab)
+                seq.append(s * B + row)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device="cpu")  # noqa: E731  (host staging)
+    return {"input_ids": as_long(rows), "position_ids": as_long(positions), "segments": as_long(segments),
+            "score_index": as_long(index), "score_label": as_long(label), "score_seq": as_long(seq), "num_seqs": 2 * B}
+
+
+def pack_groups(prompts: list[list[int]], completions: list[list[list[int]]], pad_id: int) -> dict:
+    """R prompts with their completions -> R right-padded rows [prompt | completion 1 | ... | completion K_r].
+
+    The G samples of a GRPO group share their prompt, so its tokens run through the model once instead of G
+    times (on the demo task a group of 8 costs ~3x fewer tokens). Every completion token is scored; the first
+    of each is predicted by the prompt's last hidden state.
+    Returns input_ids, position_ids, segments (R, T) (0 prompt, k the k-th completion, -1 padding); score_index,
+    score_label (N,) as in `pack_pairs`; score_seq (N,) the completion's number in row-major order of
+    `completions`; score_pos (N,) the token's index within its completion.
+    """
+    T = max(len(p) + sum(len(c) for c in cs) for p, cs in zip(prompts, completions))
+    rows, positions, segments, index, label, seq, pos = [], [], [], [], [], [], []
+    number = 0
+    for r, (prompt, tails) in enumerate(zip(prompts, completions)):
+        if not prompt:
+            raise ValueError("pack_groups needs a non-empty prompt: a completion's first token is predicted from it")
+        L = len(prompt)
+        ids, position, segment = list(prompt), list(range(L)), [0] * L
+        for k, tail in enumerate(tails, start=1):
+            start = len(ids)
+            for t, token in enumerate(tail):
+                index.append(r * T + (L - 1 if t == 0 else start + t - 1))
+                label.append(token)
+                seq.append(number)
+                pos.append(t)
+            ids += tail
+            position += range(L, L + len(tail))
+            segment += [k] * len(tail)
+            number += 1
+        pad = T - len(ids)
+        rows.append(ids + [pad_id] * pad)
+        positions.append(position + [0] * pad)
+        segments.append(segment + [-1] * pad)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device="cpu")  # noqa: E731  (host staging)
+    return {"input_ids": as_long(rows), "position_ids": as_long(positions), "segments": as_long(segments),
+            "score_index": as_long(index), "score_label": as_long(label), "score_seq": as_long(seq),
+            "score_pos": as_long(pos), "num_seqs": number}
+
+
+def pack_rows(batch: RolloutBatch, rows: torch.Tensor) -> dict:
+    """The rows `rows` as one packed row per group [prompt | completions...] (`shared_prefix.pack_groups`);
+    its score_seq indexes into `rows`."""
+    members: dict[int, list[int]] = {}
+    for i, r in enumerate(rows.tolist()):
+        members.setdefault(int(batch.group[r]), []).append(i)
+    prompts, tails, order = [], [], []
+    for idx in members.values():
+        prompt = batch.prompt_ids(int(rows[idx[0]]))
+        if any(batch.prompt_ids(int(rows[i])) != prompt for i in idx[1:]):
+            raise ValueError("rows of one group must share their prompt to be packed")
+        prompts.append(prompt)
+        tails.append([batch.completion_ids(int(rows[i])) for i in idx])
+        order += idx
+    packed = pack_groups(prompts, tails, batch.pad_id)
+    packed["score_seq"] = torch.tensor(order, dtype=torch.long, device="cpu")[packed["score_seq"]]
+    device = batch.input_ids.device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
