@@ -40,12 +40,23 @@ SECTION_FLAGS = {
 }
 
 
-def _add_train_parser(sub, name: str, help_text: str, fields: set[str] | None = None) -> None:
-    """The command's parser; `fields` (its algo section's field names, known once its module is imported) add
-    the flags that set them."""
-    p = sub.add_parser(name, help=help_text, description=help_text)
-    p.add_argument("config", nargs="?", help="YAML config file (optional)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-5")
+def _add_train_parser(sub, name: str, help_text: str, chosen: bool = False) -> None:
+    """The command's parser. Only the command being run (`chosen`, its module imported) gets the flags of its algo
+    section and, after the flags, the listing of every config key with its type, default and doc."""
+    listing, fields = None, set()
+    if chosen:
+        from dataclasses import fields as dataclass_fields
+        from functools import partial
+
+        from posttrain.config_docs import help_epilog
+        from posttrain.train import registry
+
+        fields = {f.name for f in dataclass_fields(registry.get(name).config)}
+        listing = partial(help_epilog, name)
+    p = sub.add_parser(name, help=help_text, description=help_text, epilog_fn=listing,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # the listing is aligned already
+    p.add_argument("config", nargs="?", help=f"YAML config file (optional; `posttrain config {name}` writes one)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-5 (keys listed below)")
     p.add_argument("--model", help="model folder, .gguf file, hub id, or 'smollm2' (bundled)")
     p.add_argument("--data", help="dataset: .jsonl/.json/.parquet, a saved HF dataset, or task:arithmetic")
     p.add_argument("--output-dir", dest="output_dir", help="run directory")
@@ -56,8 +67,38 @@ def _add_train_parser(sub, name: str, help_text: str, fields: set[str] | None = 
     p.add_argument("--num-processes", dest="num_processes", type=int, default=1,
                    help="data-parallel processes on this machine (or launch with accelerate launch / torchrun)")
     for field_name, (flag, options) in SECTION_FLAGS.items():
-        if field_name in (fields or ()):
+        if field_name in fields:
             p.add_argument(flag, **options)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser whose epilog is made only when its help is shown: the config-key listing reads the
+    field docs from the modules' source (0.1 s of parsing), which a training run has no use for."""
+
+    def __init__(self, *args, epilog_fn=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epilog_fn = epilog_fn
+
+    def format_help(self) -> str:
+        if self.epilog_fn is not None:
+            self.epilog, self.epilog_fn = self.epilog_fn(), None
+        return super().format_help()
+
+
+def _add_config_parser(sub, commands) -> None:
+    p = sub.add_parser("config", help="print a command's full default config as YAML, each key's doc as a comment",
+                       description="Print a command's full default config as YAML, each key's doc as a comment: "
+                                   "posttrain config grpo > grpo.yaml, edit it, then posttrain grpo grpo.yaml.")
+    p.add_argument("of", metavar="COMMAND", choices=list(commands), help=" | ".join(commands))
+    p.set_defaults(func=_print_config)
+
+
+def _print_config(args) -> int:
+    from posttrain.config_docs import default_yaml
+    from posttrain.train import registry
+
+    print(default_yaml(args.of, registry.get(args.of).help), end="")
+    return 0
 
 
 def _split_config_and_overrides(args) -> tuple[str | None, list[str]]:
@@ -81,25 +122,32 @@ def config_from_args(command: str, args):
 
 
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
-    """All commands; the one being run (`chosen`) gets the flags of its algo section (its module is imported)."""
-    from dataclasses import fields
-
+    """All commands, only the one being run (`chosen`) in full: a training command's flags and key listing import
+    its module, eval's parser lives in posttrain.evaluate (torch). The others are their help line, enough for
+    `posttrain --help`, which so imports no torch."""
     from posttrain.train import registry
 
     parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
     parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, help_text) in registry.discover().items():
-        names = {f.name for f in fields(registry.get(name).config)} if name == chosen else None
-        _add_train_parser(sub, name, help_text, names)
-    from posttrain.evaluate import add_eval_parser
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = registry.discover()
+    for name, (_, help_text) in commands.items():
+        _add_train_parser(sub, name, help_text, chosen=name == chosen)
+    _add_config_parser(sub, commands)
+    if chosen == "eval":
+        from posttrain.evaluate import add_eval_parser
 
-    add_eval_parser(sub)
+        add_eval_parser(sub)
+    else:
+        sub.add_parser("eval", help=EVAL_HELP)
     for name, target, help_text in EXTRA_COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        _resolve_parser(target)(p)
+        if name == chosen:
+            _resolve_parser(target)(p)
     return parser
 
+
+EVAL_HELP = "evaluate a model with reward functions, or a reward model on pairs"  # as posttrain.evaluate words it
 
 # commands with their own arguments: (name, "module:add_arguments", help)
 EXTRA_COMMANDS = [
@@ -110,10 +158,14 @@ EXTRA_COMMANDS = [
 
 
 def _resolve_parser(target: str):
+    """The command's argument builder; a command whose optional third-party dependency is not installed says so
+    when run. An ImportError of posttrain's own code is a bug and is raised, not reported as "not available"."""
     try:
         return _resolve(target)
-    except (ImportError, AttributeError):
-        return lambda p: p.set_defaults(unavailable=target)
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] == "posttrain":
+            raise
+        return lambda p, missing=err.name: p.set_defaults(unavailable=f"{target} needs {missing}")
 
 
 def _without_num_processes(argv: list[str]) -> list[str]:
@@ -136,9 +188,7 @@ def _command_in(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     from posttrain.train import registry
 
-    words = argv if argv is not None else sys.argv[1:]
-    chosen = _command_in(words)
-    parser = build_parser(chosen if chosen in registry.discover() else None)
+    parser = build_parser(_command_in(argv if argv is not None else sys.argv[1:]))
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may follow the flags; argparse stops collecting positionals at the first flag
     stray = [e for e in extra if e.startswith("-") or "=" not in e]

@@ -5,16 +5,13 @@ by `posttrain.train.registry.algorithm`). Unknown keys are errors that suggest t
 of the command; renamed keys (`rename_key`) are accepted for one release with a deprecation warning. The field
 docs (`posttrain CMD --help`, `posttrain config CMD`) are the fields' comments, read by `config_docs`.
 
-Why hand-written coercion rather than pydantic 2 or OmegaConf structured configs (compared on the same bad inputs):
-`train.max_steps=many` gives here `train.max_steps: expected int, got 'many'`; pydantic `1 validation error for
-Run / train.max_steps / Input should be a valid integer, unable to parse string as an integer [type=int_parsing,
-...]` plus a URL; OmegaConf `Value 'many' of type 'str' could not be converted to Integer / full_key: ... /
-reference_type=Train / object_type=Train`. `model.lora=3`: here `model.lora: expected a mapping, got 3`; OmegaConf
-`Merge error: int is not a subclass of Lora. value: 3` (no key). `train.save_step=3`: here `... (did you mean
-'save_every'?)`; pydantic `Unexpected keyword argument` (no suggestion); OmegaConf lists both `max_steps` and
-`save_every`. Both libraries also refuse inputs this parser accepts (`a,b` for a list; pydantic `3` for a str,
-OmegaConf `"3.0"` for an int) and read `null` for an optional str as the string "null": one-line errors that name
-the key and the same accepted inputs keep the hand-written parser, with no new dependency.
+Hand-written coercion, weighed against pydantic 2 and OmegaConf structured configs on the same bad inputs: for
+`train.max_steps=many` this gives `train.max_steps: expected int, got 'many'`, pydantic `1 validation error for Run
+train.max_steps Input should be a valid integer, unable to parse string as an integer [type=int_parsing, ...]` and
+a URL, OmegaConf `Value 'many' of type 'str' could not be converted to Integer` and 3 lines of full_key/types; for
+`model.lora=3` OmegaConf says `Merge error: int is not a subclass of Lora. value: 3` (no key), and for
+`train.save_step=3` pydantic `Unexpected keyword argument` (no suggestion). Both refuse inputs accepted here (`a,b`
+for a list; pydantic 3 for a str, OmegaConf "3.0" for an int): one-line errors that name the key, no dependency.
 """
 
 from __future__ import annotations
@@ -170,7 +167,8 @@ def _renamed(dotted: str) -> tuple[str, str | None]:
     while dotted not in seen:
         seen.add(dotted)
         parts = dotted.split(".")
-        old = next((".".join(parts[:n]) for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in RENAMED_KEYS), None)
+        sections = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]  # longest first
+        old = next((key for key in sections if key in RENAMED_KEYS), None)
         if old is None:
             break
         dotted, used = ".".join([RENAMED_KEYS[old], *parts[old.count(".") + 1:]]), used or old
@@ -180,7 +178,8 @@ def _renamed(dotted: str) -> tuple[str, str | None]:
 def _deprecated(old: str, warned: set[str]) -> None:
     if old not in warned:  # once per old key and config, however many of its fields the config sets
         warned.add(old)
-        log.warning("config key %r is deprecated; use %r (the old name goes in the next release)", old, _renamed(old)[0])
+        log.warning("config key %r is deprecated; use %r (the old name goes in the next release)",
+                    old, _renamed(old)[0])
 
 
 def _rename_tree(tree: dict, warned: set[str]) -> None:

@@ -6,7 +6,6 @@ Everything here is a pure function of tensors. Shapes: B batch, T time, V vocabu
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
@@ -168,9 +167,3 @@ def agg_loss(
         length = float(per_token.shape[1]) if max_len is None else float(max_len)
         return (per_token * mask).sum() / (max(n_seqs, 1.0) * length)
     raise ValueError(f"unknown loss aggregation mode {mode!r}; choose one of {AGG_MODES}")
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) over the last dim, in fp32: (..., V) -> (...)."""
-    logits = logits.float()
-    return torch.logsumexp(logits, -1) - (F.softmax(logits, -1) * logits).sum(-1)

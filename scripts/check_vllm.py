@@ -8,7 +8,7 @@ neither. Each check prints its figures and PASS or FAIL; the exit code is 1 if a
 
   greedy     the same prompts decoded greedily by both engines give the same tokens (fp32: all rows)
   stop       a completion that stopped ends with a stop id, kept and inside the mask (as the HF engine does)
-  logprobs   vLLM's sampled-token log-probs at T 0.7 equal the trainer's recomputed ones (PITFALLS #11)
+  logprobs   vLLM's sampled-token log-probs at T 0.7 equal the trainer's recomputed ones (sampling temperature vs recomputed log-probs: TRL PR #3029)
   sync       after the policy's weights change, sync_weights makes vLLM's greedy tokens follow the new policy
   grpo       `posttrain grpo algo.engine=vllm` runs, syncs once per step, counts the engine's copy in memory
 """

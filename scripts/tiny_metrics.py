@@ -65,8 +65,11 @@ def run_all(folder: Path, steps: int) -> dict:
     return out
 
 
-# metrics renamed since an earlier version: compared under their new names
-RENAMED: dict[str, str] = {}
+# metrics renamed since an earlier version, per run: compared under their new names ("kl" meant three things)
+_GRPO_KL = {"kl": "kl/token_k3_mean", "kl/k1": "kl/token_k1_mean", "kl/k2": "kl/token_k2_mean",
+            "kl/k3": "kl/token_k3_mean", "kl/sequence_k1": "kl/seq_k1_sum"}
+RENAMED: dict[str, dict[str, str]] = {"grpo": _GRPO_KL, "grpo-kl-reward": _GRPO_KL, "ppo": {"kl": "kl/seq_k1_sum"},
+                                      "kto": {"kl": "kto/z_ref"}}
 
 
 def compare(after: dict, before: dict) -> int:
@@ -74,7 +77,8 @@ def compare(after: dict, before: dict) -> int:
     that are new are listed, not counted as differences."""
     bad = 0
     for name in sorted(set(before) | set(after)):
-        b = [{RENAMED.get(k, k): v for k, v in row.items()} for row in before.get(name, [])]
+        renamed = RENAMED.get(name, {})
+        b = [{renamed.get(k, k): v for k, v in row.items()} for row in before.get(name, [])]
         added = sorted({k for row in after.get(name, []) for k in row} - {k for row in b for k in row})
         a = [{k: v for k, v in row.items() if k not in added} for row in after.get(name, [])]
         if a == b:

@@ -40,7 +40,7 @@ def _group_stats(rewards: torch.Tensor, group: torch.Tensor):
 def group_is_degenerate(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """rewards (N,), group (N,) -> bool (N,): True for rows whose group has all-equal rewards (incl. size-1 groups).
 
-    Used for the `frac_zero_std` metric and for DAPO's dynamic sampling (drop such groups, Yu et al. 2025 eq. 11).
+    Used for GRPO's `zero_variance_groups` metric and for DAPO's dynamic sampling (drop such groups, Yu et al. 2025 eq. 11).
     """
     inverse, _, _, degenerate = _group_stats(rewards, group)
     return degenerate[inverse]

@@ -121,7 +121,12 @@ def _sigmoid_family(lp: PairLogps, hp: PreferenceHParams, robust: bool):
 
 @register("dpo", needs_reference=True)
 def dpo(lp: PairLogps, hp: PreferenceHParams):
-    """DPO, Rafailov et al. 2023 eq. 7: -logσ(βh). With label_smoothing ε > 0 this is cDPO (as in TRL's sigmoid)."""
+    """DPO, Rafailov et al. 2023 eq. 7: -logσ(βh). With label_smoothing ε > 0 this is cDPO.
+
+    Not TRL's DPO: in TRL 1.16 `DPOTrainer._compute_loss` computes loss_type "sigmoid" as -logσ(βh) whatever
+    `label_smoothing` is (in that trainer ε enters only "robust", "exo_pair", "aot" and "aot_unpaired"). TRL's CPO
+    trainer (`CPOTrainer.cpo_loss`, trl/experimental/cpo) does smooth its "sigmoid" loss this way.
+    """
     return _sigmoid_family(lp, hp, robust=False)
 
 
@@ -144,9 +149,11 @@ def robust(lp: PairLogps, hp: PreferenceHParams):
 
 @register("ipo", needs_reference=True)
 def ipo(lp: PairLogps, hp: PreferenceHParams):
-    """IPO, Azar et al. 2023 (the sampled IPO loss): (h - 1/(2τ))² with τ = beta. As in TRL, h is built from per-token AVERAGED
-    log-ratios: with summed log-probs the regression target 1/(2τ) would mean different things for different
-    lengths. Rewards are β times the averaged log-ratios, matching TRL's IPO metrics."""
+    """IPO, Azar et al. 2023 (the sampled IPO loss): (h - 1/(2τ))² with τ = beta. As in TRL, h is built from
+    per-token AVERAGED log-ratios: with summed log-probs the regression target 1/(2τ) would mean different things
+    for different lengths. Rewards here are β times the averaged log-ratios, the quantities the loss regresses.
+    TRL's differ: TRL 1.16's `DPOTrainer._compute_loss` logs `rewards/*` as β times the SUMMED log-ratios for
+    every loss type, IPO included, so an IPO run's reward metrics are not comparable with TRL's."""
     chosen, rejected = _log_ratios(lp, length_normalized=True)
     losses = (chosen - rejected - 1.0 / (2.0 * hp.beta)) ** 2
     return losses, hp.beta * chosen, hp.beta * rejected, {}

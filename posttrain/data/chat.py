@@ -2,11 +2,11 @@
 
 The rendered conversation is cut into character segments (template text, assistant turns), each segment is
 tokenized on its own and the ids are concatenated. That makes three things exact by construction:
-the prompt ids are a prefix of the full ids (PITFALLS #10), the labels cover exactly the assistant turns,
+the prompt ids are a prefix of the full ids (prompt/completion boundary and template drift: TRL #2054), the labels cover exactly the assistant turns,
 and the prompt ids used in SFT, generation and scoring are the same list.
 
 An assistant turn is trained up to and including its end-of-turn token (`<|im_end|>`, or EOS): when the
-tokenizer's pad token equals its EOS token, that EOS is still a real token with a label (PITFALLS #3);
+tokenizer's pad token equals its EOS token, that EOS is still a real token with a label (pad == eos masking the real EOS: TRL #1623);
 padding is never decided by comparing ids with pad_token_id.
 """
 

@@ -30,7 +30,7 @@ def apply_length_policy(encoded: Encoded, max_length: int, policy: str) -> Encod
     """None to drop; a truncated copy that keeps the prompt's start and at least one trained token; or as is.
 
     `truncate` cuts the end (the completion's tail) first; if the prompt alone leaves no room for one
-    completion token, the example is dropped rather than trained with no target (PITFALLS #9).
+    completion token, the example is dropped rather than trained with no target (prompts over the limit: TRL #3569).
     """
     if len(encoded) <= max_length:
         return encoded

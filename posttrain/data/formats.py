@@ -4,10 +4,10 @@ Every record keeps where it came from (file and line or row), so a bad record is
 `data.jsonl:17: field 'chosen': expected a string or a list of messages, got int` — never a traceback.
 That covers unreadable files too: bytes that are not UTF-8, a lone surrogate escape (`"\\ud800"`, which JSON
 accepts but no tokenizer can encode), nesting too deep to parse, a broken Parquet file or dataset folder.
-Column names follow TRL so datasets move both ways (DESIGN.md §3).
+Column names follow TRL so datasets move both ways (the README's contract).
 
 Duplicated records are kept: repeating a row is a legitimate way to up-weight it, and GRPO treats equal prompts
-as separate groups (PITFALLS #17). They are counted and logged as a warning, so an accidental concatenation
+as separate groups (prompts, groups and seeds: TRL #4531). They are counted and logged as a warning, so an accidental concatenation
 of a file with itself does not go unnoticed; deduplicate upstream if that is not what you want.
 """
 

@@ -19,7 +19,7 @@ def _canonical(value) -> str:
 
 
 def split_degenerate(records: list[Record]) -> tuple[list[Record], list[Record]]:
-    """(kept, dropped): a pair whose chosen and rejected texts are equal teaches nothing (PITFALLS #15)."""
+    """(kept, dropped): a pair whose chosen and rejected texts are equal teaches nothing (degenerate pairs: OpenRLHF #364)."""
     kept, dropped = [], []
     for record in records:
         same = _canonical(record.data["chosen"]) == _canonical(record.data["rejected"])

@@ -54,7 +54,8 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     model.tie_weights()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)  # the temporary folder beside it: os.replace cannot cross filesystems
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent))
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if out_dir.exists():

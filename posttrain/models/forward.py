@@ -2,7 +2,7 @@
 
 The causal LM's decoder runs once; its hidden states go through the output head in chunks
 (`ops.hidden_logprobs`), so a (B, T, V) fp32 log-softmax never exists. Position ids always come from the
-attention mask, so left, right and no padding give the same numbers (PITFALLS #1).
+attention mask, so left, right and no padding give the same numbers (left padding without position ids: OpenRLHF #217, TRL #6800).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def reward_scores(model, input_ids, attention_mask) -> torch.Tensor:
-    """Bradley–Terry scores (B,) from a sequence classifier's head at the last real token (PITFALLS #4)."""
+    """Bradley–Terry scores (B,) from a sequence classifier's head at the last real token (reward read from the wrong token: transformers #35352, TRL #3750)."""
     hidden = decoder_hidden(model, input_ids, attention_mask)
     last = last_token_index(attention_mask)
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]

@@ -1,4 +1,4 @@
-"""Reading run directories and pipeline directories for the report (DESIGN.md §3). No plotting, no HTML.
+"""Reading run directories and pipeline directories for the report (the README's contract). No plotting, no HTML.
 
 A run directory holds `config.yaml` (its `command` names the algorithm), `metrics.jsonl` (one row per logged
 step; the last row may carry `"final": true` and `eval/...` keys) and `final/`. A pipeline directory holds one

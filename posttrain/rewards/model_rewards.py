@@ -2,9 +2,10 @@
 LLM judge asked a yes/no question.
 
 All are callables with the reward contract and ``batched = True`` (the runner calls them once per batch).
-The scalar reward model and the judge read the model at the LAST NON-PAD token, found from the attention mask (PITFALLS #4): with pad == eos a
-real EOS at the end of a sequence looks like padding, so ``pad_token_id`` must not be trusted; and both pass
-position ids computed from the mask, so left padding does not shift RoPE positions (PITFALLS #1).
+The scalar reward model and the judge read the model at the LAST NON-PAD token, found from the attention mask: with
+pad == eos a real EOS at the end of a sequence looks like padding, so ``pad_token_id`` must not be trusted; and both
+pass position ids computed from the mask, so left padding does not shift RoPE positions (the default positions
+0..T-1 would start a left-padded row's first real token at its pad count).
 """
 
 from __future__ import annotations
@@ -16,12 +17,7 @@ YES_VARIANTS = (" yes", "yes", " Yes", "Yes", " YES", "YES")
 NO_VARIANTS = (" no", "no", " No", "No", " NO", "NO")
 
 
-def last_token_index(attention_mask):
-    """Index of the last real token per row, whatever the padding side: (B, T) -> (B,)."""
-    import torch
-
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (attention_mask.long() * positions).argmax(-1)
+from posttrain.models.forward import last_token_index  # the one definition (models/ is below rewards/)
 
 
 def _texts(tokenizer, prompts, completions, generation_prompt: bool):
@@ -68,10 +64,10 @@ def _placed(model, device):
 class RewardModelReward:
     """Scores ``prompt + completion`` with an ``AutoModelForSequenceClassification`` (num_labels=1).
 
-    The backbone is run with the mask's position ids and the ``score`` head is applied to the hidden state of
-    the last non-pad token: the model's own pooling locates that token through ``pad_token_id`` and is wrong
-    when pad == eos. Works for decoder classifiers with a ``score`` head (Llama, Qwen, Mistral, GPT-2 ...),
-    PEFT-wrapped or not.
+    `forward.reward_scores` runs the backbone with the mask's position ids and applies the ``score`` head to the
+    hidden state of the last non-pad token: the model's own pooling locates that token through ``pad_token_id``
+    and is wrong when pad == eos. Works for decoder classifiers with a ``score`` head (Llama, Qwen, Mistral,
+    GPT-2 ...), PEFT-wrapped or not.
     """
 
     batched = True
@@ -79,29 +75,16 @@ class RewardModelReward:
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None, device=None):
         """device: where its forward passes run (default: where the model is)."""
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.head = getattr(inner, "score", None)
-        self.backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
-        if self.head is None or self.backbone is None:
+        # checked here rather than at the first batch: `reward_scores` reads exactly these two attributes
+        head = getattr(inner, "score", None)
+        backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+        if head is None or backbone is None:
             raise ValueError(f"{type(inner).__name__} has no `score` head and base model: not a decoder reward model")
         if getattr(inner.config, "num_labels", 1) != 1:
             raise ValueError(f"a reward model has num_labels=1, got {inner.config.num_labels}")
         self.model, self.tokenizer, self.batch_size, self.max_length = model, tokenizer, batch_size, max_length
         self.device = device if device is not None else _device(model)
         self.__name__ = "reward_model"
-
-    def score_texts(self, texts: list[str], add_special_tokens: bool = True) -> list[float]:
-        """Scalar score of each text: (N,) floats."""
-        import torch
-
-        scores = []
-        with torch.no_grad():
-            for start in range(0, len(texts), self.batch_size):
-                ids, mask, pos = _encode(self.tokenizer, texts[start:start + self.batch_size], add_special_tokens,
-                                         self.max_length, _device(self.model))
-                hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-                last = hidden[torch.arange(ids.shape[0], device=ids.device), last_token_index(mask)]  # (B, H)
-                scores += self.head(last).squeeze(-1).float().tolist()
-        return scores
 
     def __call__(self, prompts, completions, raw_prompt=None, **_) -> list[float]:
         """Scores of prompt + completion, tokenized exactly as `posttrain rm` tokenized its training pairs
@@ -202,6 +185,16 @@ def dpo_run_settings(model_dir: str) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def _conversation_text(tokenizer, prompt) -> str:
+    """A dataset prompt as the judge's question shows it: a string as it is; a message list as "role: content"
+    lines, since the flattened text the trainers pass as `prompts` drops the roles (and so the line between system
+    and user turns). Not the chat template: its turn markers inside the judge's own user turn would end that turn
+    early (ChatML's <|im_end|>)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
 def _single_token_ids(tokenizer, variants) -> list[int]:
     ids = []
     for variant in variants:
@@ -217,6 +210,8 @@ class LLMJudgeReward:
     ``question_template`` is formatted with ``prompt``, ``completion`` and any string columns, e.g.
     ``"Question: {prompt}\\nAnswer: {completion}\\nIs the answer correct? Reply yes or no."``; it is sent as a
     user turn with the generation prompt when the tokenizer has a chat template, as plain text otherwise.
+    ``{prompt}`` is the ``raw_prompt`` column when given (the dataset's prompts, which the trainers pass), a message
+    list rendered with its roles by ``_conversation_text``; else the ``prompts`` argument.
 
     Tokens: the first token of the reply may or may not carry a leading space (after "Answer:" the model writes
     " yes"; after a chat template's assistant header usually "Yes"), and capitalisation varies. P(yes) sums the
@@ -244,8 +239,11 @@ class LLMJudgeReward:
     def __call__(self, prompts, completions, **columns) -> list[float]:
         import torch
 
+        # raw_prompt stays among the columns: a string one can still fill a `{raw_prompt}` field of the template
+        raw = columns.get("raw_prompt")
+        shown = prompts if raw is None else [_conversation_text(self.tokenizer, p) for p in raw]
         questions = []
-        for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        for i, (prompt, completion) in enumerate(zip(shown, completions, strict=True)):
             extra = {k: v[i] for k, v in columns.items() if isinstance(v[i], str)}
             questions.append(self.template.format(**extra, prompt=prompt, completion=completion))
         texts, special = _texts(self.tokenizer, questions, [None] * len(questions), generation_prompt=True)

@@ -1,6 +1,6 @@
 """Reward functions by name: ``REWARDS`` (filled by ``@register_reward``) and ``load_reward``.
 
-A reward function is a plain callable ``fn(prompts, completions, **columns) -> list[float]`` (DESIGN.md §3);
+A reward function is a plain callable ``fn(prompts, completions, **columns) -> list[float]`` (the README's contract);
 columns are the extra dataset columns as lists (``answer``, ``tests`` ...). NaN means "masked": the reward
 could not be computed for a reason that is not the completion's fault (unparseable gold answer, sandbox failure).
 """

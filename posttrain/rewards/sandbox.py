@@ -22,7 +22,7 @@ Defences, each reported in ``SandboxResult.defences`` when active (``probe()`` l
   (``-I``) minus ``-E``, which would also ignore the fixed hash seed;
 - a fresh temporary work folder, deleted afterwards.
 
-Verdict (PITFALLS #19): ``passed`` only when the harness's result pipe carries ``PASS <nonce>`` with this run's
+Verdict (code-execution rewards fooled from inside: verl PR #7853, open-r1 PR #546): ``passed`` only when the harness's result pipe carries ``PASS <nonce>`` with this run's
 random nonce, written after the tests ran to completion (see ``_sandbox_child.py`` for why the code cannot forge
 it). ``sys.exit(0)``, ``os._exit(0)``, raising, patched builtins, printing a fake marker: ``failed``. Output over
 ``max_output_bytes`` kills the run (``failed``). ``timeout``: wall clock or CPU limit. ``infra_error``: the

@@ -4,7 +4,7 @@ Each is a plain reward function ``fn(prompts, completions, **columns) -> list[fl
 and bound by ``load_reward(name, **options)``. Unused columns are accepted and ignored (``**_``).
 
 Masking: a reward that cannot be computed for a reason that is not the completion's fault returns NaN for
-that sample ("masked"): here, a gold answer that cannot be parsed (PITFALLS #20: never rewarded, never 0).
+that sample ("masked"): here, a gold answer that cannot be parsed (math answer verification: Math-Verify #14: never rewarded, never 0).
 The trainer drops masked samples from the loss and counts them in ``rewards/<name>/masked``.
 """
 

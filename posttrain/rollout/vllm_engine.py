@@ -33,7 +33,7 @@ vLLM's CPU build has no sleep mode (vLLM refuses `enable_sleep_mode` there), so 
 Differences from the HF engine, stated rather than hidden:
 - log-probs come from vLLM's sampler with `logprobs_mode="processed_logprobs"`: after temperature AND after
   top-k/top-p, renormalized over the kept tokens. They equal the HF engine's (full distribution at the sampling
-  temperature, what the trainer recomputes; PITFALLS #11) only when top_k = 0 and top_p = 1. The trainer
+  temperature, what the trainer recomputes; sampling temperature vs recomputed log-probs: TRL PR #3029) only when top_k = 0 and top_p = 1. The trainer
   recomputes old log-probs itself either way, so these are a check, not an input to the loss.
 - vLLM computes in its own dtype (bf16 by default), so its tokens and log-probs differ from an fp32 policy's
   by bf16 rounding; samples are reproducible for a given seed within vLLM, not identical to the HF engine's.

@@ -4,7 +4,7 @@
 Data parallelism with exact semantics: every rank computes the gradient of its share of the global batch
 with the loss normalized by the *global* token/sequence counts (all-reduced before the losses run), and the
 gradients are summed across ranks in one flat all-reduce. The update therefore equals the single-process
-update on the same global batch, for every loss-aggregation mode (PITFALLS #5) — the property DDP's
+update on the same global batch, for every loss-aggregation mode (accumulation normalized per micro-batch: transformers PR #34191) — the property DDP's
 gradient averaging loses when ranks hold different numbers of tokens (the property of PyTorch issue reports
 and of transformers PR #34191). Only rank 0 writes files.
 

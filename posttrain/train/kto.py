@@ -7,8 +7,15 @@ The reference point z_ref estimates KL(π‖π_ref) on *mismatched* pairs: promp
 example. Which other example is fixed once, at load time, by a seeded derangement over the whole training set
 (`kl_partners`; the partner never shares the prompt), not drawn per batch: so the KL pairs are known in advance,
 their reference log-probs are precomputed with the others, and a resumed run sees the same pairs. Within an update
-z_ref = max(0, mean over the update's KL pairs of log π − log π_ref), computed without gradient before the
-micro-batches run (`totals`), so k micro-batches give exactly the gradient of one batch, as in eq. 8 of the paper.
+z_ref = max(0, mean over the update's KL pairs of log π − log π_ref), computed without gradient when the update is
+built (`next_iteration`), so k micro-batches give exactly the gradient of one batch, as in eq. 8 of the paper.
+
+How this differs from the paper and TRL, which mismatch completions within each batch (TRL's KTOTrainer shifts the
+batch's completions by one): there, prompt i meets a new completion each epoch and a batch's KL pairs use only that
+batch's completions; here prompt i always meets the same other example's completion, drawn from the whole set.
+Each batch's estimate has the same expectation (a prompt with an unrelated completion, as in the product of the
+marginals), but across epochs the KL sample does not change — fewer distinct KL pairs over a long run, in exchange
+for no second reference pass per step. `test_kl_partners_are_fixed_across_epochs` pins this behaviour.
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ def kl_partners(prompt_keys: list[str], seed: int) -> list[int]:
 
     A random roll over a seeded shuffle (`kto.mismatched_indices`, a derangement for any n >= 2, odd or even),
     then every partner that shares its prompt (the other half of a split preference pair) is swapped with
-    another row's partner where that fixes both. n == 1 pairs the only example with itself (PITFALLS #16).
+    another row's partner where that fixes both. n == 1 pairs the only example with itself (an odd batch once paired a row with itself in TRL, #1911).
     """
     n = len(prompt_keys)
     if n < 2:
@@ -192,27 +199,32 @@ class KTO(common.DatasetAlgorithm):
     def next_iteration(self, step: int) -> Iteration:
         batches = [self.order.next() for _ in range(self.cfg.train.grad_accum)]
         micro = [kto_batch([self.train_items[i] for i in idx], self.pad_id, "train") for idx in batches]
+        self.kl_logps = self.kl_pair_logps(micro)  # the weights the update starts from: it follows at once
         metrics, self._once = self._once, {}
         return Iteration([micro], metrics)
 
     @torch.no_grad()
-    def totals(self, update) -> dict:
-        """Row and token counts of the update, and the log-probs of all its KL pairs (for z_ref over the update).
-
-        `tokens` (for tokens_per_s) counts the trained rows only; the no-grad KL rows are overhead on top.
-        """
+    def kl_pair_logps(self, update) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy and reference log-probs of all the update's mismatched (KL) pairs: z_ref is estimated over the
+        whole update, so every micro-batch's loss uses the same reference point."""
         self.model.train()
         kl_policy, kl_ref = [], []
         for batch in update:
-            kl = to_device(batch["kl"], self.device)  # totals run before the loop moves the micro-batches
+            kl = to_device(batch["kl"], self.device)  # the loop moves the trained rows, not these
             with common.autocast_context(self.cfg.model, self.device.type):
                 kl_policy.append(sequence_logps(self.model, kl, self.cfg.model.logprob_chunk)[0].float())
             kl_ref.append(self.reference.logps(kl))
+        return torch.cat(kl_policy), torch.cat(kl_ref)
+
+    def totals(self, update) -> dict:
+        """Row and token counts of the update (`tokens`, for tokens_per_s, counts the trained rows only; the
+        no-grad KL rows are overhead on top) and its KL pairs' log-probs from `next_iteration`."""
+        kl_policy, kl_ref = self.kl_logps
         return {
             "num_rows": sum(b["input_ids"].shape[0] for b in update),
             "tokens": sum(int(b["attention_mask"].sum()) for b in update),
-            "kl_policy": torch.cat(kl_policy),
-            "kl_ref": torch.cat(kl_ref),
+            "kl_policy": kl_policy,
+            "kl_ref": kl_ref,
         }
 
     def _logratio_parts(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch
 
 from posttrain.config import TrainConfig
 from posttrain.devices import to_device
-from posttrain.metrics import MetricsLogger, memory_metrics, to_float
+from posttrain.metrics import MetricsLogger, memory_metrics
 from posttrain.train import checkpoint as ckpt
 from posttrain.train import distributed, sharding
 
@@ -72,6 +72,8 @@ def seed_everything(seed: int) -> None:
 
 def make_scheduler(optimizer, cfg: TrainConfig, total_updates: int):
     """Linear warmup, then cosine or linear decay to 0 (or constant)."""
+    if cfg.schedule not in ("cosine", "linear", "constant"):  # up front: not after a warmup's worth of training
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; use cosine, linear or constant")
 
     def factor(update: int) -> float:
         if update < cfg.warmup_steps:
@@ -137,34 +139,47 @@ def _run_update(algo, update, params, cfg: TrainConfig, device: torch.device) ->
     sharded = any(sharding.is_dtensor(p) for p in params)
     if sharded:
         update = _same_number_of_passes(update)
-    sums: dict[str, float] = {}
+    sums: dict = {}  # per key: a running sum (a 0-d float64 tensor while on the device)
     seen: dict[str, int] = {}  # per key: a metric absent from some micro-batches (e.g. KTO's one-sided ones) averages over the rest
-    loss_total, finite = 0.0, True
+    loss_sum = None
     for micro in update:
         out = algo.loss(to_device(micro, device), totals) if micro is not None else _zero_pass(algo, to_device(update[0], device), totals)
-        if not torch.isfinite(out.loss.detach()):
-            finite = False
-            if not sharded:
-                continue
-            # sharded: this backward's reduce-scatter is a collective every rank must join; the step is skipped anyway
+        # always backward: a non-finite loss makes the update's loss sum non-finite, so the step is skipped and its
+        # gradients zeroed below; no host sync here (and a sharded backward is a collective every rank must join)
         out.loss.backward()
         if micro is None:
             continue
-        loss_total += to_float(out.loss)
+        loss_sum = _accumulate(loss_sum, out.loss)
         for key, value in out.metrics.items():
-            sums[key] = sums.get(key, 0.0) + to_float(value)
+            sums[key] = _accumulate(sums.get(key), value)
             seen[key] = seen.get(key, 0) + 1
     distributed.all_reduce_gradients([p for p in params if not sharding.is_dtensor(p)])  # sharded ones: in backward
     if sharded:
         grad_norm = sharding.clip_grad_norm(params, cfg.max_grad_norm)
     else:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-    finite = distributed.all_ranks(finite and bool(torch.isfinite(grad_norm)))
+    loss_total, grad_norm, *values = _to_host([0.0 if loss_sum is None else loss_sum, grad_norm, *sums.values()])
+    sums = dict(zip(sums, values))
+    finite = distributed.all_ranks(math.isfinite(loss_total) and math.isfinite(grad_norm))
     if not finite:
         return {"loss": float("nan")}, False
     metrics = {key: value / seen[key] for key, value in sums.items()}
-    metrics.update(loss=loss_total, grad_norm=to_float(grad_norm), tokens=totals.get("tokens", 0))
+    metrics.update(loss=loss_total, grad_norm=grad_norm, tokens=totals.get("tokens", 0))
     return metrics, True
+
+
+def _accumulate(total, value):
+    """total + value, summed in float64 after rounding to fp32 (what reading each value to the host did), kept on
+    the device: the update's numbers cross to the host once, in `_to_host`."""
+    value = value.detach().float().double() if torch.is_tensor(value) else float(value)
+    return value if total is None else total + value
+
+
+def _to_host(values: list) -> list[float]:
+    """Python floats of a list of numbers and 0-d tensors, with one device-to-host copy for all the tensors."""
+    tensors = [v.reshape(()).double() for v in values if torch.is_tensor(v)]
+    host = iter(torch.stack(tensors).tolist() if tensors else [])
+    return [next(host) if torch.is_tensor(v) else float(v) for v in values]
 
 
 def _same_number_of_passes(update: list) -> list:
@@ -190,7 +205,7 @@ def _mean_rows(rows: list[dict]) -> dict:
 
 
 class Trainer:
-    """Runs an Algorithm under a TrainConfig, writing the run directory of DESIGN.md §3."""
+    """Runs an Algorithm under a TrainConfig, writing the run directory of the README's contract."""
 
     def __init__(self, algo: Algorithm, cfg: TrainConfig):
         self.algo, self.cfg = algo, cfg

@@ -79,8 +79,7 @@ class PPO(OnlineBase):
         self.kl_ctl = KL_CONTROLLERS[a.kl_control](a.beta) if a.kl_control == "fixed" else \
             KL_CONTROLLERS[a.kl_control](a.beta, a.kl_target, a.kl_horizon)
         self.moments = RunningMoments()
-        rows = a.prompts_per_step * a.num_generations
-        self.updates_per_step = a.ppo_epochs * -(-rows // (a.minibatch_rows or rows))
+        self.updates_per_step = self.planned_updates(a.ppo_epochs, a.minibatch_rows)
         self._update_kls: list[tuple[float, int]] = []  # (approx_kl, loss tokens) of the current update's micro-batches
 
     def _make_critic(self, init: str):

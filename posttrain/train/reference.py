@@ -9,11 +9,11 @@ stores them in the run directory as `reference_logps.safetensors`, keyed by exam
 model in memory. The file carries a fingerprint of the reference (weights, dtype, autocast) and a hash of each
 column's token ids and labels: a resumed run reuses what matches and computes only what is missing.
 
-Which model is the reference (PITFALLS #13). We adopt: **the reference is the initial policy**, unless `ref_model`
+Which model is the reference (reference not frozen or wrong: TRL #1652). We adopt: **the reference is the initial policy**, unless `ref_model`
 names another checkpoint.
   1. `ref_model` set: that checkpoint, loaded frozen for the pass only and freed before training.
   2. a LoRA policy whose adapter is still zero (a fresh one, B = 0): the base with the adapter switched off
-     (`adapter_disabled`): the same numbers as the initial policy, and DESIGN.md's contract.
+     (`adapter_disabled`): the same numbers as the initial policy, and the reference the README promises.
   3. otherwise the policy itself, before its first update. Full fine-tuning: the policy holds the very weights a
      frozen copy would load, so no second copy is loaded at all. A LoRA policy that starts from a trained
      (non-zero) adapter: the reference is that initial policy, adapter on, not the bare base.

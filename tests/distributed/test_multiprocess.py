@@ -130,3 +130,18 @@ def test_accelerate_launch_trains_like_one_process(tmp_path, tiny_dir, launch):
     first = read_metrics(tmp_path / "acc")[0]
     assert first["processes"] == 2 and first["sharded_modules"] == (1 if "--use_fsdp" in launch else 0)
     assert losses(tmp_path / "acc") == pytest.approx(losses(tmp_path / "one"), rel=1e-4, abs=1e-5)
+
+
+def test_minibatch_schedule_counts_local_rows_on_two_processes(tmp_path, tiny_dir):
+    """With minibatch_rows, each process slices its own rows into minibatches: 2 processes x (2 prompts x 4 samples)
+    with minibatch_rows=4 make 2 updates per step, and the cosine schedule planned for them reaches 0 exactly at
+    the last update (planning for the global 16 rows, as before, left it half-way: lr 0.5 x peak)."""
+    data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(32))
+    cli(["grpo", "--model", tiny_dir, "--data", data, "--max-steps", "2", "--output-dir", str(tmp_path / "g"), *BASE,
+         "algo.rewards=[tiny:vowel_reward]", "algo.max_new_tokens=4", "algo.prompts_per_step=4", "algo.num_generations=4",
+         "algo.minibatch_rows=4", "train.batch_size=4", "algo.eval_max_new_tokens=4", "data.num_eval_examples=4",
+         "train.schedule=cosine", "--num-processes", "2"])
+    rows = [r for r in read_metrics(tmp_path / "g") if "loss" in r]
+    assert [r["updates"] for r in rows] == [2.0, 2.0]
+    assert rows[0]["lr"] == pytest.approx(3e-3 * 0.5, rel=1e-6)  # after 2 of 4 updates: cos(pi/2) -> half
+    assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)

@@ -1,4 +1,4 @@
-"""`posttrain dpo` on the tiny Llama: every loss type learns, the reference is right and frozen (PITFALLS #13),
+"""`posttrain dpo` on the tiny Llama: every loss type learns, the reference is right and frozen (reference not frozen or wrong: TRL #1652),
 prompts get no gradient, accumulation is exact (#5), degenerate pairs are dropped (#15), resume is exact (#18)."""
 
 import gc
@@ -219,7 +219,7 @@ def test_lora_reference_is_the_adapter_off_base(tmp_path, tiny_dir, data):
 
 
 def test_nonzero_adapter_reference_is_the_initial_policy(tmp_path, tiny_dir, data, tok):
-    """PITFALLS #13 — we adopt: the reference is the policy as training starts, adapter included."""
+    """reference not frozen or wrong: TRL #1652 — we adopt: the reference is the policy as training starts, adapter included."""
     cfg = make_cfg(tmp_path, tiny_dir, data, "model.lora.enabled=true", "model.lora.r=4", "train.max_steps=2")
     model, tokenizer = common.load_policy_and_tokenizer(cfg)
     with torch.no_grad():
@@ -271,7 +271,7 @@ def test_separate_ref_model_is_loaded_only_for_the_pass(tmp_path, tiny_dir, data
 @pytest.mark.parametrize("share", [False, True], ids=["two-rows", "shared-prompt"])
 @pytest.mark.parametrize("loss_type", ["dpo", "ipo", "orpo"])
 def test_gradient_accumulation_is_exact(tmp_path, tiny_dir, data, loss_type, share):
-    """8 variable-length pairs as 1 x 8, 2 x 4, 8 x 1 and 3 + 5 micro-batches: the same gradient (PITFALLS #5)."""
+    """8 variable-length pairs as 1 x 8, 2 x 4, 8 x 1 and 3 + 5 micro-batches: the same gradient (accumulation normalized per micro-batch: transformers PR #34191)."""
     algo = build(make_cfg(tmp_path, tiny_dir, data, f"algo.loss_type={loss_type}"))
     items = algo.train_items[:8]
     assert len({len(p.chosen) for p in items} | {len(p.rejected) for p in items}) > 2

@@ -29,7 +29,7 @@ def test_grpo_learns_a_trivial_reward(tmp_path, tiny_dir, prompts):
     assert rows[0]["reward"] < 0.5
     assert max(r["reward"] for r in rows) > 0.9
     assert rows[-1]["models_in_memory"] == 2.0  # policy + frozen reference (no LoRA)
-    for key in ("kl/k1", "kl/k2", "kl/k3", "entropy", "clip_ratio/low", "clip_ratio/high", "zero_variance_groups",
+    for key in ("kl/token_k1_mean", "kl/token_k2_mean", "kl/token_k3_mean", "kl/seq_k1_sum", "entropy", "clip_ratio/low", "clip_ratio/high", "zero_variance_groups",
                 "completions/mean_length", "completions/truncated_fraction", "rewards/vowel_reward/mean",
                 "completions/distinct_2"):
         assert key in rows[-1], key
@@ -42,7 +42,7 @@ def test_grpo_learns_a_trivial_reward(tmp_path, tiny_dir, prompts):
 
 
 def test_sampler_logprobs_match_trainer_recompute(tmp_path, tiny_dir, prompts):
-    """PITFALLS #11: sampled at T = 0.6, the trainer's log-probs of the same tokens match (ratio 1 before updates)."""
+    """sampling temperature vs recomputed log-probs: TRL PR #3029: sampled at T = 0.6, the trainer's log-probs of the same tokens match (ratio 1 before updates)."""
     cfg = run_config("grpo", tmp_path / "run", tiny_dir, prompts, *FAST, "algo.temperature=0.6")
     algo = GRPO(cfg)
     batch = algo.sample(1)
@@ -53,7 +53,7 @@ def test_sampler_logprobs_match_trainer_recompute(tmp_path, tiny_dir, prompts):
 
 
 def test_all_truncated_batch_with_masking_changes_nothing(tmp_path, tiny_dir, prompts):
-    """PITFALLS #8: every completion truncated + mask_truncated -> loss 0 and unchanged weights."""
+    """truncated and empty completions: TRL PR #3248: every completion truncated + mask_truncated -> loss 0 and unchanged weights."""
     cfg = run_config("grpo", tmp_path / "run", tiny_dir, prompts, *FAST, "algo.mask_truncated=true", "train.max_steps=2",
                      "train.lr=1e-2", "train.eval_every=0")
     algo = GRPO(cfg)
@@ -74,7 +74,7 @@ def test_all_truncated_batch_with_masking_changes_nothing(tmp_path, tiny_dir, pr
 
 
 def test_each_prompt_once_per_epoch_in_g_rows_and_duplicates_stay_separate(tmp_path, tiny_dir):
-    """PITFALLS #17: an epoch shows every prompt exactly once (G rows); equal prompt texts are separate groups."""
+    """prompts, groups and seeds: TRL #4531: an epoch shows every prompt exactly once (G rows); equal prompt texts are separate groups."""
     rows = prompt_rows(8) + prompt_rows(8)[:4]  # four duplicated prompt texts
     data = write_jsonl(tmp_path / "dup.jsonl", rows)
     cfg = run_config("grpo", tmp_path / "run", tiny_dir, data, *FAST, "data.eval_fraction=0.0")
@@ -102,7 +102,7 @@ def test_shared_prompt_rows_train_like_padded_rows(tmp_path, tiny_dir, prompts):
         run(cfg)
         runs[share] = [r for r in read_metrics(tmp_path / f"run-{share}") if "loss" in r]
     for shared, padded in zip(runs[True], runs[False]):
-        for key in ("loss", "grad_norm", "kl/k3", "entropy", "reward", "approx_kl"):
+        for key in ("loss", "grad_norm", "kl/token_k3_mean", "entropy", "reward", "approx_kl"):
             assert shared[key] == pytest.approx(padded[key], rel=1e-3, abs=1e-5), key
         assert shared["forward_token_fraction"] < 0.8 and padded["forward_token_fraction"] == 1.0
 

@@ -1,5 +1,5 @@
 """`posttrain kto` on the tiny Llama: it learns, starts at the reference (loss 1/2, KL 0), KL pairs are real
-mismatches (PITFALLS #16) with precomputed reference log-probs, preference data feeds it, accumulation is exact
+mismatches (KTO pairs matched with themselves: TRL #1911) with precomputed reference log-probs, preference data feeds it, accumulation is exact
 with z_ref over the whole update (#5), resume is exact (#18)."""
 
 import hashlib
@@ -149,6 +149,7 @@ def test_gradient_accumulation_is_exact(tmp_path, tiny_dir, unpaired):
         algo.model.zero_grad()
         starts = [sum(sizes[:k]) for k in range(len(sizes))]
         update = [kto_batch(items[s : s + n], algo.pad_id, "train") for s, n in zip(starts, sizes)]
+        algo.kl_logps = algo.kl_pair_logps(update)  # what next_iteration does before handing the loop an update
         totals = algo.totals(update)
         assert totals["kl_policy"].shape == (8,)
         for micro in update:
@@ -189,3 +190,17 @@ def test_resume_gives_the_same_metrics(tmp_path, tiny_dir, unpaired):
         assert a["step"] == b["step"]
         for key in ("loss", "grad_norm", "kto/z_ref"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
+
+
+def test_kl_partners_are_fixed_across_epochs(tmp_path, tiny_dir, unpaired):
+    """Stated difference from the paper/TRL (per-batch mismatching): an example's KL completion is the same in
+    every epoch, and it comes from another example of the whole set, not necessarily of the same batch."""
+    algo = build(make_cfg(tmp_path, tiny_dir, unpaired, "data.eval_fraction=0", "train.batch_size=4"))
+    seen: dict[int, list] = {}
+    for _ in range(2 * algo.order.batches_per_epoch):  # two epochs
+        idx = algo.order.next()
+        for i, row in zip(idx, kto_batch([algo.train_items[i] for i in idx], algo.pad_id, "train")["kl"]["input_ids"]):
+            seen.setdefault(i, []).append(row[row != algo.pad_id].tolist())
+    assert all(len(rows) == 2 and rows[0] == rows[1] for rows in seen.values())  # the same pair both epochs
+    own = {i: algo.train_items[i].seq.input_ids for i in seen}
+    assert all(rows[0] != [t for t in own[i] if t != algo.pad_id] for i, rows in seen.items())  # never its own

@@ -35,7 +35,7 @@ def test_sft_loss_falls_and_final_loads_with_transformers(tmp_path, tiny_dir, sf
 
 
 def test_accumulation_normalizes_by_the_whole_batch(tmp_path, tiny_dir, sft_data):
-    """Two micro-batches of different lengths give the same gradient as one batch (PITFALLS #5)."""
+    """Two micro-batches of different lengths give the same gradient as one batch (accumulation normalized per micro-batch: transformers PR #34191)."""
     cfg = run_config("sft", tmp_path / "run", tiny_dir, sft_data, "train.batch_size=4")
     algo = SFT(cfg)
     from posttrain.train.common import padded_sft_batch

@@ -230,7 +230,7 @@ def test_overlong_examples_are_dropped_or_truncated_and_counted(tmp_path, model_
     assert report["first_overlong"] == [f"{data}:4", f"{data}:7"]
     assert _sft_run(tmp_path / "cut", model_dir, data, "data.max_length=64", "data.overlong=truncate") == 0
     report = json.loads((tmp_path / "cut" / "data_report.json").read_text())["train"]
-    # the 200-token prompt leaves no room for a completion token: dropped even under `truncate` (PITFALLS #9)
+    # the 200-token prompt leaves no room for a completion token: dropped even under `truncate` (prompts over the limit: TRL #3569)
     assert (report["kept"], report["dropped"], report["truncated"]) == (7, 1, 1)
 
 

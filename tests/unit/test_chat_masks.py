@@ -1,4 +1,4 @@
-"""Assistant-only masks, pad == eos, prompt/completion boundaries (PITFALLS #3, #10)."""
+"""Assistant-only masks, pad == eos, prompt/completion boundaries (pad == eos masking the real EOS: TRL #1623; prompt/completion boundary and template drift: TRL #2054)."""
 
 from posttrain.data.chat import encode_messages, encode_prompt, encode_prompt_completion
 from posttrain.data.collate import pad_batch
@@ -32,7 +32,7 @@ def test_multi_turn_labels_cover_assistant_turns_and_their_end_token_only(tok):
 
 
 def test_pad_equals_eos_keeps_the_real_eos_label(tok):
-    """PITFALLS #3: last supervised label is eos; ignored labels after it equal the padding count exactly."""
+    """pad == eos masking the real EOS: TRL #1623: last supervised label is eos; ignored labels after it equal the padding count exactly."""
     assert tok.pad_token_id == tok.eos_token_id
     short = encode_prompt_completion(tok, "a", "b")
     long = encode_prompt_completion(tok, "a much longer prompt", "and a longer answer")
@@ -52,7 +52,7 @@ def test_prompt_ids_prefix_and_completion_decodes(tok):
     assert enc.input_ids[: len(prompt_ids)] == prompt_ids  # the generator sees the same prompt ids
     assert enc.prompt_len == len(prompt_ids)
     assert trained_text(tok, enc) == "The answer is 5.<|im_end|>"
-    # the same prompt in a messages record gives the same ids (SFT vs RL template drift, PITFALLS #10)
+    # the same prompt in a messages record gives the same ids (SFT vs RL template drift, prompt/completion boundary and template drift: TRL #2054)
     msgs = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "The answer is 5."}]
     as_chat = encode_messages(tok, msgs)
     assert as_chat.input_ids[: len(enc.input_ids)] == enc.input_ids

@@ -1,4 +1,4 @@
-"""KTO: hand-computed values (math module), the z_ref clamp, gradient directions, mismatched KL pairs (PITFALLS #16)."""
+"""KTO: hand-computed values (math module), the z_ref clamp, gradient directions, mismatched KL pairs (KTO pairs matched with themselves: TRL #1911)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Per-token log-probs from the model: shift (PITFALLS #2) and padding invariance (PITFALLS #1)."""
+"""Per-token log-probs from the model: shift (logits/labels off by one: TRL #3681) and padding invariance (left padding without position ids: OpenRLHF #217, TRL #6800)."""
 
 import pytest
 import torch
@@ -59,7 +59,7 @@ def _tiny_classifier():
 
 
 def test_reward_read_at_last_real_token_whatever_the_padding():
-    """PITFALLS #4: left, right, no padding and batched with a longer sequence give the same score,
+    """reward read from the wrong token: transformers #35352, TRL #3750: left, right, no padding and batched with a longer sequence give the same score,
     even when the sequence ends with the pad id (pad == eos) and has an EOS in the middle."""
     model = _tiny_classifier()
     seq = [10, 3, 20, 21, 3]  # eos (== pad id 3) in the middle and at the end

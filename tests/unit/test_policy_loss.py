@@ -59,7 +59,7 @@ def _grpo_batch(lengths, rewards, group):
 
 @pytest.mark.parametrize("mode", AGG_MODES)
 def test_grpo_loss_value_at_ratio_one_and_beta_zero(mode):
-    """PITFALLS #6. With one iteration (old_logp = logp detached, rho = 1 exactly) and beta = 0 the per-token loss is
+    """length bias of per-sequence normalization: Dr. GRPO, TRL #2995. With one iteration (old_logp = logp detached, rho = 1 exactly) and beta = 0 the per-token loss is
     -A_i. Zero-mean advantages per group then give a loss of exactly 0 under every mode when all completions have
     the same length; with unequal lengths only seq-mean-token-mean (mean over sequences of -A_i) stays 0, the
     others weight -A_i by the length L_i and are not 0. The gradient is not 0 in any case.
@@ -90,7 +90,7 @@ def test_zero_variance_group_gives_finite_loss_and_zero_gradient():
     assert (logp.grad == 0).all()
 
 
-# PITFALLS #6: per-token gradient weight |d loss / d logp_t| for a 10-token and a 1000-token sequence, both A = 1,
+# length bias of per-sequence normalization: Dr. GRPO, TRL #2995: per-token gradient weight |d loss / d logp_t| for a 10-token and a 1000-token sequence, both A = 1,
 # rho = 1. B = 2 sequences, 1010 tokens, padded length T = 1000.
 EXPECTED_WEIGHTS = {
     "token-mean": (1 / 1010, 1 / 1010),  # every token equal: long sequences get 100x the total weight

@@ -181,7 +181,7 @@ def test_dpo_at_reference_is_exactly_ln2():
 
 @pytest.mark.parametrize("name", ["dpo", "cdpo", "robust", "ipo", "hinge", "simpo"])
 def test_degenerate_pairs_zero_gradient(name):
-    # chosen == rejected: one sequence scored twice; its gradients through both sides must cancel (PITFALLS #15)
+    # chosen == rejected: one sequence scored twice; its gradients through both sides must cancel (degenerate pairs: OpenRLHF #364)
     x = torch.tensor([-4.0, -12.0], dtype=torch.float64, requires_grad=True)
     ref = torch.tensor([-5.0, -10.0], dtype=torch.float64)
     n = torch.tensor([3.0, 7.0], dtype=torch.float64)

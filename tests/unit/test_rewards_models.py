@@ -1,5 +1,5 @@
 """Reward-model and LLM-judge rewards on a tiny random Llama: the score is read at the last real token whatever
-the padding (PITFALLS #4), with pad == eos."""
+the padding (reward read from the wrong token: transformers #35352, TRL #3750), with pad == eos."""
 
 import math
 from types import SimpleNamespace

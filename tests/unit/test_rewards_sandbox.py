@@ -1,4 +1,4 @@
-"""The code sandbox against hostile code (PITFALLS #19): each attack scores 0 within its timeout, the host is
+"""The code sandbox against hostile code (code-execution rewards fooled from inside: verl PR #7853, open-r1 PR #546): each attack scores 0 within its timeout, the host is
 untouched, and an infrastructure failure is reported apart from a reward of 0."""
 
 import math

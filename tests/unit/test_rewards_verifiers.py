@@ -1,4 +1,4 @@
-"""Rule-based rewards: numeric extraction, math-verify equivalence (PITFALLS #20), format, length penalties."""
+"""Rule-based rewards: numeric extraction, math-verify equivalence (math answer verification: Math-Verify #14), format, length penalties."""
 
 import math
 import threading

@@ -1,4 +1,4 @@
-"""Built-in tasks by name: generators of seeded, verifiable datasets in the TRL columns of DESIGN.md §3.
+"""Built-in tasks by name: generators of seeded, verifiable datasets in the TRL columns of the README's contract.
 
 A task is a function `make_records(kind, split, n, seed, **options) -> list[dict]` with
 kind in {"sft", "preference", "unpaired", "prompts"}; `task:NAME` in a data path resolves here.
