@@ -32,26 +32,28 @@ def _resolve(target: str):
     return getattr(importlib.import_module(module), func)
 
 
-# algo-section fields that also have an everyday flag: field -> (flag, argparse options)
+# everyday flags that set an algo-section key, added where the command has that key (under its current name:
+# `algo.ref_model` is `algo.reference.model` for the online commands): FLAGS name -> (flag, argparse options)
 SECTION_FLAGS = {
     "ref_model": ("--ref-model", {"dest": "ref_model", "help": "reference model (default: the starting policy)"}),
     "reward_model": ("--reward-model", {"dest": "reward_model", "help": "reward model folder"}),
-    "rewards": ("--reward", {"dest": "reward", "action": "append", "help": "reward function name or module:function (repeatable)"}),
+    "reward": ("--reward", {"dest": "reward", "action": "append", "help": "reward function name or module:function (repeatable)"}),
 }
 
 
 def _add_train_parser(sub, name: str, help_text: str, chosen: bool = False) -> None:
     """The command's parser. Only the command being run (`chosen`, its module imported) gets the flags of its algo
     section and, after the flags, the listing of every config key with its type, default and doc."""
-    listing, fields = None, set()
+    listing, keys = None, set()
     if chosen:
-        from dataclasses import fields as dataclass_fields
         from functools import partial
 
+        from posttrain.config import config_keys, current_key
         from posttrain.config_docs import help_epilog
         from posttrain.train import registry
 
-        fields = {f.name for f in dataclass_fields(registry.get(name).config)}
+        registry.get(name)  # imports the command's module: registers its algo section and renamed keys
+        keys = {current_key(FLAGS[flag], name) for flag in SECTION_FLAGS} & set(config_keys(name))
         listing = partial(help_epilog, name)
     p = sub.add_parser(name, help=help_text, description=help_text, epilog_fn=listing,
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # the listing is aligned already
@@ -66,8 +68,8 @@ def _add_train_parser(sub, name: str, help_text: str, chosen: bool = False) -> N
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--num-processes", dest="num_processes", type=int, default=1,
                    help="data-parallel processes on this machine (or launch with accelerate launch / torchrun)")
-    for field_name, (flag, options) in SECTION_FLAGS.items():
-        if field_name in fields:
+    for flag_name, (flag, options) in SECTION_FLAGS.items():
+        if keys and current_key(FLAGS[flag_name], name) in keys:
             p.add_argument(flag, **options)
 
 

@@ -149,54 +149,69 @@ def config_keys(command: str) -> list[str]:
 # may sit in different sections. Saved configs and scripts keep working for one release after a rename; the module
 # that moved the field registers it with `rename_key` next to the field.
 RENAMED_KEYS: dict[str, str] = {}
+_COMMAND_RENAMES: dict[str, dict[str, str]] = {}  # renames that hold for some commands only (algo.beta of GRPO ...)
 
 
-def rename_key(old: str, new: str) -> None:
-    """Accept the dotted key (or section) `old` as `new` for one release, with a deprecation warning."""
+def rename_key(old: str, new: str, commands: tuple[str, ...] = ()) -> None:
+    """Accept the dotted key (or section) `old` as `new` for one release, with a deprecation warning; `commands`
+    limits the rename to those commands (another command may still use `old` as it is: DPO's algo.beta)."""
     if old == new:
         raise ValueError(f"config key {old!r} cannot be renamed to itself")
-    if RENAMED_KEYS.get(old, new) != new:
-        raise ValueError(f"config key {old!r} is already renamed to {RENAMED_KEYS[old]!r}; refusing {new!r}")
-    RENAMED_KEYS[old] = new
+    for table in ([_COMMAND_RENAMES.setdefault(c, {}) for c in commands] or [RENAMED_KEYS]):
+        if table.get(old, new) != new:
+            raise ValueError(f"config key {old!r} is already renamed to {table[old]!r}; refusing {new!r}")
+        table[old] = new
 
 
-def _renamed(dotted: str) -> tuple[str, str | None]:
+def current_key(dotted: str, command: str | None = None) -> str:
+    """The name `dotted` has now for `command` (itself unless it was renamed)."""
+    return _renamed(dotted, renames_for(command))[0]
+
+
+def renames_for(command: str | None) -> dict[str, str]:
+    """The renamed keys that hold for `command`: every command's, then its own."""
+    return {**RENAMED_KEYS, **_COMMAND_RENAMES.get(command or "", {})}
+
+
+def _renamed(dotted: str, renames: dict[str, str] | None = None) -> tuple[str, str | None]:
     """(the current name of `dotted`, the deprecated key it went through or None): the longest renamed key that
     is `dotted` or a section above it is replaced, repeatedly, so chains of renames resolve (a cycle stops)."""
+    renames = RENAMED_KEYS if renames is None else renames
     used, seen = None, set()
     while dotted not in seen:
         seen.add(dotted)
         parts = dotted.split(".")
         sections = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]  # longest first
-        old = next((key for key in sections if key in RENAMED_KEYS), None)
+        old = next((key for key in sections if key in renames), None)
         if old is None:
             break
-        dotted, used = ".".join([RENAMED_KEYS[old], *parts[old.count(".") + 1:]]), used or old
+        dotted, used = ".".join([renames[old], *parts[old.count(".") + 1:]]), used or old
     return dotted, used
 
 
-def _deprecated(old: str, warned: set[str]) -> None:
+def _deprecated(old: str, warned: set[str], renames: dict[str, str] | None = None) -> None:
     if old not in warned:  # once per old key and config, however many of its fields the config sets
         warned.add(old)
         log.warning("config key %r is deprecated; use %r (the old name goes in the next release)",
-                    old, _renamed(old)[0])
+                    old, _renamed(old, renames)[0])
 
 
-def _rename_tree(tree: dict, warned: set[str]) -> None:
+def _rename_tree(tree: dict, warned: set[str], renames: dict[str, str] | None = None) -> None:
     """Move the renamed keys a config file uses to their new places. Sections first, so that a renamed field
     inside a renamed section is found where the section moved."""
-    for old in sorted(RENAMED_KEYS, key=lambda k: k.count(".")):
+    renames = RENAMED_KEYS if renames is None else renames
+    for old in sorted(renames, key=lambda k: k.count(".")):
         *parents, leaf = old.split(".")
         node = tree
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
         if not isinstance(node, dict) or leaf not in node:
             continue
-        new = _renamed(old)[0]
+        new = _renamed(old, renames)[0]
         if _has_dotted(tree, new):
             raise ConfigError(f"config keys {old!r} and {new!r} are both set; {old!r} is the old name of {new!r}")
         set_dotted(tree, new, node.pop(leaf))
-        _deprecated(old, warned)
+        _deprecated(old, warned, renames)
 
 
 def _has_dotted(tree: dict, dotted: str) -> bool:
@@ -320,8 +335,22 @@ def build(cls, values: dict, where: str = "", keys: list[str] | None = None):
         path = f"{where}.{key}" if where else str(key)
         if key not in types_:
             raise ConfigError(f"unknown config key {path!r}{_closest(path, keys)}")
-        kwargs[key] = _coerce(value, types_[key], path, keys)
+        if dataclasses.is_dataclass(types_[key]):  # a section: the given keys over the section's own defaults
+            section = build(types_[key], _mapping(value, path), path, keys)
+            given = {k: getattr(section, k) for k in value}
+            kwargs[key] = dataclasses.replace(_default_of(cls, key, types_[key]), **given)
+        else:
+            kwargs[key] = _coerce(value, types_[key], path, keys)
     return cls(**kwargs)
+
+
+def _default_of(cls, name: str, typ):
+    """The default of field `name`: a config may give a section other defaults than its class's (PPO samples one
+    completion per prompt), which the keys a user sets must not reset."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default if f.default is not dataclasses.MISSING else typ()
 
 
 # ---- files, overrides -----------------------------------------------------------------------------------------------
@@ -367,17 +396,18 @@ def load_config(command: str, path: str | None = None, overrides: list[str] = ()
     """File < flags < key=value overrides (old names of renamed keys moved to the new ones), then validated into a
     RunConfig whose `algo` matches the command."""
     warned: set[str] = set()
+    renames = renames_for(command)
     tree = _read_file(path) if path else {}
     tree.pop("command", None)  # the command line names the command (a run's saved config.yaml carries it too)
-    _rename_tree(tree, warned)
+    _rename_tree(tree, warned, renames)
     for dotted, value in (flags or {}).items():
         if value is not None:  # the flag table is code, not the user's words: no warning for it
-            set_dotted(tree, _renamed(dotted)[0], value)
+            set_dotted(tree, _renamed(dotted, renames)[0], value)
     for text in overrides:
         dotted, value = parse_override(text)
-        dotted, old = _renamed(dotted)
+        dotted, old = _renamed(dotted, renames)
         if old is not None:
-            _deprecated(old, warned)
+            _deprecated(old, warned, renames)
         set_dotted(tree, dotted, value)
     keys = config_keys(command)
     algo_tree = tree.pop("algo", {}) or {}

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import yaml
 
-from posttrain.config import RENAMED_KEYS, config_sections
+from posttrain.config import config_sections, renames_for
 
 
 class FieldDoc(NamedTuple):
@@ -34,15 +34,19 @@ class FieldDoc(NamedTuple):
     doc: str
 
 
-def describe_fields(cls, prefix: str = "") -> list[FieldDoc]:
-    """Every field of a dataclass in field order, nested dataclasses (`model.lora.*`) expanded in place."""
+def describe_fields(cls, prefix: str = "", defaults=None) -> list[FieldDoc]:
+    """Every field of a dataclass in field order, nested dataclasses (`model.lora.*`) expanded in place. `defaults`:
+    the instance whose values are the defaults (a section's own default, e.g. PPO's one sample per prompt)."""
     out, hints = [], typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(hints[f.name]):  # a subsection, as config.build reads it
-            out += describe_fields(hints[f.name], key)
+            out += describe_fields(hints[f.name], key, default)
             continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         out.append(FieldDoc(key, _type_of(f), yaml_value(default), field_doc(cls, f.name)))
     return out
 
@@ -130,7 +134,7 @@ def help_epilog(command: str, width: int | None = None) -> str:
                 lines.append(f"{head}  {_cut(f.doc, width - len(head) - 2)}".rstrip())
             else:  # a narrow terminal: the doc under its key rather than cut to a few words
                 lines += [head.rstrip(), f"      {_cut(f.doc, width - 6)}"]
-    renamed = [(old, new) for old, new in RENAMED_KEYS.items()
+    renamed = [(old, new) for old, new in renames_for(command).items()
                if any(f.key == new or f.key.startswith(new + ".") for f in rows)]
     if renamed:
         lines.append("\nrenamed keys (the old name works until the next release):")

@@ -234,6 +234,24 @@ def _upcast(lp: PairLogps) -> PairLogps:
     )
 
 
+@dataclass
+class PreferenceLossConfig:
+    """The preference-loss settings DPO and online DPO share (their configs derive from it)."""
+
+    loss_type: str = "dpo"  # dpo | ipo | robust | cdpo | hinge | simpo | orpo (posttrain.algos.preference)
+    beta: float = 0.1  # β of the implicit reward (IPO's τ)
+    label_smoothing: float = 0.0  # ε, assumed label-flip rate (cdpo/dpo, robust, simpo)
+    simpo_gamma: float = 0.5  # SimPO's target margin γ
+    orpo_lambda: float = 0.1  # ORPO's weight λ of the odds-ratio term
+    nll_weight: float = 0.0  # α of an NLL term on the chosen completion (RPO; TRL's rpo_alpha); 0 = off
+
+
+def configured_preference_loss(cfg: PreferenceLossConfig, logps: "PairLogps") -> LossOutput:
+    """`preference_loss` with the settings of a PreferenceLossConfig."""
+    return preference_loss(cfg.loss_type, logps, cfg.beta, cfg.label_smoothing, cfg.simpo_gamma, cfg.orpo_lambda,
+                           cfg.nll_weight)
+
+
 def preference_loss(
     name: str,
     logps: PairLogps,

@@ -76,6 +76,19 @@ class Generator(Protocol):
     ) -> "Rollout": ...
 
 
+@dataclass(frozen=True)
+class EngineContext:
+    """What an engine is told about the run besides its sampling section (`algo.sampling`):
+    bf16: sample under bf16 autocast (fp32 weights on hardware where bf16 is fast);
+    max_model_len: the longest prompt plus completion it will see; seed: the run's seed;
+    start_checkpoint: the policy's starting weights (an engine with its own copy loads them, then syncs)."""
+
+    bf16: bool = False
+    max_model_len: int = 2048
+    seed: int = 0
+    start_checkpoint: str = ""
+
+
 class MemoryHooks:
     """What a trainer asks of an engine besides `generate`, with the defaults of an engine that samples with the
     policy itself (HF): it holds no weights of its own (`weight_copies` 0, `sync_weights` nothing to do) and no

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from posttrain.models.loading import bf16_autocast
 from posttrain.ops import position_ids_from_mask
-from posttrain.rollout.base import MemoryHooks, SamplingParams, register_generator, validate_prompts
+from posttrain.rollout.base import EngineContext, MemoryHooks, SamplingParams, register_generator, validate_prompts
 from posttrain.types import Rollout
 
 
@@ -128,13 +128,10 @@ class HFGenerator(MemoryHooks):
         self.share_prefix = share_prefix
 
     @classmethod
-    def for_training(cls, model, tokenizer, cfg) -> "HFGenerator":
-        """The engine an online run samples with: the policy itself, bf16 autocast where that is fast."""
-        from posttrain.models.loading import wants_bf16
-
-        weight = next(model.parameters())
-        bf16 = weight.dtype == torch.float32 and wants_bf16(cfg.model, weight.device.type)
-        return cls(model, tokenizer.pad_token_id, tokenizer, torch.bfloat16 if bf16 else None)
+    def for_training(cls, model, tokenizer, sampling, context: EngineContext) -> "HFGenerator":
+        """The engine an online run samples with: the policy itself, under bf16 autocast where the run decided that
+        is fast (`context.bf16`)."""
+        return cls(model, tokenizer.pad_token_id, tokenizer, torch.bfloat16 if context.bf16 else None)
 
     def generate(
         self,

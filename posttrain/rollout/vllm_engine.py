@@ -46,7 +46,7 @@ import warnings
 
 import torch
 
-from posttrain.rollout.base import MemoryHooks, SamplingParams, register_generator, validate_prompts
+from posttrain.rollout.base import EngineContext, MemoryHooks, SamplingParams, register_generator, validate_prompts
 from posttrain.types import Rollout
 
 # vLLM's share of a GPU it shares with the trainer: weights + activations + KV cache (vLLM's own default, 0.9,
@@ -159,15 +159,16 @@ class VLLMGenerator(MemoryHooks):
         torch.set_num_threads(threads)  # vLLM's CPU worker drops torch to 1 thread; the colocated trainer wants its own
 
     @classmethod
-    def for_training(cls, model, tokenizer, cfg) -> "VLLMGenerator":
-        """The engine an online run samples with: the starting checkpoint, then the policy's weights at each sync."""
+    def for_training(cls, model, tokenizer, sampling, context: EngineContext) -> "VLLMGenerator":
+        """The engine an online run samples with: the starting checkpoint, then the policy's weights at each sync.
+        `sampling` is the run's `algo.sampling` section (its `vllm_options` go to vllm.LLM)."""
         from posttrain.devices import module_device
         from posttrain.models.loading import resolve_model_path
 
-        options = dict(cfg.algo.vllm_options)
-        options.setdefault("max_model_len", cfg.data.max_prompt_length + cfg.algo.max_new_tokens)
-        options.setdefault("seed", cfg.train.seed)
-        return cls(resolve_model_path(cfg.model.name_or_path), tokenizer.pad_token_id, tokenizer,
+        options = dict(sampling.vllm_options)
+        options.setdefault("max_model_len", context.max_model_len)
+        options.setdefault("seed", context.seed)
+        return cls(resolve_model_path(context.start_checkpoint), tokenizer.pad_token_id, tokenizer,
                    module_device(model), **options)
 
     def sleep(self) -> bool:

@@ -24,7 +24,7 @@ from posttrain.types import RolloutBatch
 class RolloutCollector:
     def __init__(self, cfg: RunConfig, policy, tokenizer, records, rewards):
         """records: the train split's prompt records; rewards: a RewardRunner."""
-        a = cfg.algo
+        a = cfg.algo.sampling
         self.cfg, self.policy, self.tokenizer, self.rewards = cfg, policy, tokenizer, rewards
         self.prompts = encode_prompts(cfg, tokenizer, records, "train")
         world = context().world
@@ -32,11 +32,11 @@ class RolloutCollector:
             raise ValueError(f"prompts_per_step={a.prompts_per_step} must be divisible by the {world} processes")
         self.order = common.make_order([len(p[1]) for p in self.prompts], cfg, a.prompts_per_step // world,
                                        group_by_length=False, drop_last=True)
-        self.engine = make_engine(a.engine, policy, tokenizer, cfg)
+        self.engine = make_engine(a.engine, policy, tokenizer, cfg)  # it receives the sampling section only
         self._synced_step: int | None = None  # the step whose weights a separate engine (vLLM) holds
 
     def sampling_params(self, max_new_tokens: int, greedy: bool = False) -> SamplingParams:
-        a = self.cfg.algo
+        a = self.cfg.algo.sampling
         return SamplingParams(
             max_new_tokens=max_new_tokens, temperature=0.0 if greedy else a.temperature, top_p=a.top_p, top_k=a.top_k,
             stop_token_ids=sorted(end_of_turn_ids(self.tokenizer)), batch_size=max(1, a.prompts_per_step),
@@ -44,7 +44,7 @@ class RolloutCollector:
 
     def sample(self, step: int, round_: int = 0) -> RolloutBatch:
         """Generate and score G completions for the next prompts of the data order."""
-        a = self.cfg.algo
+        a = self.cfg.algo.sampling
         picked = [self.prompts[i] for i in self.order.next()]
         seed = self.cfg.train.seed * 1_000_003 + step * 101 + round_ * 7 + context().rank * 100_003  # ranks differ
         start = time.perf_counter()
@@ -120,7 +120,14 @@ def make_engine(name: str, model, tokenizer, cfg: RunConfig):
     if name == "vllm" and resolve_sharding(cfg.train) != "none":
         raise ValueError("algo.engine=vllm with train.sharding: each rank's vLLM engine needs whole weights; "
                          "use train.sharding=none (data-parallel ranks each run their own engine)")
-    return get_generator(name).for_training(model, tokenizer, cfg)
+    from posttrain.models.loading import wants_bf16
+    from posttrain.rollout.base import EngineContext
+
+    weight = next(model.parameters())
+    context = EngineContext(bf16=weight.dtype == torch.float32 and wants_bf16(cfg.model, weight.device.type),
+                            max_model_len=cfg.data.max_prompt_length + cfg.algo.sampling.max_new_tokens,
+                            seed=cfg.train.seed, start_checkpoint=cfg.model.name_or_path)
+    return get_generator(name).for_training(model, tokenizer, cfg.algo.sampling, context)
 
 
 def accepts(fn, name: str) -> bool:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.algos.preference import PairLogps, needs_reference, preference_loss
+from posttrain.algos.preference import PairLogps, PreferenceLossConfig, configured_preference_loss, needs_reference
 from posttrain.config import RunConfig
 from posttrain.data.formats import Record
 from posttrain.data.preference import PairItem, encode_pair, fit_both, pair_batch, split_degenerate
@@ -32,13 +32,7 @@ log = logging.getLogger("posttrain")
 
 
 @dataclass
-class DPOConfig:
-    loss_type: str = "dpo"  # dpo | ipo | robust | cdpo | hinge | simpo | orpo (posttrain.algos.preference)
-    beta: float = 0.1  # β of the implicit reward (IPO's τ)
-    label_smoothing: float = 0.0  # ε, assumed label-flip rate (cdpo/dpo, robust, simpo)
-    simpo_gamma: float = 0.5  # SimPO's target margin γ
-    orpo_lambda: float = 0.1  # ORPO's weight λ of the odds-ratio term
-    nll_weight: float = 0.0  # α of an NLL term on the chosen completion (RPO; TRL's rpo_alpha); 0 = off
+class DPOConfig(PreferenceLossConfig):
     precompute_ref: bool = True  # one reference pass before training (one model in memory); False: every step
     ref_model: str | None = None  # another reference checkpoint; default: the initial policy (reference.py)
     use_chat_template: bool = True
@@ -127,8 +121,7 @@ class DPO(common.DatasetAlgorithm):
         ref = self.reference.logps(batch) if self.reference is not None else None
         with common.autocast_context(self.cfg.model, self.device.type):
             logps = pair_logps(self.model, batch, ref, self.cfg.model.logprob_chunk)
-        return preference_loss(algo.loss_type, logps, algo.beta, algo.label_smoothing, algo.simpo_gamma, algo.orpo_lambda,
-                               algo.nll_weight)
+        return configured_preference_loss(algo, logps)
 
     def loss(self, micro, totals) -> LossOutput:
         self.model.train()

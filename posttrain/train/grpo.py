@@ -7,7 +7,7 @@ filtering (Yu et al. 2025), RLOO's leave-one-out baseline (Ahmadian et al. 2024)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,6 +15,7 @@ from posttrain.algos.advantages import group_advantages, group_is_degenerate
 from posttrain.algos.kl import kl_estimate
 from posttrain.algos.policy_loss import actor_loss
 from posttrain.config import RunConfig
+from posttrain.online_config import KLConfig, rename_kl_keys
 from posttrain.train.loop import Iteration
 from posttrain.train.registry import algorithm
 from posttrain.train.online import OnlineBase, OnlineConfig, kl_metrics, valid_mean
@@ -23,7 +24,18 @@ from posttrain.types import LossOutput
 
 
 @dataclass
+class GRPOKLConfig(KLConfig):
+    # loss: beta x the KL estimate added to the loss (DeepSeekMath eq. 3); reward: beta x each sequence's KL
+    # estimate subtracted from its reward (then group-normalized with it)
+    placement: str = "loss"
+
+
+rename_kl_keys("grpo", {"beta": "beta", "kl_estimator": "estimator", "kl_in": "placement"})
+
+
+@dataclass
 class GRPOConfig(OnlineConfig):
+    kl: GRPOKLConfig = field(default_factory=GRPOKLConfig)
     advantage: str = "grpo"  # grpo (z-score) | dr_grpo (mean only) | rloo (leave-one-out)
     policy_loss: str = "clip"  # clip | dual_clip (posttrain.algos.policy_loss.POLICY_LOSSES)
     dual_clip: float = 3.0  # dual_clip's c: a negative-advantage token's loss is capped at -c A (Ye et al. 2020)
@@ -32,7 +44,6 @@ class GRPOConfig(OnlineConfig):
     num_iterations: int = 1  # mu: passes over each rollout (old log-probs stored when > 1)
     minibatch_rows: int = 0  # rows per optimizer update; 0 = the whole rollout
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
-    kl_in: str = "loss"  # loss: beta * KL estimate added to the loss; reward: beta * sequence KL subtracted from the reward
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and sample more prompts
     skip_inert_rows: bool = True  # rows with advantage 0 and no KL term in the loss get no forward pass (same gradient)
     max_sampling_rounds: int = 3
@@ -42,11 +53,13 @@ class GRPOConfig(OnlineConfig):
 class GRPO(OnlineBase):
     def __init__(self, cfg: RunConfig):
         a = cfg.algo
-        if a.beta > 0 and a.kl_in == "loss" and a.kl_estimator == "k1":
-            raise ValueError("algo.kl_estimator=k1 with algo.kl_in=loss adds no KL pressure: the expected gradient of "
-                             "k1 under samples from the policy is 0. Use k3 (the forward KL's gradient), k2 (the reverse "
-                             "KL's) or algo.kl_in=reward")
-        super().__init__(cfg, needs_reference=a.beta > 0)
+        if a.kl.beta > 0 and a.kl.placement == "loss" and a.kl.estimator == "k1":
+            raise ValueError("algo.kl.estimator=k1 with algo.kl.placement=loss adds no KL pressure: the expected gradient "
+                             "of k1 under samples from the policy is 0. Use k3 (the forward KL's gradient), k2 (the "
+                             "reverse KL's) or algo.kl.placement=reward")
+        if a.kl.placement not in ("loss", "reward"):
+            raise ValueError(f"algo.kl.placement must be loss or reward, got {a.kl.placement!r}")
+        super().__init__(cfg, needs_reference=a.kl.beta > 0)
         self.updates_per_step = self.planned_updates(a.num_iterations, a.minibatch_rows)
 
     def _collect(self, step: int) -> tuple[RolloutBatch, dict]:
@@ -88,9 +101,9 @@ class GRPO(OnlineBase):
             if policy is None:
                 policy = self.policy_logps(batch)
             metrics.update(kl_metrics(policy, ref, batch.loss_mask))
-            if a.kl_in == "reward":
-                seq_kl = (kl_estimate(policy, ref, a.kl_estimator or "k1") * batch.loss_mask).sum(-1)
-                rewards = rewards - a.beta * seq_kl
+            if a.kl.placement == "reward":
+                seq_kl = (kl_estimate(policy, ref, a.kl.estimator or "k1") * batch.loss_mask).sum(-1)
+                rewards = rewards - a.kl.beta * seq_kl
         batch.extra["advantages"] = masked_group_advantages(rewards, batch.group, batch.extra["reward_valid"], a.advantage)
         self.batch = batch
         inert = self._inert_rows(batch)
@@ -100,7 +113,7 @@ class GRPO(OnlineBase):
 
     def _inert_rows(self, batch: RolloutBatch) -> torch.Tensor | None:
         """Rows whose clipped-surrogate term is 0 whatever the ratio (advantage 0) when nothing else is in the loss."""
-        kl_in_loss = self.reference is not None and self.algo_cfg.kl_in == "loss"
+        kl_in_loss = self.reference is not None and self.algo_cfg.kl.placement == "loss"
         if not self.algo_cfg.skip_inert_rows or kl_in_loss:
             return None
         return batch.extra["advantages"] == 0
@@ -110,12 +123,12 @@ class GRPO(OnlineBase):
         logp, entropy = self.current_logps(rows)
         mask = b.loss_mask[rows]
         old = b.extra["old_logp"][rows] if "old_logp" in b.extra else logp.detach()
-        kl_in_loss = self.reference is not None and a.kl_in == "loss"
+        kl_in_loss = self.reference is not None and a.kl.placement == "loss"
         return actor_loss(a.policy_loss, logp, old, b.extra["advantages"][rows], mask, entropy,
-                          ref_logp=b.extra["ref_logp"][rows] if kl_in_loss else None, kl_coef=a.beta,
-                          kl_estimator=a.kl_estimator or "k3", clip_low=a.clip_low, clip_high=a.clip_high, agg_mode=a.loss_agg,
-                          dual_clip=a.dual_clip, num_tokens=totals["num_tokens"], num_seqs=totals["num_seqs"],
-                          max_len=a.max_new_tokens)
+                          ref_logp=b.extra["ref_logp"][rows] if kl_in_loss else None, kl_coef=a.kl.beta,
+                          kl_estimator=a.kl.estimator or "k3", clip_low=a.clip_low, clip_high=a.clip_high,
+                          agg_mode=a.loss_agg, dual_clip=a.dual_clip, num_tokens=totals["num_tokens"],
+                          num_seqs=totals["num_seqs"], max_len=a.sampling.max_new_tokens)
 
 
 def masked_group_advantages(rewards, group, valid, estimator: str) -> torch.Tensor:

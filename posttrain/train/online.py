@@ -16,6 +16,7 @@ import torch
 from posttrain.config import RunConfig
 from posttrain.models.loading import load_frozen_lm, resolve_model_path, wants_bf16
 from posttrain.models.shared_prefix import completion_logps, supports_shared_prefix
+from posttrain.online_config import ReferenceConfig, RewardConfig, SamplingConfig
 from posttrain.train import common
 from posttrain.train.collector import RolloutCollector
 from posttrain.train.online_rewards import RewardSetup, build_rewards
@@ -25,35 +26,12 @@ from posttrain.types import RolloutBatch
 
 @dataclass
 class OnlineConfig:
-    rewards: list[str] = field(default_factory=lambda: ["numeric"])  # names or module:function
-    reward_weights: list[float] = field(default_factory=list)  # default 1.0 each
-    reward_options: dict = field(default_factory=dict)  # {reward name: {option: value}}
-    reward_model: str | None = None  # a reward model folder, scored as reward "reward_model"
-    reward_model_kind: str = "scalar"  # scalar (a `posttrain rm` model) | implicit (a `posttrain dpo` model: β·log πθ/π_ref)
-    reward_model_ref: str | None = None  # implicit: its reference (default: what its run's config.yaml names)
-    reward_model_beta: float | None = None  # implicit: its β (default: its run's config.yaml)
-    reward_on_error: str = "raise"  # raise | zero (counted in rewards/<name>/errors)
-    reward_timeout_s: float = 30.0
-    reward_workers: int = 2
-    ref_model: str | None = None  # default: the starting policy (with LoRA: the adapter switched off)
-    prompts_per_step: int = 8
-    num_generations: int = 8  # G samples per prompt
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    beta: float = 0.0  # KL coefficient; 0 loads no reference
-    # k1 | k2 | k3 (Schulman 2020), or null: k1 where the KL is in the reward (unbiased), k3 where it is in the loss.
-    # In the loss, k3's expected gradient is that of the forward KL(π_ref‖π) and k2's that of the reverse KL(π‖π_ref);
-    # k1's is 0 (E_π[∇ log π] = 0: no KL pressure), so k1 in the loss is refused ("A Comedy of Estimators", 2025)
-    kl_estimator: str | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     mask_truncated: bool = False  # completions that hit max_new_tokens get no loss (DAPO overlong filtering)
-    eval_rewards: list[str] = field(default_factory=list)  # held-out scoring; default: `rewards`
-    eval_max_new_tokens: int = 48
     monitor: dict = field(default_factory=dict)  # MonitorConfig options (train/monitors.py); {enabled: false} turns off
     share_prompt: bool = True  # score a group's completions in one row around its prompt (models/shared_prefix.py)
-    engine: str = "hf"  # rollout engine: hf (the policy itself) | vllm (colocated vLLM, weights synced each step)
-    vllm_options: dict = field(default_factory=dict)  # passed to vllm.LLM (gpu_memory_utilization, dtype, ...)
 
 
 def online_reference(policy, cfg: RunConfig, path: str | None, device: torch.device) -> ModelReference:
@@ -74,7 +52,7 @@ class OnlineBase(common.DatasetAlgorithm):
         self.cfg, self.algo_cfg = cfg, cfg.algo
         self.model, self.tokenizer = common.load_policy_and_tokenizer(cfg)
         train, self.eval_records = common.load_splits(cfg, "prompts")
-        self.reference = online_reference(self.model, cfg, self.algo_cfg.ref_model, self.device) if needs_reference else None
+        self.reference = online_reference(self.model, cfg, self.algo_cfg.reference.model, self.device) if needs_reference else None
         self.rewards: RewardSetup = build_rewards(cfg, self.model, self.tokenizer, self.reference, self.device)
         self.collector = RolloutCollector(cfg, self.model, self.tokenizer, train, self.rewards.runner)
         self.batch: RolloutBatch | None = None
@@ -84,7 +62,7 @@ class OnlineBase(common.DatasetAlgorithm):
         """Rollout rows this process samples per step (its share of prompts_per_step, times G)."""
         from posttrain.train.distributed import context
 
-        return self.algo_cfg.prompts_per_step // context().world * self.algo_cfg.num_generations
+        return self.algo_cfg.sampling.prompts_per_step // context().world * self.algo_cfg.sampling.num_generations
 
     def planned_updates(self, epochs: int, minibatch_rows: int) -> int:
         """Optimizer updates per step for the schedule: `updates` slices this process's rows into minibatches."""
@@ -110,7 +88,7 @@ class OnlineBase(common.DatasetAlgorithm):
     def logp_temperature(self) -> float:
         """Log-probs are scored at the sampling temperature, so the ratio is 1 before any update (the sampling-
         temperature mismatch TRL once had)."""
-        return self.algo_cfg.temperature or 1.0
+        return self.algo_cfg.sampling.temperature or 1.0
 
     def _forward_token_fraction(self, batch: RolloutBatch, inert: torch.Tensor | None = None) -> float:
         """Tokens the training forward passes process over those of all rows padded: < 1 when a group's prompt is
@@ -191,10 +169,10 @@ class OnlineBase(common.DatasetAlgorithm):
             return {}
         from posttrain.evaluate import GenEvalConfig, evaluate_policy, load_reward_fns
 
-        fns = load_reward_fns(self.algo_cfg.eval_rewards or [r for r in self.algo_cfg.rewards])
+        fns = load_reward_fns(self.algo_cfg.reward.eval_functions or list(self.algo_cfg.reward.functions))
         if self.rewards.model_fn is not None:  # the trained-on (proxy) score of the same answers
             fns["reward_model"] = self.rewards.model_fn
-        gen_cfg = GenEvalConfig(max_new_tokens=self.algo_cfg.eval_max_new_tokens, batch_size=32,
+        gen_cfg = GenEvalConfig(max_new_tokens=self.algo_cfg.sampling.eval_max_new_tokens, batch_size=32,
                                 autocast=wants_bf16(self.cfg.model, self.device.type))
         summary, _ = evaluate_policy(self.model, self.tokenizer, self.eval_records, fns, gen_cfg)
         return {k: v for k, v in summary.items() if isinstance(v, float)}

@@ -5,12 +5,13 @@ Alignment from Online AI Feedback"). The loss is any registered preference loss 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from posttrain.algos.preference import PairLogps, needs_reference, preference_loss
+from posttrain.algos.preference import PairLogps, PreferenceLossConfig, configured_preference_loss, needs_reference
 from posttrain.config import RunConfig
+from posttrain.online_config import SamplingConfig
 from posttrain.train.loop import Iteration
 from posttrain.train.registry import algorithm
 from posttrain.train.online import OnlineBase, OnlineConfig, valid_mean
@@ -18,13 +19,8 @@ from posttrain.types import LossOutput
 
 
 @dataclass
-class OnlineDPOConfig(OnlineConfig):
-    num_generations: int = 4  # k samples per prompt
-    loss_type: str = "dpo"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    simpo_gamma: float = 0.5
-    orpo_lambda: float = 0.1
+class OnlineDPOConfig(OnlineConfig, PreferenceLossConfig):
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(num_generations=4))  # k per prompt
     epochs: int = 1  # passes over each round's pairs
 
 
@@ -100,6 +96,5 @@ class OnlineDPO(OnlineBase):
             chosen_logps=sums[:n], rejected_logps=sums[n:], chosen_lengths=lengths[:n], rejected_lengths=lengths[n:],
             ref_chosen_logps=None if ref is None else ref[:n], ref_rejected_logps=None if ref is None else ref[n:],
         )
-        out = preference_loss(a.loss_type, logps, beta=a.beta, label_smoothing=a.label_smoothing,
-                              simpo_gamma=a.simpo_gamma, orpo_lambda=a.orpo_lambda)
+        out = configured_preference_loss(a, logps)
         return LossOutput(out.loss * n / totals["num_pairs"], out.metrics)

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 from posttrain.config import RunConfig
+from posttrain.online_config import RewardConfig
 from posttrain.models.loading import adapter_disabled, autocast_context, load_frozen_lm, load_reward_model, resolve_model_path
 
 
@@ -24,39 +25,39 @@ class RewardSetup:
         return len(self.loaded)
 
 
-def build_reward_runner(cfg, names: list[str] | None = None, reward_model_fn=None):
+def build_reward_runner(cfg: RewardConfig, names: list[str] | None = None, reward_model_fn=None):
     """A RewardRunner over the named reward functions (with their weights and options) and a model reward."""
     from posttrain.rewards.registry import load_reward
     from posttrain.rewards.runner import RewardRunner
 
-    names = list(names if names is not None else cfg.rewards)
-    weights = list(cfg.reward_weights) or [1.0] * len(names)
+    names = list(names if names is not None else cfg.functions)
+    weights = list(cfg.weights) or [1.0] * len(names)
     if len(weights) != len(names):
-        raise ValueError(f"reward_weights has {len(weights)} entries for {len(names)} rewards")
-    fns = [(n.split(":")[-1], load_reward(n, **cfg.reward_options.get(n, {})), w) for n, w in zip(names, weights)]
+        raise ValueError(f"algo.reward.weights has {len(weights)} entries for {len(names)} reward functions")
+    fns = [(n.split(":")[-1], load_reward(n, **cfg.options.get(n, {})), w) for n, w in zip(names, weights)]
     if reward_model_fn is not None:
         fns.append(("reward_model", reward_model_fn, 1.0))
-    return RewardRunner(fns, num_workers=cfg.reward_workers, timeout_s=cfg.reward_timeout_s, on_error=cfg.reward_on_error)
+    return RewardRunner(fns, num_workers=cfg.workers, timeout_s=cfg.timeout_s, on_error=cfg.on_error)
 
 
 def build_rewards(cfg: RunConfig, policy, tokenizer, reference, device) -> RewardSetup:
     """The run's rewards. `reference` (a ModelReference or None) is shared with an implicit reward model when both
     are the same checkpoint."""
-    a = cfg.algo
-    if a.reward_model_kind not in ("scalar", "implicit"):
-        raise ValueError(f"algo.reward_model_kind must be scalar or implicit, got {a.reward_model_kind!r}")
+    a = cfg.algo.reward
+    if a.model_kind not in ("scalar", "implicit"):
+        raise ValueError(f"algo.reward.model_kind must be scalar or implicit, got {a.model_kind!r}")
     setup = RewardSetup(runner=None)
-    if a.reward_model and a.reward_model_kind == "implicit":
+    if a.model and a.model_kind == "implicit":
         setup.model_fn = _implicit_reward(cfg, policy, tokenizer, reference, device, setup.loaded)
-    elif a.reward_model:
+    elif a.model:
         from posttrain.rewards.model_rewards import RewardModelReward
 
         m = cfg.model
-        setup.scalar_model = load_reward_model(a.reward_model, m.frozen_dtype or m.dtype, tokenizer.pad_token_id,
+        setup.scalar_model = load_reward_model(a.model, m.frozen_dtype or m.dtype, tokenizer.pad_token_id,
                                                trainable=False, device="cpu" if m.offload_frozen else device)
         setup.loaded.append(setup.scalar_model)
         setup.model_fn = RewardModelReward(setup.scalar_model, tokenizer, device=device)
-    setup.runner = build_reward_runner(a, reward_model_fn=setup.model_fn)
+    setup.runner = build_reward_runner(a, reward_model_fn=setup.model_fn)  # a: the algo.reward section
     return setup
 
 
@@ -66,19 +67,19 @@ def _implicit_reward(cfg: RunConfig, policy, tokenizer, reference, device, loade
     policy with its adapter off under LoRA."""
     from posttrain.rewards.model_rewards import ImplicitReward, dpo_run_settings
 
-    a, m = cfg.algo, cfg.model
-    run = dpo_run_settings(a.reward_model)
-    beta = a.reward_model_beta if a.reward_model_beta is not None else run.get("beta")
+    a, m, ref_model = cfg.algo.reward, cfg.model, cfg.algo.reference.model
+    run = dpo_run_settings(a.model)
+    beta = a.model_beta if a.model_beta is not None else run.get("beta")
     if beta is None:
-        raise ValueError(f"set algo.reward_model_beta: {a.reward_model} has no DPO run config.yaml to read β from")
+        raise ValueError(f"set algo.reward.model_beta: {a.model} has no DPO run config.yaml to read β from")
     same = lambda x, y: os.path.realpath(resolve_model_path(x)) == os.path.realpath(resolve_model_path(y))  # noqa: E731
-    model = load_frozen_lm(m, resolve_model_path(a.reward_model), device)
+    model = load_frozen_lm(m, resolve_model_path(a.model), device)
     loaded.append(model)
-    ref_path = a.reward_model_ref or run.get("ref") or m.name_or_path
+    ref_path = a.model_ref or run.get("ref") or m.name_or_path
     ours, ref_context = (reference.model if reference is not None else None), None
-    if ours is not None and same(ref_path, a.ref_model or m.name_or_path):
+    if ours is not None and same(ref_path, ref_model or m.name_or_path):
         ref = ours
-    elif m.lora.enabled and a.ref_model is None and same(ref_path, m.name_or_path):  # the adapter switched off
+    elif m.lora.enabled and ref_model is None and same(ref_path, m.name_or_path):  # the adapter switched off
         ref, ref_context = policy, (lambda: adapter_disabled(policy))
     else:
         ref = load_frozen_lm(m, resolve_model_path(ref_path), device)

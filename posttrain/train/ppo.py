@@ -8,7 +8,7 @@ stop early once the approximate KL to the rollout policy passes `target_kl`; fix
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,6 +16,7 @@ from posttrain.algos.advantages import gae
 from posttrain.algos.kl import KL_CONTROLLERS, kl_estimate
 from posttrain.algos.policy_loss import actor_loss, clipped_value_loss
 from posttrain.config import RunConfig
+from posttrain.online_config import KLConfig, SamplingConfig, rename_kl_keys
 from posttrain.models.loading import torch_dtype
 from posttrain.ops import whiten
 from posttrain.train import common
@@ -27,12 +28,21 @@ from posttrain.types import LossOutput
 
 
 @dataclass
+class PPOKLConfig(KLConfig):
+    beta: float = 0.05  # initial KL coefficient of the per-token KL penalty in the reward
+    control: str = "fixed"  # fixed | adaptive (Ziegler et al. 2019)
+    target: float = 6.0  # adaptive: target sequence KL
+    horizon: int = 10000  # adaptive: steps over which β closes the gap to the target
+
+
+rename_kl_keys("ppo", {"beta": "beta", "kl_estimator": "estimator", "kl_control": "control", "kl_target": "target",
+                       "kl_horizon": "horizon"})
+
+
+@dataclass
 class PPOConfig(OnlineConfig):
-    num_generations: int = 1
-    beta: float = 0.05  # initial KL coefficient
-    kl_control: str = "fixed"  # fixed | adaptive (Ziegler et al. 2019)
-    kl_target: float = 6.0  # adaptive: target sequence KL
-    kl_horizon: int = 10000
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(num_generations=1))
+    kl: PPOKLConfig = field(default_factory=PPOKLConfig)
     gamma: float = 1.0
     lam: float = 0.95
     ppo_epochs: int = 2
@@ -49,7 +59,7 @@ class PPOConfig(OnlineConfig):
     whiten_advantages: bool = True
     critic_init: str = "auto"  # auto (reward model if given, else policy) | reward_model | policy | shared
     # shared: a value head on the policy's own (LoRA-adapted) decoder, no critic copy: the memory-light option
-    loss_agg: str = "token-mean"
+    loss_agg: str = "token-mean"  # see ops.agg_loss: how per-token losses become one number
 
 
 class RunningMoments:
@@ -76,8 +86,9 @@ class PPO(OnlineBase):
         a = cfg.algo
         self.critic = self._make_critic(a.critic_init)
         self.extra_copies = 0 if a.critic_init == "shared" else 1  # the critic's own decoder
-        self.kl_ctl = KL_CONTROLLERS[a.kl_control](a.beta) if a.kl_control == "fixed" else \
-            KL_CONTROLLERS[a.kl_control](a.beta, a.kl_target, a.kl_horizon)
+        k = a.kl
+        self.kl_ctl = KL_CONTROLLERS[k.control](k.beta) if k.control == "fixed" else \
+            KL_CONTROLLERS[k.control](k.beta, k.target, k.horizon)
         self.moments = RunningMoments()
         self.updates_per_step = self.planned_updates(a.ppo_epochs, a.minibatch_rows)
         self._update_kls: list[tuple[float, int]] = []  # (approx_kl, loss tokens) of the current update's micro-batches
@@ -101,8 +112,8 @@ class PPO(OnlineBase):
         rm = self.rewards.scalar_model
         if init == "reward_model" or (init == "auto" and rm is not None):
             if rm is None:
-                raise ValueError("critic_init=reward_model needs a scalar reward model (algo.reward_model with "
-                                 "algo.reward_model_kind=scalar): an implicit reward model has no score head")
+                raise ValueError("critic_init=reward_model needs a scalar reward model (algo.reward.model with "
+                                 "algo.reward.model_kind=scalar): an implicit reward model has no score head")
             critic = critic_from_reward_model(copy.deepcopy(rm))
         else:
             ref = self.reference.model
@@ -145,7 +156,7 @@ class PPO(OnlineBase):
         if a.normalize_rewards and valid.any():
             self.moments.update(scores[valid])
             scores = torch.where(valid, self.moments.normalize(scores), scores)
-        kl = kl_estimate(old_logp, ref_logp, a.kl_estimator or "k1") * mask  # per token on the sampled tokens
+        kl = kl_estimate(old_logp, ref_logp, a.kl.estimator or "k1") * mask  # per token on the sampled tokens
         token_rewards = -self.kl_ctl.value * kl
         last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()  # the last loss token of each row
         token_rewards = token_rewards + last.float() * scores[:, None]
@@ -157,7 +168,7 @@ class PPO(OnlineBase):
         seq_kl = float(kl.sum(-1).mean())  # the penalised estimate, summed per sequence: what the KL controller tracks
         metrics.update(_ppo_metrics(batch, values, returns, mask), **kl_metrics(old_logp, ref_logp, mask),
                        kl_coef=self.kl_ctl.value, reward=valid_mean(batch), models_in_memory=float(self.models_in_memory))
-        metrics[f"kl/seq_{a.kl_estimator or 'k1'}_sum"] = seq_kl
+        metrics[f"kl/seq_{a.kl.estimator or 'k1'}_sum"] = seq_kl
         self.kl_ctl.update(seq_kl, batch.num_rows)
         return Iteration(self.updates(batch.num_rows, a.minibatch_rows, a.ppo_epochs, step), metrics)
 
@@ -165,7 +176,7 @@ class PPO(OnlineBase):
         a, b = self.algo_cfg, self.batch
         logp, entropy = self.current_logps(rows)
         mask = b.loss_mask[rows]
-        counts = dict(num_tokens=totals["num_tokens"], num_seqs=totals["num_seqs"], max_len=a.max_new_tokens)
+        counts = dict(num_tokens=totals["num_tokens"], num_seqs=totals["num_seqs"], max_len=a.sampling.max_new_tokens)
         actor = actor_loss(a.policy_loss, logp, b.extra["old_logp"][rows], b.extra["advantages"][rows], mask, entropy,
                            entropy_coef=a.entropy_coef, clip_low=a.clip_low, clip_high=a.clip_high, agg_mode=a.loss_agg,
                            dual_clip=a.dual_clip, **counts)  # the KL is in the reward (k1 per token), not in the loss

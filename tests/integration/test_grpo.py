@@ -159,7 +159,7 @@ def test_separate_engine_gets_the_policy_weights_once_per_step(tmp_path, tiny_di
         weight_copies = 1
 
         @classmethod
-        def for_training(cls, model, tokenizer, cfg):
+        def for_training(cls, model, tokenizer, sampling, context):
             import copy
 
             engine = cls(copy.deepcopy(model), tokenizer.pad_token_id, tokenizer)

@@ -189,11 +189,11 @@ def test_a_module_reward_is_imported_only_when_a_config_names_it(tmp_path, monke
     import posttrain.train.grpo  # noqa: F401  (registers the grpo config)
 
     cfg = load_config("grpo", None, ["algo.rewards=[numeric,format]"])
-    build_reward_runner(cfg.algo)
+    build_reward_runner(cfg.algo.reward)
     assert module not in sys.modules and not marker.exists()
     named = load_config("grpo", None, [f"algo.rewards=[{module}:score]"])
     assert module not in sys.modules  # a config is data: parsing it imports nothing
-    runner = build_reward_runner(named.algo)
+    runner = build_reward_runner(named.algo.reward)
     assert module in sys.modules and marker.exists()
     assert runner(["p"], ["c"]).per_fn["score"] == [1.0]
     monkeypatch.delitem(sys.modules, module)

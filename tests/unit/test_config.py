@@ -248,3 +248,22 @@ def test_rename_key_refuses_conflicts(rename):
         rename("algo.a", "algo.c")
     with pytest.raises(ValueError, match=r"renamed to itself"):
         rename("algo.x", "algo.x")
+
+
+def test_flat_online_keys_of_the_last_release_still_load(caplog):
+    """algo.temperature, algo.rewards, algo.beta ... moved into sections: the old names give the same config, with
+    one deprecation line each naming the new key; DPO's own algo.beta is not renamed."""
+    import logging
+
+    import posttrain.train.dpo  # noqa: F401  (registers the commands)
+    import posttrain.train.grpo  # noqa: F401
+    from posttrain.config import load_config
+
+    old = ["algo.temperature=0.7", "algo.rewards=[format]", "algo.beta=0.04", "algo.kl_in=reward", "algo.ref_model=r"]
+    new = ["algo.sampling.temperature=0.7", "algo.reward.functions=[format]", "algo.kl.beta=0.04",
+           "algo.kl.placement=reward", "algo.reference.model=r"]
+    with caplog.at_level(logging.WARNING, logger="posttrain"):
+        assert load_config("grpo", None, old) == load_config("grpo", None, new)
+    lines = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert len(lines) == 5 and "use 'algo.kl.placement'" in " ".join(lines)
+    assert load_config("dpo", None, ["algo.beta=0.3"]).algo.beta == 0.3

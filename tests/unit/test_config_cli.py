@@ -89,8 +89,13 @@ def test_inherited_online_fields_take_the_base_docs():
     spec = registry.get("ppo")
     assert issubclass(spec.config, OnlineConfig)
     rows = {f.key: f for f in describe_fields(spec.config, "algo")}
-    assert rows["algo.rewards"].doc == field_doc(OnlineConfig, "rewards") != ""
-    assert {f"algo.{name}" for name in OnlineConfig.__dataclass_fields__} <= set(rows)
+    assert rows["algo.mask_truncated"].doc == field_doc(OnlineConfig, "mask_truncated") != ""
+    from posttrain.online_config import RewardConfig
+
+    assert rows["algo.reward.functions"].doc == field_doc(RewardConfig, "functions") != ""  # a section's field
+    sections = ("sampling", "reward", "reference")  # listed by their fields
+    assert {f"algo.{name}" for name in OnlineConfig.__dataclass_fields__ if name not in sections} <= set(rows)
+    assert {"algo.sampling.temperature", "algo.reference.model", "algo.kl.placement"} - set(rows) == {"algo.kl.placement"}
 
 
 # ---- posttrain CMD --help --------------------------------------------------------------------------------------------

@@ -103,13 +103,13 @@ def test_user_options_win(fake_vllm):
 
 
 def test_for_training_passes_vllm_options_over_the_defaults(fake_vllm):
-    cfg = SimpleNamespace(
-        train=SimpleNamespace(sharding="none", seed=7), data=SimpleNamespace(max_prompt_length=100),
-        model=SimpleNamespace(name_or_path="/models/policy"),
-        algo=SimpleNamespace(max_new_tokens=28, vllm_options={"gpu_memory_utilization": 0.45, "max_model_len": 256}),
-    )
+    from posttrain.online_config import SamplingConfig
+    from posttrain.rollout.base import EngineContext
+
+    sampling = SamplingConfig(max_new_tokens=28, vllm_options={"gpu_memory_utilization": 0.45, "max_model_len": 256})
+    context = EngineContext(max_model_len=128, seed=7, start_checkpoint="/models/policy")
     policy = torch.nn.Linear(2, 2)
-    e = get_generator("vllm").for_training(policy, SimpleNamespace(pad_token_id=3), cfg)
+    e = get_generator("vllm").for_training(policy, SimpleNamespace(pad_token_id=3), sampling, context)
     opts = e.llm.options
     assert opts["gpu_memory_utilization"] == 0.45 and opts["max_model_len"] == 256  # the user's
     assert opts["seed"] == 7 and opts["enable_sleep_mode"] is True  # the defaults
