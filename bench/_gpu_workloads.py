@@ -206,7 +206,7 @@ def frozen_modules(algo) -> dict:
     if ref is not None:
         out["reference"] = ref
     if getattr(algo, "reward_model", None) is not None:
-        out["reward_model"] = algo.reward_model
+        out["reward_model"] = algo.rewards.scalar_model
     return out
 
 
@@ -226,11 +226,11 @@ def posttrain_overrides(algo: str, s: Sizes, args) -> list[str]:
         "sft": [f"train.batch_size={s.sft_batch}", "train.lr=1e-5"],
         "dpo": [f"train.batch_size={s.dpo_batch}", "train.lr=1e-5", "algo.beta=0.1"],
         # every row trained (no skipping of advantage-0 rows), so both sides do the same work
-        "grpo": [f"train.batch_size={s.micro}", "train.lr=1e-6", "algo.rewards=[numeric]", "algo.beta=0.0",
-                 f"algo.prompts_per_step={s.prompts}", f"algo.num_generations={s.generations}",
-                 f"algo.max_new_tokens={s.new_tokens}", "algo.temperature=1.0", "algo.skip_inert_rows=false"],
-        "ppo": [f"train.batch_size={s.micro}", "train.lr=1e-6", "algo.rewards=[numeric]",
-                f"algo.prompts_per_step={2 * s.prompts}", f"algo.max_new_tokens={s.new_tokens}"],
+        "grpo": [f"train.batch_size={s.micro}", "train.lr=1e-6", "algo.reward.functions=[numeric]", "algo.kl.beta=0.0",
+                 f"algo.sampling.prompts_per_step={s.prompts}", f"algo.sampling.num_generations={s.generations}",
+                 f"algo.sampling.max_new_tokens={s.new_tokens}", "algo.sampling.temperature=1.0", "algo.skip_inert_rows=false"],
+        "ppo": [f"train.batch_size={s.micro}", "train.lr=1e-6", "algo.reward.functions=[numeric]",
+                f"algo.sampling.prompts_per_step={2 * s.prompts}", f"algo.sampling.max_new_tokens={s.new_tokens}"],
     }
     return common + per_algo[algo]
 

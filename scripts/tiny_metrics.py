@@ -20,17 +20,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 VOLATILE = ("step_time_s", "tokens_per_s", "completions_per_s", "peak_mem_gb", "mem/", "timing/", "reference/seconds")
-ONLINE = ["algo.rewards=[tiny:vowel_reward]", "algo.max_new_tokens=6", "algo.prompts_per_step=4", "algo.num_generations=4",
-          "train.batch_size=8", "algo.eval_max_new_tokens=6", "data.num_eval_examples=4", "train.lr=1e-2"]
+ONLINE = ["algo.reward.functions=[tiny:vowel_reward]", "algo.sampling.max_new_tokens=6", "algo.sampling.prompts_per_step=4", "algo.sampling.num_generations=4",
+          "train.batch_size=8", "algo.sampling.eval_max_new_tokens=6", "data.num_eval_examples=4", "train.lr=1e-2"]
 RUNS = {
     "sft": ("sft", "sft", ["train.lr=3e-3", "train.grad_accum=2", "train.batch_size=4"]),
     "rm": ("rm", "pairs", ["train.lr=1e-3"]),
     "dpo": ("dpo", "pairs", ["train.lr=1e-3"]),
     "ipo": ("dpo", "pairs", ["train.lr=1e-3", "algo.loss_type=ipo"]),
     "kto": ("kto", "unpaired", ["train.lr=1e-3"]),
-    "grpo": ("grpo", "prompts", [*ONLINE, "algo.beta=0.05", "algo.num_iterations=2"]),
-    "grpo-kl-reward": ("grpo", "prompts", [*ONLINE, "algo.beta=0.05", "algo.kl_in=reward"]),
-    "ppo": ("ppo", "prompts", [*ONLINE, "algo.num_generations=1", "algo.prompts_per_step=8"]),
+    "grpo": ("grpo", "prompts", [*ONLINE, "algo.kl.beta=0.05", "algo.num_iterations=2"]),
+    "grpo-kl-reward": ("grpo", "prompts", [*ONLINE, "algo.kl.beta=0.05", "algo.kl.placement=reward"]),
+    "ppo": ("ppo", "prompts", [*ONLINE, "algo.sampling.num_generations=1", "algo.sampling.prompts_per_step=8"]),
     "online-dpo": ("online-dpo", "prompts", ONLINE),
 }
 

@@ -138,3 +138,14 @@ def encode_prompt_completion(tokenizer, prompt, completion, use_chat: bool = Tru
     else:
         trained = _tokenize(tokenizer, completion) + [tokenizer.eos_token_id]
     return Encoded(prompt_ids + trained, [IGNORE_INDEX] * len(prompt_ids) + trained, prompt_len=len(prompt_ids))
+
+
+def prompt_text(prompt) -> str:
+    """A prompt as text for rule-based rewards: a string as it is, a single user turn as its content, and a longer
+    conversation as "role: content" lines — the roles kept, so a system turn is not read as the question. The
+    messages themselves travel in the `raw_prompt` column."""
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and prompt[0].get("role") == "user":
+        return prompt[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)

@@ -11,7 +11,7 @@ import time
 import torch
 
 from posttrain.config import RunConfig
-from posttrain.data.chat import encode_prompt, end_of_turn_ids
+from posttrain.data.chat import encode_prompt, end_of_turn_ids, prompt_text
 from posttrain.data.collate import filter_by_length
 from posttrain.rollout.base import SamplingParams, get_generator, reclaim_memory, release_memory
 from posttrain.train import common
@@ -137,10 +137,6 @@ def accepts(fn, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-def prompt_text(prompt) -> str:
-    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
 
 
 def length_metrics(rollout) -> dict:

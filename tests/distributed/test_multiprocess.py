@@ -49,8 +49,8 @@ def test_sft_two_processes_match_one(tmp_path, tiny_dir):
 def test_grpo_runs_on_two_processes(tmp_path, tiny_dir):
     data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(32))
     cli(["grpo", "--model", tiny_dir, "--data", data, "--max-steps", "3", "--output-dir", str(tmp_path / "g"), *BASE,
-         "algo.rewards=[tiny:vowel_reward]", "algo.max_new_tokens=4", "algo.prompts_per_step=4", "algo.num_generations=4",
-         "train.batch_size=16", "algo.eval_max_new_tokens=4", "data.num_eval_examples=4", "--num-processes", "2"])
+         "algo.reward.functions=[tiny:vowel_reward]", "algo.sampling.max_new_tokens=4", "algo.sampling.prompts_per_step=4", "algo.sampling.num_generations=4",
+         "train.batch_size=16", "algo.sampling.eval_max_new_tokens=4", "data.num_eval_examples=4", "--num-processes", "2"])
     rows = [r for r in read_metrics(tmp_path / "g") if "loss" in r]
     assert len(rows) == 3 and all(r["completions/mean_length"] > 0 for r in rows)
 
@@ -105,11 +105,11 @@ def test_dpo_sharded_matches_one_process(tmp_path, tiny_dir):
 def test_grpo_and_ppo_run_sharded(tmp_path, tiny_dir):
     """Sampling (ranks generate different lengths), held-out evaluation and export under FSDP2."""
     data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(32))
-    online = ["--model", tiny_dir, "--data", data, "--max-steps", "2", *BASE, "algo.rewards=[tiny:vowel_reward]",
-              "algo.max_new_tokens=5", "algo.prompts_per_step=4", "algo.num_generations=4", "train.batch_size=8",
-              "algo.eval_max_new_tokens=4", "data.eval_fraction=0.2", "data.num_eval_examples=4", "train.sharding=full",
+    online = ["--model", tiny_dir, "--data", data, "--max-steps", "2", *BASE, "algo.reward.functions=[tiny:vowel_reward]",
+              "algo.sampling.max_new_tokens=5", "algo.sampling.prompts_per_step=4", "algo.sampling.num_generations=4", "train.batch_size=8",
+              "algo.sampling.eval_max_new_tokens=4", "data.eval_fraction=0.2", "data.num_eval_examples=4", "train.sharding=full",
               "--num-processes", "2"]
-    cli(["grpo", *online, "--output-dir", str(tmp_path / "g"), "algo.beta=0.05"])
+    cli(["grpo", *online, "--output-dir", str(tmp_path / "g"), "algo.kl.beta=0.05"])
     cli(["ppo", *online, "--output-dir", str(tmp_path / "p")])
     for run in ("g", "p"):
         rows = read_metrics(tmp_path / run)
@@ -138,8 +138,8 @@ def test_minibatch_schedule_counts_local_rows_on_two_processes(tmp_path, tiny_di
     the last update (planning for the global 16 rows, as before, left it half-way: lr 0.5 x peak)."""
     data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(32))
     cli(["grpo", "--model", tiny_dir, "--data", data, "--max-steps", "2", "--output-dir", str(tmp_path / "g"), *BASE,
-         "algo.rewards=[tiny:vowel_reward]", "algo.max_new_tokens=4", "algo.prompts_per_step=4", "algo.num_generations=4",
-         "algo.minibatch_rows=4", "train.batch_size=4", "algo.eval_max_new_tokens=4", "data.num_eval_examples=4",
+         "algo.reward.functions=[tiny:vowel_reward]", "algo.sampling.max_new_tokens=4", "algo.sampling.prompts_per_step=4", "algo.sampling.num_generations=4",
+         "algo.minibatch_rows=4", "train.batch_size=4", "algo.sampling.eval_max_new_tokens=4", "data.num_eval_examples=4",
          "train.schedule=cosine", "--num-processes", "2"])
     rows = [r for r in read_metrics(tmp_path / "g") if "loss" in r]
     assert [r["updates"] for r in rows] == [2.0, 2.0]

@@ -23,12 +23,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 GPU = torch.device("cuda", 0)
 ON_GPU = ["train.device=cuda", "model.autocast=bf16"]
-ONLINE = ["algo.rewards=[tiny:vowel_reward]", "algo.max_new_tokens=6", "algo.eval_max_new_tokens=6", "train.max_steps=3"]
+ONLINE = ["algo.reward.functions=[tiny:vowel_reward]", "algo.sampling.max_new_tokens=6", "algo.sampling.eval_max_new_tokens=6", "train.max_steps=3"]
 RUNS = {  # command -> overrides of a few-second run on the tiny Llama
     "sft": ["train.max_steps=12", "train.lr=3e-3", "train.batch_size=8"],
     "dpo": ["train.max_steps=10", "train.lr=1e-2", "train.batch_size=8", "train.schedule=constant"],
-    "grpo": [*ONLINE, "algo.prompts_per_step=4", "algo.num_generations=4", "train.batch_size=8", "train.lr=1e-3"],
-    "ppo": [*ONLINE, "algo.prompts_per_step=16", "train.batch_size=8", "train.lr=1e-3"],
+    "grpo": [*ONLINE, "algo.sampling.prompts_per_step=4", "algo.sampling.num_generations=4", "train.batch_size=8", "train.lr=1e-3"],
+    "ppo": [*ONLINE, "algo.sampling.prompts_per_step=16", "train.batch_size=8", "train.lr=1e-3"],
 }
 FUSED_SDPA = ("flash", "efficient", "cudnn")
 

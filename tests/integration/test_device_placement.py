@@ -89,8 +89,8 @@ def data(tmp_path):
     return {k: write_jsonl(tmp_path / f"{k}.jsonl", v) for k, v in rows.items()}
 
 
-ONLINE = ["algo.rewards=[tiny:vowel_reward]", "algo.max_new_tokens=4", "algo.prompts_per_step=2", "algo.num_generations=4",
-          "train.batch_size=4", "algo.eval_max_new_tokens=4", "data.num_eval_examples=2"]
+ONLINE = ["algo.reward.functions=[tiny:vowel_reward]", "algo.sampling.max_new_tokens=4", "algo.sampling.prompts_per_step=2", "algo.sampling.num_generations=4",
+          "train.batch_size=4", "algo.sampling.eval_max_new_tokens=4", "data.num_eval_examples=2"]
 CASES = {
     "sft": ("posttrain.train.sft:SFT", "sft", []),
     "sft-lora": ("posttrain.train.sft:SFT", "sft", ["model.lora.enabled=true", "model.lora.r=2"]),
@@ -98,7 +98,7 @@ CASES = {
     "dpo-live-ref": ("posttrain.train.dpo:DPO", "pairs", ["algo.precompute_ref=false"]),
     "kto": ("posttrain.train.kto:KTO", "unpaired", []),
     "rm": ("posttrain.train.rm:RewardModeling", "pairs", []),
-    "grpo": ("posttrain.train.grpo:GRPO", "prompts", [*ONLINE, "algo.beta=0.05"]),
+    "grpo": ("posttrain.train.grpo:GRPO", "prompts", [*ONLINE, "algo.kl.beta=0.05"]),
     "ppo": ("posttrain.train.ppo:PPO", "prompts", ONLINE),
     "ppo-offloaded-bf16-ref": ("posttrain.train.ppo:PPO", "prompts",
                                [*ONLINE, "model.offload_frozen=true", "model.frozen_dtype=bf16"]),

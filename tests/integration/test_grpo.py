@@ -12,8 +12,8 @@ from posttrain.train.grpo import GRPO
 from posttrain.train.loop import Trainer
 from tiny import prompt_rows, run_config, write_jsonl
 
-FAST = ["algo.rewards=[tiny:vowel_reward]", "algo.max_new_tokens=6", "algo.prompts_per_step=4", "algo.num_generations=8",
-        "train.batch_size=32", "algo.eval_max_new_tokens=6", "data.num_eval_examples=8"]
+FAST = ["algo.reward.functions=[tiny:vowel_reward]", "algo.sampling.max_new_tokens=6", "algo.sampling.prompts_per_step=4", "algo.sampling.num_generations=8",
+        "train.batch_size=32", "algo.sampling.eval_max_new_tokens=6", "data.num_eval_examples=8"]
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def prompts(tmp_path):
 
 def test_grpo_learns_a_trivial_reward(tmp_path, tiny_dir, prompts):
     cfg = run_config("grpo", tmp_path / "run", tiny_dir, prompts, *FAST, "train.max_steps=30", "train.lr=1e-2",
-                     "train.schedule=constant", "algo.beta=0.02")
+                     "train.schedule=constant", "algo.kl.beta=0.02")
     run(cfg)
     rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]
     assert rows[0]["reward"] < 0.5
@@ -43,7 +43,7 @@ def test_grpo_learns_a_trivial_reward(tmp_path, tiny_dir, prompts):
 
 def test_sampler_logprobs_match_trainer_recompute(tmp_path, tiny_dir, prompts):
     """sampling temperature vs recomputed log-probs: TRL PR #3029: sampled at T = 0.6, the trainer's log-probs of the same tokens match (ratio 1 before updates)."""
-    cfg = run_config("grpo", tmp_path / "run", tiny_dir, prompts, *FAST, "algo.temperature=0.6")
+    cfg = run_config("grpo", tmp_path / "run", tiny_dir, prompts, *FAST, "algo.sampling.temperature=0.6")
     algo = GRPO(cfg)
     batch = algo.sample(1)
     recomputed = algo.policy_logps(batch)
@@ -97,7 +97,7 @@ def test_shared_prompt_rows_train_like_padded_rows(tmp_path, tiny_dir, prompts):
     runs = {}
     for share in (True, False):
         cfg = run_config("grpo", tmp_path / f"run-{share}", tiny_dir, prompts, *FAST, f"algo.share_prompt={share}",
-                         "train.max_steps=3", "train.lr=1e-2", "algo.beta=0.05", "algo.num_iterations=2",
+                         "train.max_steps=3", "train.lr=1e-2", "algo.kl.beta=0.05", "algo.num_iterations=2",
                          "algo.minibatch_rows=12", "train.batch_size=8", "train.eval_every=0")
         run(cfg)
         runs[share] = [r for r in read_metrics(tmp_path / f"run-{share}") if "loss" in r]
@@ -129,7 +129,7 @@ def test_skipping_inert_rows_leaves_the_update_unchanged(tmp_path, tiny_dir, pro
     runs = {}
     for skip in (True, False):
         cfg = run_config("grpo", tmp_path / f"run-{skip}", tiny_dir, prompts, *FAST, f"algo.skip_inert_rows={skip}",
-                         "algo.rewards=[tiny:vowel_reward_on_odd_prompts]", "train.max_steps=3", "train.lr=1e-2",
+                         "algo.reward.functions=[tiny:vowel_reward_on_odd_prompts]", "train.max_steps=3", "train.lr=1e-2",
                          "algo.num_iterations=2", "algo.minibatch_rows=16", "train.batch_size=8", "train.eval_every=0",
                          "algo.loss_agg=seq-mean-token-mean")
         run(cfg)
@@ -141,14 +141,14 @@ def test_skipping_inert_rows_leaves_the_update_unchanged(tmp_path, tiny_dir, pro
         kept = 1 - skipped["zero_variance_groups"]
         assert skipped["forward_token_fraction"] == pytest.approx(kept * full["forward_token_fraction"], rel=0.25)
     assert sum(r["zero_variance_groups"] > 0 for r in runs[True]) >= 2
-    algo = GRPO(run_config("grpo", tmp_path / "kl", tiny_dir, prompts, *FAST, "algo.beta=0.1",
-                           "algo.rewards=[tiny:vowel_reward_on_odd_prompts]"))
+    algo = GRPO(run_config("grpo", tmp_path / "kl", tiny_dir, prompts, *FAST, "algo.kl.beta=0.1",
+                           "algo.reward.functions=[tiny:vowel_reward_on_odd_prompts]"))
     iteration = algo.next_iteration(1)
     assert all(len(update.skipped) == 0 for update in iteration.updates)
 
 
 def test_separate_engine_gets_the_policy_weights_once_per_step(tmp_path, tiny_dir, prompts):
-    """algo.engine names a registered engine; one holding its own weights (like vLLM) is synced before each step's
+    """algo.sampling.engine names a registered engine; one holding its own weights (like vLLM) is synced before each step's
     sampling with the weights the previous update produced, once per step, and counted in models_in_memory."""
     from posttrain.rollout.base import GENERATORS, register_generator
     from posttrain.rollout.hf import HFGenerator
@@ -174,7 +174,7 @@ def test_separate_engine_gets_the_policy_weights_once_per_step(tmp_path, tiny_di
     register_generator("test-copying")(CopyingEngine)
     try:
         cfg = run_config("grpo", tmp_path / "run", tiny_dir, prompts, *FAST, "train.max_steps=3", "train.lr=1e-2",
-                         "algo.engine=test-copying", "algo.beta=0.0", "train.eval_every=0")
+                         "algo.sampling.engine=test-copying", "algo.kl.beta=0.0", "train.eval_every=0")
         run(cfg)
     finally:
         GENERATORS.pop("test-copying")

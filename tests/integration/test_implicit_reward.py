@@ -1,4 +1,4 @@
-"""DPO's implicit reward model (algo.reward_model_kind=implicit) scores a DPO run's pairs exactly as the run
+"""DPO's implicit reward model (algo.reward.model_kind=implicit) scores a DPO run's pairs exactly as the run
 itself scored them: its held-out rewards β·log πθ/π_ref, read back from its config (β, reference), with
 multi-turn prompts (a system turn) templated from the messages rather than from flattened text."""
 

@@ -17,9 +17,9 @@ def test_best_worst_pairs_by_hand():
 
 def test_online_dpo_raises_a_trivial_reward(tmp_path, tiny_dir):
     data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(64))
-    cfg = run_config("online-dpo", tmp_path / "run", tiny_dir, data, "algo.rewards=[tiny:vowel_reward]", "algo.max_new_tokens=6",
-                     "algo.prompts_per_step=16", "algo.num_generations=4", "train.batch_size=16", "train.max_steps=20",
-                     "train.lr=5e-3", "train.schedule=constant", "algo.eval_max_new_tokens=6", "data.num_eval_examples=8",
+    cfg = run_config("online-dpo", tmp_path / "run", tiny_dir, data, "algo.reward.functions=[tiny:vowel_reward]", "algo.sampling.max_new_tokens=6",
+                     "algo.sampling.prompts_per_step=16", "algo.sampling.num_generations=4", "train.batch_size=16", "train.max_steps=20",
+                     "train.lr=5e-3", "train.schedule=constant", "algo.sampling.eval_max_new_tokens=6", "data.num_eval_examples=8",
                      "algo.beta=0.1")
     run(cfg)
     rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]

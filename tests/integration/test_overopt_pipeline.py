@@ -19,7 +19,7 @@ def test_overopt_pipeline(tmp_path, tiny_dir):
             {"name": "rm_proxy", "command": "rm", "overrides": {"train.max_steps": 2, "data.num_examples": 8,
                                                                 "algo.label_noise": 0.25}},
             {"name": "ppo", "command": "ppo", "reward_model": "rm_proxy",
-             "overrides": {"train.max_steps": 3, "train.eval_every": 1, "algo.rewards": [], "algo.eval_rewards": ["numeric"],
+             "overrides": {"train.max_steps": 3, "train.eval_every": 1, "algo.reward.functions": [], "algo.reward.eval_functions": ["numeric"],
                            **ONLINE}},
             {"name": "overopt", "command": "overopt", "reward_model": "rm_proxy",
              "overrides": {"algo.ppo_run": "ppo", "algo.max_n": 4, "algo.max_new_tokens": 6}},

@@ -10,7 +10,7 @@ from posttrain.metrics import read_metrics
 
 FAST = {"model.autocast": "none", "data.max_length": 256, "data.num_eval_examples": 4, "train.progress": False,
         "train.tensorboard": False, "data.num_examples": 32, "train.batch_size": 4}
-ONLINE = {"algo.max_new_tokens": 6, "algo.eval_max_new_tokens": 6, "algo.prompts_per_step": 4}
+ONLINE = {"algo.sampling.max_new_tokens": 6, "algo.sampling.eval_max_new_tokens": 6, "algo.sampling.prompts_per_step": 4}
 
 
 def write_pipeline(tmp_path, model_dir):
@@ -23,9 +23,9 @@ def write_pipeline(tmp_path, model_dir):
             {"name": "dpo", "command": "dpo", "from": "sft", "overrides": {"train.max_steps": 2}},
             {"name": "kto", "command": "kto", "from": "sft", "overrides": {"train.max_steps": 2}},
             {"name": "ppo", "command": "ppo", "from": "sft", "reward_model": "rm",
-             "overrides": {"train.max_steps": 2, "algo.rewards": [], "algo.eval_rewards": ["numeric"], **ONLINE}},
+             "overrides": {"train.max_steps": 2, "algo.reward.functions": [], "algo.reward.eval_functions": ["numeric"], **ONLINE}},
             {"name": "grpo", "command": "grpo", "from": "sft",
-             "overrides": {"train.max_steps": 2, "algo.num_generations": 4, "algo.beta": 0.04, **ONLINE}},
+             "overrides": {"train.max_steps": 2, "algo.sampling.num_generations": 4, "algo.kl.beta": 0.04, **ONLINE}},
         ],
     }
     path = tmp_path / "pipe.yaml"

@@ -7,8 +7,8 @@ from posttrain.train.registry import run
 from posttrain.train.ppo import PPO, RunningMoments
 from tiny import prompt_rows, run_config, write_jsonl
 
-FAST = ["algo.rewards=[tiny:vowel_reward]", "algo.max_new_tokens=6", "algo.prompts_per_step=32", "train.batch_size=32",
-        "algo.eval_max_new_tokens=6", "data.num_eval_examples=8", "train.schedule=constant"]
+FAST = ["algo.reward.functions=[tiny:vowel_reward]", "algo.sampling.max_new_tokens=6", "algo.sampling.prompts_per_step=32", "train.batch_size=32",
+        "algo.sampling.eval_max_new_tokens=6", "data.num_eval_examples=8", "train.schedule=constant"]
 
 
 @pytest.fixture
@@ -28,8 +28,8 @@ def test_ppo_learns_a_trivial_reward(tmp_path, tiny_dir, prompts):
 
 def test_target_kl_stops_the_epochs_early_and_adaptive_beta_moves(tmp_path, tiny_dir, prompts):
     cfg = run_config("ppo", tmp_path / "run", tiny_dir, prompts, *FAST, "train.max_steps=3", "train.lr=1e-2",
-                     "algo.ppo_epochs=4", "algo.target_kl=1e-9", "algo.kl_control=adaptive", "algo.kl_target=0.001",
-                     "algo.kl_horizon=100", "train.eval_every=0")
+                     "algo.ppo_epochs=4", "algo.target_kl=1e-9", "algo.kl.control=adaptive", "algo.kl.target=0.001",
+                     "algo.kl.horizon=100", "train.eval_every=0")
     algo = PPO(cfg)
     algo.evaluate = lambda: {}
     from posttrain.train.loop import Trainer
@@ -55,13 +55,13 @@ def test_running_moments_match_numpy():
 
 
 def test_ppo_against_a_dpo_models_implicit_reward(tmp_path, tiny_dir, prompts):
-    """algo.reward_model_kind=implicit: a causal LM scored as β·log πθ/π_ref. Its reference is PPO's own frozen
+    """algo.reward.model_kind=implicit: a causal LM scored as β·log πθ/π_ref. Its reference is PPO's own frozen
     reference when they are the same checkpoint (4 copies: policy, reference, DPO model, critic), loaded when not."""
     from tiny import tiny_model_dir
 
     dpo_model = tiny_model_dir(tmp_path / "dpo-model", seed=1)
-    base = [*FAST[1:], "train.max_steps=2", "train.lr=1e-3", "algo.rewards=[]", "algo.eval_rewards=[tiny:vowel_reward]",
-            f"algo.reward_model={dpo_model}", "algo.reward_model_kind=implicit", "algo.reward_model_beta=0.5"]
+    base = [*FAST[1:], "train.max_steps=2", "train.lr=1e-3", "algo.reward.functions=[]", "algo.reward.eval_functions=[tiny:vowel_reward]",
+            f"algo.reward.model={dpo_model}", "algo.reward.model_kind=implicit", "algo.reward.model_beta=0.5"]
     run(run_config("ppo", tmp_path / "shared", tiny_dir, prompts, *base))
     rows = read_metrics(tmp_path / "shared")
     stepped = [r for r in rows if "reward" in r]
@@ -69,7 +69,7 @@ def test_ppo_against_a_dpo_models_implicit_reward(tmp_path, tiny_dir, prompts):
     assert all(r["reward"] == r["reward"] and r["reward"] != 0.0 for r in stepped)  # finite, and not a zero log-ratio
     assert any("eval/reward_model/mean_reward" in r for r in rows)  # the proxy score of held-out answers
     other_ref = tiny_model_dir(tmp_path / "other-ref", seed=2)
-    run(run_config("ppo", tmp_path / "own", tiny_dir, prompts, *base, f"algo.reward_model_ref={other_ref}"))
+    run(run_config("ppo", tmp_path / "own", tiny_dir, prompts, *base, f"algo.reward.model_ref={other_ref}"))
     assert [r["models_in_memory"] for r in read_metrics(tmp_path / "own") if "reward" in r] == [5.0, 5.0]
 
 
@@ -132,9 +132,9 @@ def test_implicit_reward_with_a_lora_policy_uses_the_adapter_off_base(tmp_path, 
     from tiny import tiny_model_dir
 
     dpo_model = tiny_model_dir(tmp_path / "dpo-model", seed=1)
-    cfg = run_config("ppo", tmp_path / "run", tiny_dir, prompts, *FAST[1:], "algo.rewards=[]", "model.lora.enabled=true",
-                     "algo.critic_init=shared", f"algo.reward_model={dpo_model}", "algo.reward_model_kind=implicit",
-                     "algo.reward_model_beta=0.5")
+    cfg = run_config("ppo", tmp_path / "run", tiny_dir, prompts, *FAST[1:], "algo.reward.functions=[]", "model.lora.enabled=true",
+                     "algo.critic_init=shared", f"algo.reward.model={dpo_model}", "algo.reward.model_kind=implicit",
+                     "algo.reward.model_beta=0.5")
     algo = PPO(cfg)
     assert algo.models_in_memory == 2  # the base (policy, reference, critic trunk) and the DPO model
     with torch.no_grad():

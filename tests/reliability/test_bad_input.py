@@ -242,7 +242,7 @@ def test_overlong_rl_prompts_are_dropped_and_counted(tmp_path, model_dir):
     rows[5]["prompt"] = "a long prompt " * 20
     data = write_jsonl(tmp_path / "p.jsonl", rows)
     cfg = run_config("grpo", tmp_path / "run", model_dir, data, "data.max_prompt_length=40", "data.eval_fraction=0",
-                     "algo.rewards=[tiny:vowel_reward]", "algo.prompts_per_step=2", "algo.num_generations=2")
+                     "algo.reward.functions=[tiny:vowel_reward]", "algo.sampling.prompts_per_step=2", "algo.sampling.num_generations=2")
     algo = GRPO(cfg)
     assert len(algo.collector.prompts) == 11
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())["train_prompts"]

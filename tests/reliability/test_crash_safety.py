@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "crash_worker.py"
 SFT_ARGS = ["train.max_steps=8", "train.save_every=2", "train.batch_size=4", "train.lr=2e-3", "train.num_threads=1",
             "data.eval_fraction=0"]
-GRPO_ARGS = ["algo.rewards=[tiny:vowel_reward]", "algo.max_new_tokens=6", "algo.prompts_per_step=4", "algo.num_generations=4",
+GRPO_ARGS = ["algo.reward.functions=[tiny:vowel_reward]", "algo.sampling.max_new_tokens=6", "algo.sampling.prompts_per_step=4", "algo.sampling.num_generations=4",
              "train.batch_size=16", "train.lr=1e-2", "train.max_steps=6", "train.save_every=2", "train.num_threads=1",
              "data.eval_fraction=0"]
 CLI_BASE = ["model.autocast=none", "train.tensorboard=false", "train.progress=false"]
@@ -287,8 +287,8 @@ stages:
   - name: grpo
     command: grpo
     from: sft
-    overrides: {{train.max_steps: 6, train.save_every: 2, algo.rewards: ["crash_worker:slow_vowel_reward"],
-                algo.max_new_tokens: 4, algo.prompts_per_step: 2, algo.num_generations: 4, train.batch_size: 8}}
+    overrides: {{train.max_steps: 6, train.save_every: 2, algo.reward.functions: ["crash_worker:slow_vowel_reward"],
+                algo.sampling.max_new_tokens: 4, algo.sampling.prompts_per_step: 2, algo.sampling.num_generations: 4, train.batch_size: 8}}
 """
 
 

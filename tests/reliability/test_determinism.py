@@ -37,8 +37,8 @@ ALGOS = {
     "sft": (run, lambda d: write_jsonl(d / "sft.jsonl", addition_sft_rows(40)), ["train.batch_size=4"]),
     "dpo": (run, lambda d: write_jsonl(d / "pairs.jsonl", pairs()), ["train.batch_size=4"]),
     "grpo": (run, lambda d: write_jsonl(d / "prompts.jsonl", prompt_rows(24)),
-             ["algo.rewards=[tiny:vowel_reward]", "algo.max_new_tokens=6", "algo.prompts_per_step=2",
-              "algo.num_generations=4", "train.batch_size=8", "algo.eval_max_new_tokens=4", "algo.beta=0.05"]),
+             ["algo.reward.functions=[tiny:vowel_reward]", "algo.sampling.max_new_tokens=6", "algo.sampling.prompts_per_step=2",
+              "algo.sampling.num_generations=4", "train.batch_size=8", "algo.sampling.eval_max_new_tokens=4", "algo.kl.beta=0.05"]),
 }
 
 

@@ -27,7 +27,7 @@ from posttrain.train.loop import NonFiniteLossError, Trainer
 from posttrain.train.sft import SFT
 from tiny import addition_sft_rows, prompt_rows, run_config, tiny_model_dir, write_jsonl
 
-GRPO_ARGS = ["algo.rewards=[tiny:vowel_reward]", "algo.max_new_tokens=6", "algo.prompts_per_step=4", "algo.num_generations=6",
+GRPO_ARGS = ["algo.reward.functions=[tiny:vowel_reward]", "algo.sampling.max_new_tokens=6", "algo.sampling.prompts_per_step=4", "algo.sampling.num_generations=6",
              "train.batch_size=24", "train.lr=1e-2", "train.num_threads=1", "data.eval_fraction=0"]
 
 
@@ -112,7 +112,7 @@ def _grpo(tmp_path, files, reward, *extra):
 
 
 def _raw_rewards(batch, reward) -> torch.Tensor:
-    from posttrain.train.collector import prompt_text
+    from posttrain.data.chat import prompt_text
 
     return torch.tensor([reward(prompt_text(p), c) for p, c in zip(batch.prompts, batch.texts)], dtype=torch.float64)
 

@@ -80,9 +80,9 @@ def test_a_grpo_step_with_a_hanging_and_crashing_reward_finishes_on_time(tmp_pat
     n = 5 * 6
     hang, crash = expected_faults(n)
     assert (hang, crash) == (6, 3)
-    cfg = run_config("grpo", tmp_path / "run", model, prompts, "algo.rewards=[crash_worker:flaky_reward]",
-                     "algo.reward_on_error=zero", f"algo.reward_timeout_s={TIMEOUT}", "algo.reward_workers=8",
-                     "algo.prompts_per_step=5", "algo.num_generations=6", "algo.max_new_tokens=4", "train.batch_size=30",
+    cfg = run_config("grpo", tmp_path / "run", model, prompts, "algo.reward.functions=[crash_worker:flaky_reward]",
+                     "algo.reward.on_error=zero", f"algo.reward.timeout_s={TIMEOUT}", "algo.reward.workers=8",
+                     "algo.sampling.prompts_per_step=5", "algo.sampling.num_generations=6", "algo.sampling.max_new_tokens=4", "train.batch_size=30",
                      "train.max_steps=1", "train.num_threads=1", "data.eval_fraction=0")
     start = time.monotonic()
     run(cfg)

@@ -188,10 +188,10 @@ def test_a_module_reward_is_imported_only_when_a_config_names_it(tmp_path, monke
     load_reward("numeric"), load_reward("code", timeout_s=1.0), load_reward_fns(["numeric", "math"])
     import posttrain.train.grpo  # noqa: F401  (registers the grpo config)
 
-    cfg = load_config("grpo", None, ["algo.rewards=[numeric,format]"])
+    cfg = load_config("grpo", None, ["algo.reward.functions=[numeric,format]"])
     build_reward_runner(cfg.algo.reward)
     assert module not in sys.modules and not marker.exists()
-    named = load_config("grpo", None, [f"algo.rewards=[{module}:score]"])
+    named = load_config("grpo", None, [f"algo.reward.functions=[{module}:score]"])
     assert module not in sys.modules  # a config is data: parsing it imports nothing
     runner = build_reward_runner(named.algo.reward)
     assert module in sys.modules and marker.exists()

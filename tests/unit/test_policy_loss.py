@@ -224,9 +224,9 @@ def test_a_new_policy_loss_is_one_decorated_function(tmp_path, tiny_dir):
     try:
         data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(16))
         run(run_config("grpo", tmp_path / "run", tiny_dir, data, "algo.policy_loss=test_vanilla_pg",
-                            "algo.rewards=[tiny:vowel_reward]", "algo.max_new_tokens=4", "algo.prompts_per_step=2",
-                            "algo.num_generations=4", "train.max_steps=2", "data.num_eval_examples=2",
-                            "algo.eval_max_new_tokens=2"))
+                            "algo.reward.functions=[tiny:vowel_reward]", "algo.sampling.max_new_tokens=4", "algo.sampling.prompts_per_step=2",
+                            "algo.sampling.num_generations=4", "train.max_steps=2", "data.num_eval_examples=2",
+                            "algo.sampling.eval_max_new_tokens=2"))
         assert calls  # GRPO's updates went through the registered loss
     finally:
         del POLICY_LOSSES["test_vanilla_pg"]
