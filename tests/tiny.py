@@ -88,3 +88,8 @@ def vowel_reward_on_odd_prompts(prompts, completions, **_):
     variance, so half the rows of a GRPO rollout have advantage 0."""
     dense = vowel_reward(prompts, completions)
     return [r if p.rstrip()[-1] in "13579" else 0.5 for p, r in zip(prompts, dense)]
+
+
+def constant_reward(prompts, completions, **_):
+    """The same reward for every completion: every GRPO group has zero variance."""
+    return [0.5] * len(completions)

@@ -145,3 +145,15 @@ def test_minibatch_schedule_counts_local_rows_on_two_processes(tmp_path, tiny_di
     assert [r["updates"] for r in rows] == [2.0, 2.0]
     assert rows[0]["lr"] == pytest.approx(3e-3 * 0.5, rel=1e-6)  # after 2 of 4 updates: cos(pi/2) -> half
     assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_zero_variance_groups_is_a_fraction_of_each_process_groups(tmp_path, tiny_dir):
+    """Every group has equal rewards: the metric is 1.0 with 2 processes too (it divided each process's count by the
+    global prompt count, reading 1/2 of the truth)."""
+    data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(32))
+    cli(["grpo", "--model", tiny_dir, "--data", data, "--max-steps", "2", "--output-dir", str(tmp_path / "g"), *BASE,
+         "algo.reward.functions=[tiny:constant_reward]", "algo.sampling.max_new_tokens=3", "algo.sampling.prompts_per_step=4",
+         "algo.sampling.num_generations=2", "train.batch_size=8", "algo.sampling.eval_max_new_tokens=2",
+         "data.num_eval_examples=2", "--num-processes", "2"])
+    rows = [r for r in read_metrics(tmp_path / "g") if "zero_variance_groups" in r]
+    assert [r["zero_variance_groups"] for r in rows] == [1.0, 1.0]
