@@ -93,3 +93,15 @@ def vowel_reward_on_odd_prompts(prompts, completions, **_):
 def constant_reward(prompts, completions, **_):
     """The same reward for every completion: every GRPO group has zero variance."""
     return [0.5] * len(completions)
+
+
+def sum_pair_rows(n: int = 24, wrong_by=lambda rng: 1) -> list[dict]:
+    """Preference pairs on sums: a right ("ok S") and a wrong ("no S+k") answer, seeded."""
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randrange(100), rng.randrange(100)
+        rows.append({"prompt": f"{a}+{b}=", "chosen": f"ok {a + b}", "rejected": f"no {a + b + wrong_by(rng)}"})
+    return rows

@@ -40,26 +40,23 @@ class AlgorithmSpec:
         return self.cls or self.runner
 
 
-def algorithm(name: str, config: type, help: str):
-    """Class decorator: the Algorithm trained by `posttrain NAME`, with its config dataclass and one-line help."""
-
-    def deco(cls):
-        ALGORITHMS.add(name, AlgorithmSpec(name, config, help, cls=cls))
+def _registering(name: str, config: type, help: str, field: str):
+    def deco(obj):
+        ALGORITHMS.add(name, AlgorithmSpec(name, config, help, **{field: obj}))
         register_algo_section(name, config)
-        return cls
+        return obj
 
     return deco
+
+
+def algorithm(name: str, config: type, help: str):
+    """Class decorator: the Algorithm trained by `posttrain NAME`, with its config dataclass and one-line help."""
+    return _registering(name, config, help, "cls")
 
 
 def command(name: str, config: type, help: str):
     """Function decorator: `fn(RunConfig) -> dict` run by `posttrain NAME` (a command that is not a training loop)."""
-
-    def deco(fn):
-        ALGORITHMS.add(name, AlgorithmSpec(name, config, help, runner=fn))
-        register_algo_section(name, config)
-        return fn
-
-    return deco
+    return _registering(name, config, help, "runner")
 
 
 @lru_cache(maxsize=1)

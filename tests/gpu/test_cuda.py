@@ -6,7 +6,6 @@ Marked `gpu`: deselected by the default `-m 'not gpu'` (pyproject addopts) and r
 """
 
 import math
-import random
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from posttrain.metrics import read_metrics
-from tiny import addition_sft_rows, prompt_rows, run_config, tiny_llama, tiny_tokenizer, write_jsonl
+from tiny import addition_sft_rows, sum_pair_rows, prompt_rows, run_config, tiny_llama, tiny_tokenizer, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from _gpu_workloads import ALGO_CLASSES, frozen_modules, off_device  # noqa: E402
@@ -34,12 +33,7 @@ FUSED_SDPA = ("flash", "efficient", "cudnn")
 
 
 def pair_rows(n: int = 40) -> list[dict]:
-    rng = random.Random(0)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randrange(100), rng.randrange(100)
-        rows.append({"prompt": f"{a}+{b}=", "chosen": f"ok {a + b}", "rejected": f"no {a + b + rng.randrange(1, 9)}"})
-    return rows
+    return sum_pair_rows(n, wrong_by=lambda rng: rng.randrange(1, 9))
 
 
 def data_for(command: str, tmp_path) -> str:

@@ -3,18 +3,17 @@ for SFT, DPO and GRPO (timing keys aside); another seed gives another one, so th
 Across processes the crash tests show the same: a run resumed in another process logs the uninterrupted metrics."""
 
 import json
-import random
 
 import pytest
 
 from posttrain.train.registry import run
-from tiny import addition_sft_rows, prompt_rows, run_config, tiny_model_dir, write_jsonl
+from tiny import addition_sft_rows, prompt_rows, run_config, sum_pair_rows, tiny_model_dir, write_jsonl
 
 TIMING = {"tokens_per_s", "step_time_s", "peak_mem_gb", "completions_per_s", "reference/seconds"}
 
 
 def is_timing(key: str) -> bool:
-    return key in TIMING or key.startswith("timing/")
+    return key in TIMING or key.startswith(("timing/", "mem/"))  # wall clock and memory high-water marks
 
 
 def without_timing(run_dir) -> list[str]:
@@ -24,12 +23,7 @@ def without_timing(run_dir) -> list[str]:
 
 
 def pairs(n: int = 24) -> list[dict]:
-    rng = random.Random(0)
-    out = []
-    for _ in range(n):
-        a, b = rng.randrange(100), rng.randrange(100)
-        out.append({"prompt": f"{a}+{b}=", "chosen": f"ok {a + b}", "rejected": f"no {a + b + 1}"})
-    return out
+    return sum_pair_rows(n)
 
 
 COMMON = ["train.max_steps=4", "train.num_threads=1", "train.eval_every=2", "train.lr=5e-3"]
