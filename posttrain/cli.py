@@ -219,16 +219,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"posttrain {args.command}: not available in this build ({args.unavailable})", file=sys.stderr)
             return 2
         return args.func(args) or 0
-    except (ConfigError, DataError, DeviceError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, DataError, DeviceError, FileNotFoundError, ValueError) as exc:  # the input's fault
         if args.verbose:
             raise
-        print(f"posttrain {args.command}: error: {exc}", file=sys.stderr)
+        print(f"posttrain {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:  # a diverged run (NonFiniteLossError), a failed or refused checkpoint
+    # a diverged run (NonFiniteLossError), a failed or refused checkpoint; an OSError (a run directory that cannot
+    # be written, a full disk) is the run's failure too, not a wrong input: exit 1 like them, one line (-v: traceback)
+    except (RuntimeError, OSError) as exc:
         if args.verbose:
             raise
-        print(f"posttrain {args.command}: error: {exc}", file=sys.stderr)
+        print(f"posttrain {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error as one line: a message from a library may span lines (PyYAML, transformers), and a script reading
+    stderr, or a person, should get the whole of it on the line that says `error:`."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
 if __name__ == "__main__":

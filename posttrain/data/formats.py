@@ -33,13 +33,67 @@ class Record:
     where: str  # "file:line" or "file[row]" or "task:NAME[i]"
 
 
-def _parse_json(text: str, where: str):
-    """json.loads, with RecursionError (nesting too deep) as a DataError; syntax errors are left to the caller,
-    which knows the line."""
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, offset: int | None = None):
+        super().__init__(key)
+        self.key, self.offset = key, offset
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """object_pairs_hook: json.loads keeps the last of two equal keys, so `{"answer": "4", "answer": "5"}` would
+    train on "5" and never say so; an object whose keys repeat is refused instead."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def _parse_json(text: str, where: str, line_of: Callable[[int], str]):
+    """json.loads, with RecursionError (nesting too deep) and a repeated key as DataErrors (`line_of(offset)`: the
+    `file:line` of a character of `text`); syntax errors are left to the caller, which knows the line."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except RecursionError:
         raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
+    except _DuplicateKey as dup:
+        # the fast parser knows no positions (and meets an inner object's repeat first, as inner objects close
+        # first): a second, slower pass finds the first repeat in reading order, and where it is
+        key, offset = _first_duplicate(text) or (dup.key, 0)
+        raise DataError(f"{line_of(offset)}: duplicated key {key!r} in one JSON object "
+                        "(JSON readers keep only its last value)") from None
+
+
+def _first_duplicate(text: str) -> tuple[str, int] | None:
+    """(key, offset) of the first repeated key of `text` in reading order: a pure-Python parse whose object parser
+    tracks key positions. Run only once a repeated key is known to be there (slow, and only its position matters)."""
+    from json.decoder import WHITESPACE, scanstring
+    from json.scanner import py_make_scanner
+
+    def skip(s, i):
+        return WHITESPACE.match(s, i).end()
+
+    def parse_object(s_and_end, strict, scan_once, *_):
+        s, i = s_and_end
+        seen, i = set(), skip(s, i)
+        while s[i] != "}":
+            key, after = scanstring(s, i + 1, strict)
+            if key in seen:
+                raise _DuplicateKey(key, i)
+            seen.add(key)
+            _, i = scan_once(s, skip(s, skip(s, after) + 1))  # past the ':' to the value
+            i = skip(s, i)
+            i = skip(s, i + 1) if s[i] == "," else i
+        return {}, i + 1
+
+    decoder = json.JSONDecoder()
+    decoder.parse_object = parse_object
+    decoder.scan_once = py_make_scanner(decoder)
+    try:
+        decoder.scan_once(text, skip(text, 0))
+    except _DuplicateKey as dup:
+        return dup.key, dup.offset
+    return None
 
 
 def _decode(raw: bytes, where: str) -> str:
@@ -57,7 +111,7 @@ def _read_jsonl(path: Path) -> list[Record]:
             if not line.strip():
                 continue
             try:
-                obj = _parse_json(line, f"{path}:{lineno}")
+                obj = _parse_json(line, f"{path}:{lineno}", lambda _, where=f"{path}:{lineno}": where)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(obj, dict):
@@ -76,7 +130,7 @@ def _read_json(path: Path) -> list[Record]:
     if not text.strip():
         return []
     try:
-        obj = _parse_json(text, str(path))
+        obj = _parse_json(text, str(path), lambda offset: f"{path}:{text.count(chr(10), 0, offset) + 1}")
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):

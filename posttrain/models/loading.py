@@ -12,15 +12,19 @@ DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """A path or hub id that `from_pretrained` understands; GGUF files are converted once into the cache."""
+    """A path or hub id that `from_pretrained` understands; GGUF files are converted once into the cache. A name
+    that is neither (no such path, not shaped like a hub id) is a FileNotFoundError naming it: transformers would
+    say "Repo id must be in the form ..." about a mistyped folder."""
+    from posttrain.config import model_path_problem
     from posttrain.models import bundled
 
     if name_or_path.lower() in BUNDLED_ALIASES:
         return str(bundled.ensure_bundled_model())
+    problem = model_path_problem(name_or_path)
+    if problem is not None:
+        raise FileNotFoundError(f"model {name_or_path!r}: {problem}")
     path = Path(name_or_path)
     if path.suffix == ".gguf":
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such GGUF file")
         out = gguf_cache_dir(path)
         if not (out / "config.json").exists():
             bundled.convert_gguf(path, out)
@@ -60,7 +64,10 @@ def load_tokenizer(path: str, chat_template: str | None = None):
 
     from posttrain.data.chat import ensure_chat_template
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:  # the first file read from a model: a hub id that is not there (or offline) fails here
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:  # transformers' text spans lines and names no key: one line, the model named
+        raise FileNotFoundError(f"model {path!r}: cannot load its tokenizer: {' '.join(str(exc).split())}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     ensure_chat_template(tokenizer, chat_template)

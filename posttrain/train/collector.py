@@ -13,6 +13,7 @@ import torch
 from posttrain.config import RunConfig
 from posttrain.data.chat import encode_prompt, end_of_turn_ids, prompt_text
 from posttrain.data.collate import filter_by_length
+from posttrain.data.formats import DataError
 from posttrain.rollout.base import SamplingParams, get_generator, reclaim_memory, release_memory
 from posttrain.train import common
 from posttrain.train.distributed import context
@@ -137,6 +138,43 @@ def accepts(fn, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+# columns every reward receives besides the record's own: the prompt's messages, and the completions' token counts
+PROVIDED_COLUMNS = {"raw_prompt", "completion_lengths"}
+
+
+def required_columns(fn) -> list[str]:
+    """The dataset columns a reward function cannot run without: its parameters after (prompts, completions) that
+    have no default (`numeric(prompts, completions, answer, **_)` needs `answer`); options bound by partial have one."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a callable without a signature: nothing can be said before calling it
+        return []
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [p.name for p in named[2:] if p.default is p.empty and p.kind is not p.POSITIONAL_ONLY]
+
+
+def check_reward_columns(cfg: RunConfig, train, held) -> None:
+    """Each prompt record has every column the run's rewards need (`algo.reward.functions` for training,
+    `eval_functions` for the held-out split), checked when the data is read: otherwise the first rollout (after
+    the models are loaded and a step is sampled) fails with a TypeError from inside the reward, or, under
+    `on_error=zero`, scores 0 everywhere. A null value is a value (the reward may mask it), a missing key is not."""
+    from posttrain.rewards.registry import load_reward
+
+    section = cfg.algo.reward
+    train_fns = {n: load_reward(n, **section.options.get(n, {})) for n in section.functions}
+    eval_names = section.eval_functions or section.functions
+    eval_fns = {n: train_fns.get(n) or load_reward(n) for n in eval_names}
+    eval_key = "algo.reward.eval_functions" if section.eval_functions else "algo.reward.functions"
+    for records, fns, key in ((train, train_fns, "algo.reward.functions"), (held, eval_fns, eval_key)):
+        needs = {name: [c for c in required_columns(fn) if c not in PROVIDED_COLUMNS] for name, fn in fns.items()}
+        for record in records:
+            for name, columns in needs.items():
+                missing = [c for c in columns if c not in record.data]
+                if missing:
+                    raise DataError(f"{record.where}: missing column {missing[0]!r}, which reward {name!r} "
+                                    f"({key}) needs; columns: {sorted(record.data)}")
 
 
 def length_metrics(rollout) -> dict:

@@ -11,7 +11,7 @@ import torch
 
 from posttrain.config import RunConfig, save_config
 from posttrain.data.collate import BatchOrder, LengthReport, filter_by_length, pad_batch, padding_fraction
-from posttrain.data.formats import Record, load_dataset_records
+from posttrain.data.formats import DataError, Record, load_dataset_records
 from posttrain.models.loading import autocast_context, count_parameters, load_causal_lm, load_tokenizer, resolve_model_path
 
 log = logging.getLogger("posttrain")
@@ -54,7 +54,20 @@ def autocast_for(cfg: RunConfig, device: torch.device):
 
 
 def load_splits(cfg: RunConfig, kind: str) -> tuple[list[Record], list[Record]]:
-    """(train, eval) records of `kind`; a built-in task's test split, an eval file, or a held-out slice."""
+    """(train, eval) records of `kind`; a built-in task's test split, an eval file, or a held-out slice. Refused
+    here rather than after loading models or in the middle of a run: a train split of pairs that all have chosen ==
+    rejected (nothing to learn), prompts without a column one of the run's rewards needs."""
+    train, held = _read_splits(cfg, kind)
+    if kind == "preference":
+        check_pairs_differ(cfg, train)
+    if kind == "prompts" and getattr(cfg.algo, "reward", None) is not None:
+        from posttrain.train.collector import check_reward_columns  # collector imports this module
+
+        check_reward_columns(cfg, train, held)
+    return train, held
+
+
+def _read_splits(cfg: RunConfig, kind: str) -> tuple[list[Record], list[Record]]:
     data = cfg.data
     train = load_dataset_records(data.path, kind, "train", n=data.num_examples, seed=cfg.train.seed)
     if data.eval_path:
@@ -68,28 +81,67 @@ def load_splits(cfg: RunConfig, kind: str) -> tuple[list[Record], list[Record]]:
     return [r for i, r in enumerate(train) if i not in held], [r for i, r in enumerate(train) if i in held]
 
 
-def encode_all(records: list[Record], encode, lengths_of, cfg: RunConfig, fit=None, name: str = "train"):
-    """Encode records, apply the over-long policy, write the counts to the run directory and the log."""
+def check_pairs_differ(cfg: RunConfig, train: list[Record]) -> None:
+    """A train split whose every pair has chosen == rejected leaves DPO and KTO nothing once those are dropped
+    (and gives a reward model a zero margin on every pair): refused with the count, not an empty batch order."""
+    from posttrain.data.preference import split_degenerate
+
+    kept, same = split_degenerate(train)
+    if train and not kept:
+        first = ", ".join(r.where for r in same[:3])
+        raise DataError(f"{cfg.data.path}: no examples left to train on: all {len(same)} pairs of the train split "
+                        f"have chosen == rejected (first: {first})")
+
+
+def encode_all(records: list[Record], encode, lengths_of, cfg: RunConfig, fit=None, name: str = "train",
+               dropped_before: dict[str, int] | None = None):
+    """Encode records, apply the over-long policy, write the counts to the run directory and the log.
+    `dropped_before`: {reason: count} of records the caller removed before encoding (pairs with chosen ==
+    rejected), counted in the error when no train example is left."""
     items = [encode(r) for r in records]
     kept, report = filter_by_length(
         items, [lengths_of(x) for x in items], [r.where for r in records], cfg.data.max_length, cfg.data.overlong, fit
     )
-    record_length_report(cfg, name, report)
+    record_length_report(cfg, name, report, dropped_before)
     return kept, report
 
 
-def record_length_report(cfg: RunConfig, name: str, report: LengthReport) -> None:
+TRAIN_SPLITS = ("train", "train_prompts")  # the report names of what a run trains on (eval may be empty)
+
+
+def record_length_report(cfg: RunConfig, name: str, report: LengthReport,
+                         dropped_before: dict[str, int] | None = None) -> None:
+    """Log and save (rank 0) what the over-long policy did; a train split left empty is a DataError on every rank,
+    raised after the counts are saved, instead of a batch order over nothing."""
     from posttrain.train.distributed import context
 
     if report.dropped or report.truncated:
         log.warning("%s data: %s (first: %s)", name, report.summary(), ", ".join(report.examples))
-    if not context().is_main:
-        return
-    out = Path(cfg.train.output_dir) / "data_report.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(out.read_text()) if out.exists() else {}
-    existing[name] = {"policy": report.policy, "kept": report.kept, "dropped": report.dropped, "truncated": report.truncated, "first_overlong": report.examples}
-    out.write_text(json.dumps(existing, indent=1))
+    if context().is_main:
+        out = Path(cfg.train.output_dir) / "data_report.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        existing = json.loads(out.read_text()) if out.exists() else {}
+        existing[name] = {"policy": report.policy, "kept": report.kept, "dropped": report.dropped, "truncated": report.truncated, "first_overlong": report.examples}
+        out.write_text(json.dumps(existing, indent=1))
+    if name in TRAIN_SPLITS and report.kept == 0:
+        raise nothing_left(cfg, name, report, dropped_before or {})
+
+
+def nothing_left(cfg: RunConfig, name: str, report: LengthReport, dropped_before: dict[str, int]) -> DataError:
+    """`FILE: no examples left to train on: ...` with the count of each reason they were dropped for."""
+    prompts = name.endswith("_prompts")  # prompts: dropped above max_prompt_length, never truncated
+    key = "data.max_prompt_length" if prompts else "data.max_length"
+    limit = cfg.data.max_prompt_length if prompts else cfg.data.max_length
+    reasons = [f"{n} {why}" for why, n in dropped_before.items() if n]
+    if report.dropped:
+        policy = "" if prompts else f"data.overlong={report.policy!r}; "
+        reasons.append(f"{report.dropped} longer than {key}={limit} tokens ({policy}first: {', '.join(report.examples)})")
+    total = report.dropped + sum(dropped_before.values())
+    what = "prompts" if prompts else "records"
+    if not reasons:
+        return DataError(f"{cfg.data.path}: no examples left to train on: the train split is empty")
+    return DataError(f"{cfg.data.path}: no examples left to train on: all {total} {what} of the train split were "
+                     f"dropped: {'; '.join(reasons)}")
 
 
 def make_order(lengths: list[int], cfg: RunConfig, batch_size: int | None = None, group_by_length: bool | None = None,

@@ -85,7 +85,8 @@ class DPO(common.DatasetAlgorithm):
         use_chat = self.cfg.algo.use_chat_template
         encode = lambda r: encode_pair(r, self.tokenizer, use_chat)  # noqa: E731
         fit = fit_both(self.cfg.data.max_length, self.cfg.data.overlong)
-        pairs, _ = common.encode_all(kept, encode, lambda p: max(map(len, p)), self.cfg, fit, name)
+        pairs, _ = common.encode_all(kept, encode, lambda p: max(map(len, p)), self.cfg, fit, name,
+                                     dropped_before={"with chosen == rejected": len(dropped)})
         common.report_degenerate(self.cfg, name, dropped)
         return [PairItem(i, c, r) for i, (c, r) in enumerate(pairs)]
 

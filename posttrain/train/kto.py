@@ -179,6 +179,7 @@ class KTO(common.DatasetAlgorithm):
         self._once = common.once_metrics(model, ref_metrics)
 
     def _load(self, name: str, records: list[Record], kind: str) -> list[KTOItem]:
+        dropped: list[Record] = []
         if kind == "preference":
             records, dropped = split_degenerate(records)
             records = unpair(records)
@@ -190,7 +191,8 @@ class KTO(common.DatasetAlgorithm):
             fitted = fit_pair((item.seq, item.kl))
             return None if fitted is None else dataclasses.replace(item, seq=fitted[0], kl=fitted[1])
 
-        items, _ = common.encode_all(examples, encode, lambda x: max(len(x.seq), len(x.kl)), self.cfg, fit, name)
+        items, _ = common.encode_all(examples, encode, lambda x: max(len(x.seq), len(x.kl)), self.cfg, fit, name,
+                                     dropped_before={"with chosen == rejected": len(dropped)} if dropped else None)
         if kind == "preference":
             common.report_degenerate(self.cfg, name, dropped)
         return [dataclasses.replace(x, index=i) for i, x in enumerate(items)]

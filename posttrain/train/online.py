@@ -50,8 +50,8 @@ class OnlineBase(common.DatasetAlgorithm):
 
     def __init__(self, cfg: RunConfig, needs_reference: bool):
         self.cfg, self.algo_cfg = cfg, cfg.algo
+        train, self.eval_records = common.load_splits(cfg, "prompts")  # bad data fails before the model loads
         self.model, self.tokenizer = common.load_policy_and_tokenizer(cfg)
-        train, self.eval_records = common.load_splits(cfg, "prompts")
         self.reference = online_reference(self.model, cfg, self.algo_cfg.reference.model, self.device) if needs_reference else None
         self.rewards: RewardSetup = build_rewards(cfg, self.model, self.tokenizer, self.reference, self.device)
         self.collector = RolloutCollector(cfg, self.model, self.tokenizer, train, self.rewards.runner)

@@ -46,10 +46,12 @@ def test_ppo_penalises_the_chosen_estimator(tmp_path, tiny_dir, prompts):
     assert metrics["kl/seq_k2_sum"] != pytest.approx(metrics["kl/seq_k1_sum"])
 
 
-def test_k1_in_the_loss_is_refused_before_anything_loads(tmp_path, prompts):
+def test_k1_in_the_loss_is_refused_before_anything_loads(tmp_path, tiny_dir, prompts, monkeypatch):
+    from posttrain.train import common
+
+    monkeypatch.setattr(common, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(ValueError, match="adds no KL pressure"):
-        GRPO(run_config("grpo", tmp_path / "run", "/nonexistent/model", prompts, *ONLINE, "algo.kl.beta=0.1",
-                        "algo.kl.estimator=k1"))
+        GRPO(run_config("grpo", tmp_path / "run", tiny_dir, prompts, *ONLINE, "algo.kl.beta=0.1", "algo.kl.estimator=k1"))
 
 
 def test_prompts_as_text_keep_their_roles():

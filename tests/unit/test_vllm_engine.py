@@ -102,18 +102,18 @@ def test_user_options_win(fake_vllm):
     assert e.llm.calls == [] and e.sleeps == 0
 
 
-def test_for_training_passes_vllm_options_over_the_defaults(fake_vllm):
+def test_for_training_passes_vllm_options_over_the_defaults(fake_vllm, tmp_path):
     from posttrain.online_config import SamplingConfig
     from posttrain.rollout.base import EngineContext
 
     sampling = SamplingConfig(max_new_tokens=28, vllm_options={"gpu_memory_utilization": 0.45, "max_model_len": 256})
-    context = EngineContext(max_model_len=128, seed=7, start_checkpoint="/models/policy")
+    context = EngineContext(max_model_len=128, seed=7, start_checkpoint=str(tmp_path))  # a folder: the policy's checkpoint
     policy = torch.nn.Linear(2, 2)
     e = get_generator("vllm").for_training(policy, SimpleNamespace(pad_token_id=3), sampling, context)
     opts = e.llm.options
     assert opts["gpu_memory_utilization"] == 0.45 and opts["max_model_len"] == 256  # the user's
     assert opts["seed"] == 7 and opts["enable_sleep_mode"] is True  # the defaults
-    assert e.llm.model == "/models/policy" and e.pad_token_id == 3 and e.device == torch.device("cpu")
+    assert e.llm.model == str(tmp_path) and e.pad_token_id == 3 and e.device == torch.device("cpu")
 
 
 def test_cpu_build_has_no_sleep_mode(fake_vllm):
