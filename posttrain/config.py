@@ -20,7 +20,6 @@ import dataclasses
 import difflib
 import logging
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +28,9 @@ from typing import Any
 
 import yaml
 
+from posttrain.config_renames import (  # noqa: F401  (part of this module's interface)
+    RENAMED_KEYS, _deprecated, _rename_tree, _renamed, current_key, rename_key, renames_for,
+)
 from posttrain.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -150,86 +152,6 @@ def config_keys(command: str) -> list[str]:
     for name, cls in config_sections(command):
         keys += [name, *_dotted_keys(cls, name)]
     return keys
-
-
-# ---- renamed keys ---------------------------------------------------------------------------------------------------
-
-# old dotted key -> new dotted key; either may be a field or a whole section (`algo.reference` -> `algo.ref`) and they
-# may sit in different sections. Saved configs and scripts keep working for one release after a rename; the module
-# that moved the field registers it with `rename_key` next to the field.
-RENAMED_KEYS: dict[str, str] = {}
-_COMMAND_RENAMES: dict[str, dict[str, str]] = {}  # renames that hold for some commands only (algo.beta of GRPO ...)
-
-
-def rename_key(old: str, new: str, commands: tuple[str, ...] = ()) -> None:
-    """Accept the dotted key (or section) `old` as `new` for one release, with a deprecation warning; `commands`
-    limits the rename to those commands (another command may still use `old` as it is: DPO's algo.beta)."""
-    if old == new:
-        raise ValueError(f"config key {old!r} cannot be renamed to itself")
-    for table in ([_COMMAND_RENAMES.setdefault(c, {}) for c in commands] or [RENAMED_KEYS]):
-        if table.get(old, new) != new:
-            raise ValueError(f"config key {old!r} is already renamed to {table[old]!r}; refusing {new!r}")
-        table[old] = new
-
-
-def current_key(dotted: str, command: str | None = None) -> str:
-    """The name `dotted` has now for `command` (itself unless it was renamed)."""
-    return _renamed(dotted, renames_for(command))[0]
-
-
-def renames_for(command: str | None) -> dict[str, str]:
-    """The renamed keys that hold for `command`: every command's, then its own."""
-    return {**RENAMED_KEYS, **_COMMAND_RENAMES.get(command or "", {})}
-
-
-def _renamed(dotted: str, renames: dict[str, str] | None = None) -> tuple[str, str | None]:
-    """(the current name of `dotted`, the deprecated key it went through or None): the longest renamed key that
-    is `dotted` or a section above it is replaced, repeatedly, so chains of renames resolve (a cycle stops)."""
-    renames = RENAMED_KEYS if renames is None else renames
-    used, seen = None, set()
-    while dotted not in seen:
-        seen.add(dotted)
-        parts = dotted.split(".")
-        sections = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]  # longest first
-        old = next((key for key in sections if key in renames), None)
-        if old is None:
-            break
-        dotted, used = ".".join([renames[old], *parts[old.count(".") + 1:]]), used or old
-    return dotted, used
-
-
-def _deprecated(old: str, warned: set[str], renames: dict[str, str] | None = None) -> None:
-    if old not in warned:  # once per old key and config, however many of its fields the config sets
-        warned.add(old)
-        log.warning("config key %r is deprecated; use %r (the old name goes in the next release)",
-                    old, _renamed(old, renames)[0])
-
-
-def _rename_tree(tree: dict, warned: set[str], renames: dict[str, str] | None = None) -> None:
-    """Move the renamed keys a config file uses to their new places. Sections first, so that a renamed field
-    inside a renamed section is found where the section moved."""
-    renames = RENAMED_KEYS if renames is None else renames
-    for old in sorted(renames, key=lambda k: k.count(".")):
-        *parents, leaf = old.split(".")
-        node = tree
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node:
-            continue
-        new = _renamed(old, renames)[0]
-        if _has_dotted(tree, new):
-            raise ConfigError(f"config keys {old!r} and {new!r} are both set; {old!r} is the old name of {new!r}")
-        set_dotted(tree, new, node.pop(leaf))
-        _deprecated(old, warned, renames)
-
-
-def _has_dotted(tree: dict, dotted: str) -> bool:
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
 
 
 # ---- validation -----------------------------------------------------------------------------------------------------
@@ -444,103 +366,10 @@ def load_config(command: str, path: str | None = None, overrides: list[str] = ()
         cfg.algo = build(algo_cls, _mapping(algo_tree, "algo"), "algo", keys)
     elif algo_tree:
         raise ConfigError(f"command {command!r} takes no 'algo' section")
+    from posttrain.config_rules import validate  # the value rules: their own module (a table, not the parser)
+
     validate(cfg)
     return cfg
-
-
-# ---- values -------------------------------------------------------------------------------------------------------
-
-def _at_least(n):
-    return lambda v, cfg: v >= n
-
-
-def _choice(*options):
-    return lambda v, cfg: v in options
-
-
-_ALL: tuple[str, ...] = ()  # a rule for every command that has the key
-
-# (dotted key, commands (empty: all), ok(value, cfg), what the value must be or a function of the value saying what
-# is wrong with it). A value that type-checks but means nothing, or would fail later as a torch or peft error far
-# from its key, or after minutes of training (an unknown policy checked only once an example is long), is refused
-# here, before anything is loaded or written. A rule whose key the command lacks (algo.sampling for sft) is skipped.
-RULES: list[tuple[str, tuple[str, ...], Any, Any]] = [
-    ("train.max_steps", _ALL, _at_least(0), "must be >= 0 (0 trains nothing: the starting model is evaluated, exported)"),
-    ("train.batch_size", _ALL, _at_least(1), "must be at least 1 (sequences per micro-batch)"),
-    ("train.grad_accum", _ALL, _at_least(1), "must be at least 1 (micro-batches per optimizer step)"),
-    ("train.lr", _ALL, lambda v, cfg: 0 <= v < float("inf"), "must be a finite number >= 0"),
-    ("train.warmup_steps", _ALL, _at_least(0), "must be >= 0 (0 = no warmup)"),
-    ("train.weight_decay", _ALL, lambda v, cfg: 0 <= v < float("inf"), "must be a finite number >= 0"),
-    ("train.adam_beta1", _ALL, lambda v, cfg: 0 <= v < 1, "must be in [0, 1)"),
-    ("train.adam_beta2", _ALL, lambda v, cfg: 0 <= v < 1, "must be in [0, 1)"),
-    ("train.max_minutes", _ALL, _at_least(0), "must be >= 0 (0 = no time limit)"),
-    ("train.eval_every", _ALL, _at_least(0), "must be >= 0 (0 = only at the end)"),
-    ("train.save_every", _ALL, _at_least(0), "must be >= 0 (0 = only at the end)"),
-    ("train.schedule", _ALL, _choice("cosine", "linear", "constant"), "must be cosine, linear or constant"),
-    ("train.output_dir", _ALL, lambda v, cfg: _file_in_the_way(v) is None,
-     lambda v: f"{_file_in_the_way(v)!r} is a file, not a directory (--output-dir)"),
-    ("model.name_or_path", _ALL, lambda v, cfg: model_path_problem(v) is None,
-     lambda v: f"{model_path_problem(v)} (--model)"),
-    ("model.lora.r", _ALL, _at_least(1), "must be at least 1 (the adapter's rank)"),
-    ("model.lora.dropout", _ALL, lambda v, cfg: 0 <= v < 1, "must be in [0, 1)"),
-    ("data.overlong", _ALL, _choice("drop", "truncate"), "must be drop or truncate"),
-    ("data.eval_fraction", _ALL, lambda v, cfg: 0 <= v < 1, "must be in [0, 1) (1 would hold out every record)"),
-    ("data.max_length", _ALL, _at_least(1), "must be at least 1 (tokens)"),
-    ("data.max_prompt_length", _ALL, _at_least(1), "must be at least 1 (tokens)"),
-    ("algo.sampling.prompts_per_step", _ALL, _at_least(1), "must be at least 1"),
-    ("algo.sampling.num_generations", _ALL, _at_least(1), "must be at least 1 (completions per prompt)"),
-    ("algo.sampling.num_generations", ("grpo",), _at_least(2), "must be at least 2 for grpo: advantages are relative "
-     "to the prompt's group, so with 1 completion every advantage is 0 and nothing is learned"),
-    ("algo.sampling.num_generations", ("online-dpo",), _at_least(2), "must be at least 2 for online-dpo: a pair is "
-     "the best and the worst of a prompt's completions"),
-    ("algo.sampling.max_new_tokens", _ALL, _at_least(1), "must be at least 1"),
-]
-
-
-def validate(cfg: RunConfig) -> None:
-    """Apply RULES: the first value that breaks one is a ConfigError naming the key and the value."""
-    for key, commands, ok, must in RULES:
-        if commands and cfg.command not in commands:
-            continue
-        found, value = _get_dotted(cfg, key)
-        if found and value is not None and not ok(value, cfg):
-            raise ConfigError(f"{key}={value!r}: {must(value) if callable(must) else must}")
-
-
-def _get_dotted(cfg: Any, dotted: str) -> tuple[bool, Any]:
-    node = cfg
-    for part in dotted.split("."):
-        if not dataclasses.is_dataclass(node) or not hasattr(node, part):
-            return False, None
-        node = getattr(node, part)
-    return True, node
-
-
-def _file_in_the_way(path: str) -> str | None:
-    """The existing non-directory at `path` or above it, which would stop the run directory being made."""
-    p = Path(path).expanduser()
-    for candidate in (p, *p.parents):
-        if candidate.exists():
-            return None if candidate.is_dir() else str(candidate)
-    return None
-
-
-# the hub's repo id rule (huggingface_hub.utils.validate_repo_id), without importing it: [namespace/]name
-_REPO_ID = re.compile(r"(\b[\w\-.]{1,96}\b/)?\b[\w\-.]{1,96}\b", re.ASCII)
-
-
-def model_path_problem(name: str) -> str | None:
-    """Why `name` can name no model (None when it can): not the bundled model, no such file or folder, and not
-    shaped like a hub id either (transformers would fail with a repo-id error that names neither key nor flag)."""
-    from posttrain.models.loading import BUNDLED_ALIASES  # light: loading imports torch and transformers lazily
-
-    if name.lower() in BUNDLED_ALIASES or Path(name).expanduser().exists():
-        return None
-    if Path(name).suffix == ".gguf":
-        return "no such GGUF file"
-    if not _REPO_ID.fullmatch(name) or "--" in name or ".." in name or name.endswith(".git"):
-        return "no such file or folder, and not a hub id (namespace/name)"
-    return None
 
 
 def save_config(cfg: RunConfig, out_dir: str | Path) -> Path:

@@ -15,7 +15,7 @@ def resolve_model_path(name_or_path: str) -> str:
     """A path or hub id that `from_pretrained` understands; GGUF files are converted once into the cache. A name
     that is neither (no such path, not shaped like a hub id) is a FileNotFoundError naming it: transformers would
     say "Repo id must be in the form ..." about a mistyped folder."""
-    from posttrain.config import model_path_problem
+    from posttrain.config_rules import model_path_problem
     from posttrain.models import bundled
 
     if name_or_path.lower() in BUNDLED_ALIASES:
