@@ -40,6 +40,17 @@ echo "setup: installing posttrain and its pinned dependencies"
 
 echo "setup: preparing the bundled model (converted once, then cached)"
 .venv/bin/python -m posttrain.models.bundled
+# bubblewrap, for every user: the `code` reward's sandbox uses it when present (a private minimal root and /tmp);
+# without it the sandbox makes its own namespaces. Optional: skipped when installed, or without a root apt-get.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing bubblewrap for the code sandbox (apt-get)"
+    { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; } \
+      || echo "setup: could not install bubblewrap: the code sandbox will use its own namespaces"
+  else
+    echo "setup: bubblewrap not installed and no root apt-get here: the code sandbox will use its own namespaces"
+  fi
+fi
 if [ "$WITH_TEST_TOOLS" = 1 ] && [ ! -x /usr/bin/chromium ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "setup: installing chromium for the report-rendering test (apt-get)"

@@ -91,6 +91,10 @@ class RolloutCollector:
         batch.extra["reward_valid"] = ~masked
         batch.extra["sampler_logp"] = rollout.logprobs
         batch.extra["metrics"] = {**scored.metrics(), "rewards/masked_samples": float(masked.sum()), **length_metrics(rollout)}
+        if any(name == "code" for name, _, _ in self.rewards.fns):  # which sandbox layers were active on this machine
+            from posttrain.rewards.sandbox import sandbox_metrics
+
+            batch.extra["metrics"].update(sandbox_metrics())
         return batch
 
     def _sync_engine(self, step: int) -> None:

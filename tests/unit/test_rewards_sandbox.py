@@ -271,3 +271,70 @@ def test_code_reward_in_the_runner_threads():
     completions = [f"```python\ndef f():\n    return {i}\n```" for i in range(4)]
     batch = runner(["p"] * 4, completions, tests=["assert f() == 2"] * 4)
     assert batch.per_fn["code"] == [0.0, 0.0, 1.0, 0.0]
+
+
+# ---- the judge: the test forms it runs, and the semantics it keeps -------------------------------------------------
+
+FORMS = {  # name: (solution, tests) -- the tests run in the judge's process, calling into the solution's
+    "asserts": ("def add(a, b):\n    return a + b\n", ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]),
+    "check(candidate)": ("def inc(x):\n    return x + 1\n",
+                         "def check(candidate):\n    assert candidate(1) == 2\n    assert candidate(-1) == 0\ncheck(inc)"),
+    "a class": ("class Solution:\n    def two_sum(self, nums, target):\n        seen = {}\n"
+                "        for i, n in enumerate(nums):\n            if target - n in seen:\n"
+                "                return [seen[target - n], i]\n            seen[n] = i\n",
+                "assert Solution().two_sum([2, 7, 11, 15], 9) == [0, 1]"),
+    "objects and attributes": ("class Node:\n    def __init__(self, v, nxt=None):\n        self.val, self.next = v, nxt\n"
+                               "def build(xs):\n    head = None\n    for x in reversed(xs):\n"
+                               "        head = Node(x, head)\n    return head\n",
+                               "h = build([1, 2, 3])\nout = []\nwhile h is not None:\n    out.append(h.val)\n"
+                               "    h = h.next\nassert out == [1, 2, 3]"),
+    "a generator": ("def gen(n):\n    yield from range(n)\n", "assert list(gen(3)) == [0, 1, 2]"),
+    "in-place mutation": ("def sort_in_place(a):\n    a.sort()\n", "a = [3, 1, 2]\nsort_in_place(a)\nassert a == [1, 2, 3]"),
+    "an expected exception": ("def f(x):\n    if x < 0:\n        raise ValueError('negative')\n    return x\n",
+                              "try:\n    f(-1)\n    assert False\nexcept ValueError as e:\n    assert 'negative' in str(e)"),
+    "math.isclose, math from the solution": ("import math\ndef area(r):\n    return math.pi * r * r\n",
+                                             "assert math.isclose(area(1), 3.14159, rel_tol=1e-4)"),
+    "a module-level constant": ("MOD = 10 ** 9 + 7\n", "assert MOD == 1000000007"),
+    "many types": ("from fractions import Fraction\nimport collections\nP = collections.namedtuple('P', 'x y')\n"
+                   "def f():\n    return (1, [2], {3}, {(4, 5): b'x'}, 1.5, None, True, Fraction(1, 3), P(1, 2), 1+2j)\n",
+                   "from fractions import Fraction\nr = f()\n"
+                   "assert r == (1, [2], {3}, {(4, 5): b'x'}, 1.5, None, True, Fraction(1, 3), (1, 2), 1+2j)\n"
+                   "assert type(r[0]) is int and type(r[1]) is list and r[8].y == 2"),
+}
+
+
+@pytest.mark.parametrize("name", list(FORMS))
+def test_supported_test_forms(name):
+    code, tests = FORMS[name]
+    result = run_tests(code, tests, FAST)
+    assert result.status == "passed", result.output
+
+
+def test_values_keep_their_exact_types():
+    assert run_tests("def f():\n    return (1,)\n", "assert f() == (1,)", FAST).passed
+    assert run_tests("def f():\n    return (1,)\n", "assert f() == [1]", FAST).status == "failed"  # as in Python
+    assert run_tests("def g(n):\n    return (i for i in range(n))\n", "assert g(2) != [0, 1]", FAST).passed
+
+
+def test_an_object_of_the_solution_has_attributes_but_no_truth_value_here():
+    code = "class A:\n    x = 3\ndef make():\n    return A()\n"
+    assert run_tests(code, "assert make().x == 3", FAST).passed
+    falsy = run_tests(code, "assert make()", FAST)
+    assert falsy.status == "failed" and "no truth value" in falsy.output
+    assert run_tests(code, "a = make()\nassert a == a and make() != a", FAST).passed  # identity, as in Python
+
+
+@pytest.mark.parametrize("tests", ["assert eval('f(2)') == 4", "exec('assert f(2) == 4')",
+                                   "import pickle\nassert f(2) == 4"], ids=["eval", "exec", "pickle"])
+def test_tests_that_run_text_as_code_are_refused_as_unjudgeable(tests):
+    result = run_tests("def f(x):\n    return 2 * x\n", tests, FAST)
+    assert result.status == "infra_error" and math.isnan(result.reward)
+    assert "unsupported test form" in result.detail
+
+
+def test_prints_reach_the_output_and_a_failure_names_its_test_line():
+    code = "print('at import')\ndef f():\n    print('in a call')\n    return 1\n"
+    result = run_tests(code, ["assert f() == 1", "assert f() == 2"], FAST)
+    assert result.status == "failed"
+    assert "at import" in result.output and "in a call" in result.output
+    assert "tests line 2: assert f() == 2" in result.output
