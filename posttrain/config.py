@@ -36,6 +36,9 @@ from posttrain.registry import Registry
 log = logging.getLogger(__name__)
 
 
+BUNDLED_ALIASES = ("smollm2", "bundled", "smollm2-135m-instruct")  # names of the bundled SmolLM2-135M-Instruct (model.name_or_path)
+
+
 class ConfigError(ValueError):
     """A config file, flag or override that does not fit the schema."""
 

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import ConfigError, RunConfig
+from posttrain.config import BUNDLED_ALIASES, ConfigError, RunConfig
 
 # ---- values -------------------------------------------------------------------------------------------------------
 
@@ -95,8 +95,6 @@ _REPO_ID = re.compile(r"(\b[\w\-.]{1,96}\b/)?\b[\w\-.]{1,96}\b", re.ASCII)
 def model_path_problem(name: str) -> str | None:
     """Why `name` can name no model (None when it can): not the bundled model, no such file or folder, and not
     shaped like a hub id either (transformers would fail with a repo-id error that names neither key nor flag)."""
-    from posttrain.models.loading import BUNDLED_ALIASES  # light: loading imports torch and transformers lazily
-
     if name.lower() in BUNDLED_ALIASES or Path(name).expanduser().exists():
         return None
     if Path(name).suffix == ".gguf":

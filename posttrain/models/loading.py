@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from posttrain.config import LoraConfig, ModelConfig
+from posttrain.config import BUNDLED_ALIASES, LoraConfig, ModelConfig
 
-BUNDLED_ALIASES = ("smollm2", "bundled", "smollm2-135m-instruct")
+
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16"}
 
 
