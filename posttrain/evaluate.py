@@ -126,11 +126,10 @@ def run_eval(args) -> int:
         summary = _eval_reward_model(path, tokenizer, records, device)
         rows = []
     else:
-        from transformers import AutoModelForCausalLM
+        from posttrain.models.loading import load_inference_lm
 
         records = load_dataset_records(args.data, "prompts", args.split, n=args.limit)[: args.limit]
-        with device:
-            model = AutoModelForCausalLM.from_pretrained(path, device_map={"": str(device)}).eval()
+        model = load_inference_lm(path, device)
         cfg = GenEvalConfig(samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
         summary, rows = evaluate_policy(model, tokenizer, records, load_reward_fns(args.reward or ["numeric"]), cfg)
     out = Path(args.output or (Path(path) / "eval_results.jsonl" if Path(path).is_dir() else "eval_results.jsonl"))

@@ -85,13 +85,12 @@ def _sample_scores(model, tokenizer, records, fns: dict, cfg: OverOptConfig, sam
          help="reward over-optimization: proxy vs gold reward against KL (best-of-n, PPO)")
 def run_overopt(cfg: RunConfig) -> dict:
     """`posttrain overopt`: best-of-n and PPO points of proxy and gold reward against KL; overoptimization.json."""
-    from transformers import AutoModelForCausalLM
 
     from posttrain import devices
     from posttrain.data.formats import load_dataset_records
     from posttrain.evaluate import load_reward_fns
     from posttrain.metrics import read_metrics
-    from posttrain.models.loading import load_reward_model, load_tokenizer, resolve_model_path
+    from posttrain.models.loading import load_inference_lm, load_reward_model, load_tokenizer, resolve_model_path
     from posttrain.rewards.model_rewards import RewardModelReward
 
     a: OverOptConfig = cfg.algo
@@ -104,9 +103,7 @@ def run_overopt(cfg: RunConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     path = resolve_model_path(cfg.model.name_or_path)
     device = devices.select(cfg.train.device)
-    with device:
-        model = AutoModelForCausalLM.from_pretrained(path, device_map={"": str(device)}).eval()
-    tokenizer = load_tokenizer(path)
+    model, tokenizer = load_inference_lm(path, device), load_tokenizer(path)
     proxy = RewardModelReward(load_reward_model(a.reward_model, "fp32", tokenizer.pad_token_id, trainable=False,
                                                 device=device), tokenizer)
     fns = {"gold": load_reward_fns([a.gold])[a.gold.split(":")[-1]], "proxy": proxy}

@@ -12,7 +12,6 @@ from posttrain.evaluate import GenEvalConfig, evaluate_policy, load_reward_fns
 
 
 def load_lm(path: str):
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from posttrain.models.loading import load_tokenizer
@@ -20,11 +19,9 @@ def load_lm(path: str):
     hf_logging.disable_progress_bar()  # the pipeline's terminal shows its own lines and the summary table
 
     from posttrain.devices import current
+    from posttrain.models.loading import load_inference_lm
 
-    device = current()
-    with device:
-        model = AutoModelForCausalLM.from_pretrained(path, device_map={"": str(device)}).eval()
-    return model, load_tokenizer(path)
+    return load_inference_lm(path, current()), load_tokenizer(path)
 
 
 @torch.no_grad()

@@ -148,13 +148,15 @@ def load_reward_model(path: str, dtype: str = "fp32", pad_token_id: int | None =
 def frozen_on(model, device):
     """`model` on `device` for the duration: a frozen model offloaded to the CPU between uses is moved there and
     back (`model.offload_frozen`); one already there is left alone. Yields the model."""
+    import torch
+
     from posttrain.devices import module_device
 
     if model is None:
         yield None
         return
     home = module_device(model)
-    moved = device is not None and home != _as_device(device)
+    moved = device is not None and home != torch.device(device)
     if moved:
         model.to(device)
     try:
@@ -164,10 +166,13 @@ def frozen_on(model, device):
             model.to(home)
 
 
-def _as_device(device):
-    import torch
+def load_inference_lm(path: str, device):
+    """A saved causal LM in its own dtype, in eval mode, built on `device` (evaluation and studies of a finished
+    run: no config of ours applies)."""
+    from transformers import AutoModelForCausalLM
 
-    return torch.device(device)
+    with _placed(device) as where:
+        return AutoModelForCausalLM.from_pretrained(path, device_map={"": str(where)}).eval()
 
 
 _FAST_BF16: dict[str, bool] = {}

@@ -17,6 +17,7 @@ YES_VARIANTS = (" yes", "yes", " Yes", "Yes", " YES", "YES")
 NO_VARIANTS = (" no", "no", " No", "No", " NO", "NO")
 
 
+from posttrain.devices import module_device
 from posttrain.models.forward import last_token_index  # the one definition (models/ is below rewards/)
 
 
@@ -50,10 +51,6 @@ def _encode(tokenizer, texts, add_special_tokens: bool, max_length, device, padd
     return ids, mask, torch.clamp(mask.long().cumsum(-1) - 1, min=0)  # position ids from the mask
 
 
-def _device(model):
-    return next(model.parameters()).device
-
-
 def _placed(model, device):
     """The frozen model on `device` for one call (`model.offload_frozen` keeps it on the CPU in between)."""
     from posttrain.models.loading import frozen_on
@@ -83,7 +80,7 @@ class RewardModelReward:
         if getattr(inner.config, "num_labels", 1) != 1:
             raise ValueError(f"a reward model has num_labels=1, got {inner.config.num_labels}")
         self.model, self.tokenizer, self.batch_size, self.max_length = model, tokenizer, batch_size, max_length
-        self.device = device if device is not None else _device(model)
+        self.device = device if device is not None else module_device(model)
         self.__name__ = "reward_model"
 
     def __call__(self, prompts, completions, raw_prompt=None, **_) -> list[float]:
@@ -137,7 +134,7 @@ class ImplicitReward:
         self.use_chat = use_chat and bool(getattr(tokenizer, "chat_template", None))
         self.autocast = autocast or contextlib.nullcontext
         self.ref_context = ref_context or contextlib.nullcontext
-        self.device = device if device is not None else _device(model)
+        self.device = device if device is not None else module_device(model)
         self.__name__ = "reward_model"
 
     def __call__(self, prompts, completions, raw_prompt=None, **_) -> list[float]:
@@ -253,7 +250,7 @@ class LLMJudgeReward:
             for start in range(0, len(texts), self.batch_size):
                 # left padding puts every row's last real token at T-1, so only that position needs logits
                 ids, mask, pos = _encode(self.tokenizer, texts[start:start + self.batch_size], special,
-                                         self.max_length, _device(self.model), padding_side="left")
+                                         self.max_length, module_device(self.model), padding_side="left")
                 if not bool((last_token_index(mask) == ids.shape[1] - 1).all()):
                     raise RuntimeError("left padding expected: the tokenizer ignored padding_side")
                 logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **self._keep).logits

@@ -48,10 +48,6 @@ def load_policy_and_tokenizer(cfg: RunConfig, trainable: bool = True, device=Non
     return model, tokenizer
 
 
-def autocast_for(cfg: RunConfig, device: torch.device):
-    """bf16 autocast per `model.autocast`, decided for `device`'s type."""
-    return autocast_context(cfg.model, device.type)
-
 
 def load_splits(cfg: RunConfig, kind: str) -> tuple[list[Record], list[Record]]:
     """(train, eval) records of `kind`; a built-in task's test split, an eval file, or a held-out slice. Refused
@@ -205,7 +201,7 @@ class DatasetAlgorithm:
 
 __all__ = [
     "DatasetAlgorithm", "once_metrics", "report_degenerate",
-    "autocast_context", "autocast_for", "run_device", "describe_model", "encode_all", "load_policy_and_tokenizer", "load_splits", "make_order",
+    "autocast_context", "run_device", "describe_model", "encode_all", "load_policy_and_tokenizer", "load_splits", "make_order",
     "padded_sft_batch", "setup_run", "write_json",
 ]
 
