@@ -80,7 +80,11 @@ def check_launch(spec: str, num_processes: int) -> None:
 def prepare(device: torch.device) -> None:
     """Per-process set-up for `device`: the rank's current GPU (so NCCL and the caching allocator use it) and
     TF32 tensor cores for fp32 matmuls and convolutions (a ~10-bit mantissa product with fp32 accumulation,
-    what every GPU trainer enables)."""
+    what every GPU trainer enables); on every device, a host allocator that reuses freed memory
+    (`host_memory.tune_host_allocator`)."""
+    from posttrain.host_memory import tune_host_allocator
+
+    tune_host_allocator()
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls (the portable switch across versions)

@@ -17,32 +17,39 @@ def _unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def decoder_hidden(model, input_ids, attention_mask) -> torch.Tensor:
-    """Last hidden states (B, T, H) of a causal LM or sequence classifier, positions from the mask."""
+def decoder_hidden(model, input_ids, attention_mask, documents=None, position_ids=None) -> torch.Tensor:
+    """Last hidden states (B, T, H) of a causal LM or sequence classifier, positions from the mask; or, for a
+    padding-free batch (`data/padding_free.pack_documents`), with its `documents` (B, T) block mask and its
+    `position_ids` that restart per document."""
     inner = _unwrap(model)
     decoder = getattr(inner, inner.base_model_prefix)
-    out = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
+    if documents is not None:
+        from posttrain.models.shared_prefix import document_mask
+
+        attention_mask = document_mask(model, documents)
+    else:
+        position_ids = position_ids_from_mask(attention_mask)
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state
 
 
 def token_logps(
     model, input_ids, attention_mask, labels=None, chunk_size: int = 1024, with_entropy: bool = False,
-    temperature: float = 1.0,
+    temperature: float = 1.0, documents=None, position_ids=None,
 ):
     """log p(x_t | x_<t) aligned with the tokens: out[:, t] scores input_ids[:, t]; 0 where not labelled.
 
     input_ids, attention_mask, labels (B, T); labels default to the real tokens (mask) and mark which tokens
     to score (IGNORE_INDEX elsewhere) -> logps (B, T) fp32 [, entropy (B, T) of the predicting distribution].
+    documents, position_ids (B, T): a padding-free batch (`data/padding_free.pack_documents`), whose labels
+    already leave each document's first token unscored.
     """
     if labels is None:
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
     # a token whose predecessor is padding (the first real token under left padding) has no prediction
     follows_pad = torch.nn.functional.pad(attention_mask[:, :-1], (1, 0)) == 0
     labels = labels.masked_fill(follows_pad, IGNORE_INDEX)
-    hidden = decoder_hidden(model, input_ids, attention_mask)
+    hidden = decoder_hidden(model, input_ids, attention_mask, documents, position_ids)
     head = _unwrap(model).get_output_embeddings()
     out = hidden_logprobs(hidden, head, shift_labels(labels), chunk_size, with_entropy, temperature)
     logp, ent = out if with_entropy else (out, None)

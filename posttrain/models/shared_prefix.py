@@ -35,8 +35,10 @@ def supports_shared_prefix(model) -> bool:
     return _attention(model) in MASKABLE
 
 
-def block_mask(segments: torch.Tensor, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """(B, T) segments -> (B, 1, T, T) mask: query q sees key k <= q in the prefix or in q's own segment.
+def block_mask(segments: torch.Tensor, additive_dtype: torch.dtype | None = None,
+               documents: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) segments -> (B, 1, T, T) mask: query q sees key k <= q in the prefix or in q's own segment, and
+    with `documents` (B, T) (a padding-free batch, `data/padding_free.py`) only inside q's own document.
 
     Boolean (True = attend) for SDPA; with `additive_dtype`, 0 / dtype-min floats for eager attention.
     A padding query sees itself only, so no softmax row is empty (an empty one gives NaN).
@@ -45,12 +47,25 @@ def block_mask(segments: torch.Tensor, additive_dtype: torch.dtype | None = None
     causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
     q, k = segments[:, :, None], segments[:, None, :]
     allowed = causal & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))
+    if documents is not None:
+        allowed &= documents[:, :, None] == documents[:, None, :]
     allowed |= torch.eye(T, dtype=torch.bool, device=segments.device) & (q < 0)
     allowed = allowed[:, None]
     if additive_dtype is None:
         return allowed
     return torch.zeros(allowed.shape, dtype=additive_dtype, device=segments.device).masked_fill(
         ~allowed, torch.finfo(additive_dtype).min)
+
+
+def document_mask(model, documents: torch.Tensor) -> torch.Tensor:
+    """The 4D attention mask of a padding-free batch for `model`'s attention implementation: causal inside each
+    document (documents (B, T), -1 padding), nothing across them."""
+    if not supports_shared_prefix(model):
+        raise ValueError(f"padding-free batches need an attention that takes a 4D mask ({', '.join(MASKABLE)}), "
+                         f"not {_attention(model)!r}")
+    eager = _attention(model) == "eager"
+    segments = torch.where(documents >= 0, 0, -1)
+    return block_mask(segments, next(_unwrap(model).parameters()).dtype if eager else None, documents)
 
 
 def _packed_token_logps(model, batch: dict, chunk_size: int, with_entropy: bool = False, temperature: float = 1.0):

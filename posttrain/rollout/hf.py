@@ -7,14 +7,12 @@ recomputes, positions that are right under left padding, and the prompt encoded 
   with absolute positions (GPT-2) see the same positions as for an unpadded prompt (the default positions
   0..P-1 would start a left-padded row's first real token at its pad count).
 - Prefix sharing: the distinct prompts of a chunk are encoded once, then the KV cache and the last-position
-  logits are repeated G times along the batch dimension (`DynamicCache.batch_repeat_interleave`); all N*G rows
-  are decoded together. Rows that stop are dropped from the batch (`batch_select_indices`).
-- Sampling: logits / temperature, then top-k, then top-p (nucleus; Holtzman et al. 2020, "The Curious Case of
-  Neural Text Degeneration", sec. 3.1), sampled with a `torch.Generator` seeded per call.
-- The returned log-prob of a token is log softmax(logits / T) of the FULL (unfiltered) distribution at that
-  token, not of the top-k/top-p renormalized one: that is what the trainer recomputes from a forward pass at the
-  same temperature, so the importance ratio is exactly 1 before any update. At T = 0 (greedy)
-  there is no sampling temperature and the log-prob is taken at T = 1.
+  logits are repeated G times along the batch dimension (`batch_repeat_interleave`); all N*G rows are decoded
+  together. Rows that stop are dropped from the batch (`batch_select_indices`). The cache is allocated once per
+  chunk (`rollout/kv_cache.py`): no step copies it.
+- Sampling (`rollout/sampling.py`): logits / temperature, top-k, top-p, an inverse-CDF draw with a
+  `torch.Generator` seeded per call; the log-prob returned is that of the full distribution at temperature T.
+- Under bf16 autocast each fp32 weight is cast once per call, not once per decode step (`_cast_weights_once`).
 
 Shapes: B prompts in a chunk, G samples per prompt, R = B*G rows, P prompt length, C completion length, V vocab.
 """
@@ -26,9 +24,12 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from posttrain.host_memory import tune_host_allocator
 from posttrain.models.loading import bf16_autocast
 from posttrain.ops import position_ids_from_mask
 from posttrain.rollout.base import EngineContext, MemoryHooks, SamplingParams, register_generator, validate_prompts
+from posttrain.rollout.kv_cache import decode_cache
+from posttrain.rollout.sampling import sample_next
 from posttrain.types import Rollout
 
 
@@ -44,43 +45,6 @@ def left_pad(prompt_ids: list[list[int]], pad_token_id: int, device=None) -> tup
         mask[i, P - len(p) :] = 1
     device = device if device is not None else "cpu"
     return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-
-
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Top-k then top-p filtering: (R, V) -> (R, V) with removed tokens at -inf.
-
-    top-p keeps the smallest set of most likely tokens whose probability (after top-k, renormalized) reaches
-    top_p; the most likely token is always kept. top_k = 0 and top_p = 1 switch each filter off.
-    """
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # a token goes when the mass strictly before it already reaches top_p
-        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sample_next(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sampling step: logits (R, V) -> (tokens (R,), logprobs (R,)).
-
-    logprobs are log softmax(logits / T) of the unfiltered distribution at the chosen token (T = 1 when greedy).
-    """
-    logits = logits.float()
-    if params.temperature == 0:
-        tokens = logits.argmax(dim=-1)
-        return tokens, logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    scaled = logits / params.temperature
-    logp = scaled.log_softmax(dim=-1)
-    probs = filter_logits(scaled, params.top_k, params.top_p).softmax(dim=-1)
-    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 class StopStringMatcher:
@@ -126,6 +90,7 @@ class HFGenerator(MemoryHooks):
         self.tokenizer = tokenizer
         self.autocast_dtype = autocast_dtype
         self.share_prefix = share_prefix
+        tune_host_allocator()  # decode steps allocate and free the same large buffers (see host_memory)
 
     @classmethod
     def for_training(cls, model, tokenizer, sampling, context: EngineContext) -> "HFGenerator":
@@ -152,23 +117,24 @@ class HFGenerator(MemoryHooks):
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode(), self._autocast(device):
+            with torch.no_grad(), self._autocast(device), _cast_weights_once(self.model, self._autocast_applies()):
                 chunks = [
                     self._generate_chunk(prompt_ids[s : s + params.batch_size], params, num_samples, generator, matcher)
                     for s in range(0, len(prompt_ids), params.batch_size)
                 ]
         finally:
             self.model.train(was_training)
-        # assembled outside inference mode: the trainer may save these tensors for backward
         rollout = _assemble(chunks, self.pad_token_id)
         if self.tokenizer is not None:
             rows = [ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)]
             rollout.texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return rollout
 
+    def _autocast_applies(self) -> bool:
+        return self.autocast_dtype is not None and next(self.model.parameters()).dtype == torch.float32
+
     def _autocast(self, device: torch.device):
-        param_dtype = next(self.model.parameters()).dtype
-        if self.autocast_dtype is None or param_dtype != torch.float32:
+        if not self._autocast_applies():
             return contextlib.nullcontext()
         if self.autocast_dtype == torch.bfloat16:
             return bf16_autocast(device.type)
@@ -177,14 +143,12 @@ class HFGenerator(MemoryHooks):
     def _generate_chunk(self, prompts, params, G, generator, matcher) -> Rollout:
         """B prompts -> a Rollout of R = B * G rows, prompt-major, padded to this chunk's own P and C; `group`
         indexes the chunk's prompts (0..B-1) and `texts` is left empty (`generate` decodes the whole batch)."""
-        from transformers import DynamicCache
-
         device = next(self.model.parameters()).device
         ids, mask = left_pad(prompts, self.pad_token_id, device)
         if not self.share_prefix:
             ids, mask = ids.repeat_interleave(G, dim=0), mask.repeat_interleave(G, dim=0)
         pos = position_ids_from_mask(mask)
-        cache = DynamicCache(config=getattr(self.model, "config", None))
+        cache = decode_cache(self.model, ids.shape[1] + params.max_new_tokens)
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -242,6 +206,27 @@ class HFGenerator(MemoryHooks):
             )
             logits, next_pos = out.logits[:, -1], next_pos + 1
         return tokens[:, :steps], cmask[:, :steps], logps[:, :steps], ~stopped
+
+
+@contextlib.contextmanager
+def _cast_weights_once(model, applies: bool):
+    """Make autocast cast each fp32 weight to bf16 once per `generate` call instead of once per decode step.
+
+    Autocast caches the low-precision copy of a weight only for a leaf that requires grad, and not under
+    `inference_mode` (which is why decoding runs under `no_grad`). A frozen weight (LoRA's base, a reference or
+    evaluation model) would be cast again at every step: measured on SmolLM2-135M, 16 rows, that is 45 % of a
+    decode step. Under no_grad no graph is recorded, so marking those weights as requiring grad for the call
+    changes nothing but the cache; the flags are restored afterwards. The numerics are those of autocast itself:
+    the same casts, made once.
+    """
+    frozen = [p for p in model.parameters() if applies and p.dtype == torch.float32 and not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def _assemble(chunks: list[Rollout], pad_token_id: int) -> Rollout:

@@ -12,6 +12,7 @@ import torch
 from posttrain.config import RunConfig, save_config
 from posttrain.data.collate import BatchOrder, LengthReport, filter_by_length, pad_batch, padding_fraction
 from posttrain.data.formats import DataError, Record, load_dataset_records
+from posttrain.data.padding_free import pack_documents, packed_micro_batches, token_budget_batches
 from posttrain.models.loading import autocast_context, count_parameters, load_causal_lm, load_tokenizer, resolve_model_path
 
 log = logging.getLogger("posttrain")
@@ -154,6 +155,27 @@ def padded_sft_batch(items, pad_id: int) -> dict:
     batch = pad_batch([x.input_ids for x in items], pad_id, "right", [x.labels for x in items])
     batch["padding_fraction"] = padding_fraction([len(x) for x in items])
     return batch
+
+
+def sequence_micro_batches(batches: list[list], cfg: RunConfig, pad_id: int) -> list[dict]:
+    """One update's micro-batches from its `grad_accum` batches of Encoded sequences: padded rows of
+    `batch_size` as drawn (the default); with `train.padding_free`, the update's sequences packed into rows of
+    its longest one; with `train.max_tokens_per_micro_batch`, micro-batches sized by that many tokens."""
+    t = cfg.train
+    if not t.padding_free and t.max_tokens_per_micro_batch <= 0:
+        return [padded_sft_batch(b, pad_id) for b in batches]
+    items = [x for b in batches for x in b]
+    lengths = [len(x) for x in items]
+    if not t.padding_free:
+        return [padded_sft_batch([items[i] for i in idx], pad_id)
+                for idx in token_budget_batches(lengths, t.max_tokens_per_micro_batch)]
+    width = max(lengths)
+    micro = []
+    for rows in packed_micro_batches(lengths, width, t.max_tokens_per_micro_batch, len(batches)):
+        members = [i for row in rows for i in row]
+        local = {i: k for k, i in enumerate(members)}
+        micro.append(pack_documents([items[i] for i in members], pad_id, width, [[local[i] for i in row] for row in rows]))
+    return micro
 
 
 def describe_model(model) -> dict:

@@ -34,7 +34,8 @@ def encode_sft(record, tokenizer, use_chat: bool) -> Encoded:
 def sft_loss(model, batch: dict, totals: dict, agg: str = "token-mean", chunk: int = 1024) -> LossOutput:
     """Mean negative log-likelihood of labelled tokens, normalized by the whole update's token count."""
     labels = batch["labels"]
-    logp = token_logps(model, batch["input_ids"], batch["attention_mask"], labels, chunk)
+    logp = token_logps(model, batch["input_ids"], batch["attention_mask"], labels, chunk,
+                       documents=batch.get("documents"), position_ids=batch.get("position_ids"))
     mask = labels != IGNORE_INDEX
     mask[:, 0] = False  # the first token has no prediction
     loss = agg_loss(-logp, mask, agg, num_tokens=totals["num_tokens"], num_seqs=totals["num_seqs"])
@@ -59,13 +60,13 @@ class SFT(common.DatasetAlgorithm):
         self.pad_id = tokenizer.pad_token_id
 
     def next_iteration(self, step: int) -> Iteration:
-        micro = [common.padded_sft_batch([self.train_items[i] for i in self.order.next()], self.pad_id) for _ in range(self.cfg.train.grad_accum)]
-        return Iteration([micro])
+        batches = [[self.train_items[i] for i in self.order.next()] for _ in range(self.cfg.train.grad_accum)]
+        return Iteration([common.sequence_micro_batches(batches, self.cfg, self.pad_id)])
 
     def totals(self, update) -> dict:
         return {
             "num_tokens": sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in update),
-            "num_seqs": sum(b["input_ids"].shape[0] for b in update),
+            "num_seqs": sum(b.get("num_seqs", b["input_ids"].shape[0]) for b in update),
             "tokens": sum(int(b["attention_mask"].sum()) for b in update),
         }
 

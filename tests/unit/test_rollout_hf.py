@@ -13,7 +13,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from posttrain.ops import IGNORE_INDEX, position_ids_from_mask, shift_labels, token_logprobs
 from posttrain.rollout.base import Generator, SamplingParams, get_generator
-from posttrain.rollout.hf import HFGenerator, filter_logits, left_pad, sample_next
+from posttrain.rollout.hf import HFGenerator, left_pad
+from posttrain.rollout.sampling import filter_logits, sample_next
 
 PAD = 0
 PROMPTS = [[1, 5, 9, 13, 2, 7, 30], [3, 4], [11, 12, 13, 14, 15], [60]]  # different lengths on purpose
