@@ -211,7 +211,12 @@ def main(argv: list[str] | None = None) -> int:
                 from posttrain.train.distributed import launch
 
                 return launch(_without_num_processes(argv if argv is not None else sys.argv[1:]), args.num_processes)
-            result = registry.run(cfg)
+            from posttrain.train.distributed import shutdown
+
+            try:
+                result = registry.run(cfg)
+            finally:
+                shutdown()
             if os.environ.get("RANK", "0") == "0":
                 print(json.dumps(result, indent=1, default=str))
             return 0

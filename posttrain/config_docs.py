@@ -130,6 +130,8 @@ def help_epilog(command: str, width: int | None = None) -> str:
         lines.append(f"\n{name}:")
         for f in fields:
             head = f"  {f.key:<{kw}}  {f.type:<{tw}}  {f.default:<{dw}}"
+            if len(head) > width:  # a long default in a narrow terminal: cut (whole in `posttrain config`)
+                head = head[: width - 1] + "…"
             if width - len(head) - 2 >= 32 or not f.doc:
                 lines.append(f"{head}  {_cut(f.doc, width - len(head) - 2)}".rstrip())
             else:  # a narrow terminal: the doc under its key rather than cut to a few words

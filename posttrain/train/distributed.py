@@ -125,6 +125,16 @@ def any_rank(flag: bool) -> bool:
     return not all_ranks(not flag)
 
 
+def shutdown() -> None:
+    """End this process's process group, if it has one, before the interpreter exits: a gloo group left alive
+    at exit can abort the process in its static destructors ("terminate called without an active exception",
+    seen on a rank that had finished and exported)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every rank past its last collective before any tears down: rank 0 hosts the TCP store the others use
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def barrier() -> None:
     if context().enabled:
         torch.distributed.barrier()
