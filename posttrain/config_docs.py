@@ -132,7 +132,9 @@ def help_epilog(command: str, width: int | None = None) -> str:
             head = f"  {f.key:<{kw}}  {f.type:<{tw}}  {f.default:<{dw}}"
             if len(head) > width:  # a long default in a narrow terminal: cut (whole in `posttrain config`)
                 head = head[: width - 1] + "…"
-            if width - len(head) - 2 >= 32 or not f.doc:
+            if not f.doc:
+                lines.append(head.rstrip())
+            elif width - len(head) - 2 >= 32:
                 lines.append(f"{head}  {_cut(f.doc, width - len(head) - 2)}".rstrip())
             else:  # a narrow terminal: the doc under its key rather than cut to a few words
                 lines += [head.rstrip(), f"      {_cut(f.doc, width - 6)}"]
