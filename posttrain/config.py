@@ -58,6 +58,7 @@ class ModelConfig:
     dtype: str = "fp32"  # weights: fp32 | bf16
     autocast: str = "auto"  # bf16 autocast: auto (where bf16 is fast on this hardware) | bf16 | none
     gradient_checkpointing: bool = False
+    compile: str = "auto"  # torch.compile each decoder layer: auto (on CUDA only; models/compiled.py) | on | off
     logprob_chunk: int = 1024  # tokens per chunk when computing log-probs from hidden states
     # frozen models (reference, reward models, judges): their weights' dtype (null = `dtype`; bf16 halves their
     # memory) and whether they wait on the CPU between uses, moved to the device only for their forward passes

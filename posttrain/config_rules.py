@@ -47,6 +47,7 @@ RULES: list[tuple[str, tuple[str, ...], Any, Any]] = [
      lambda v: f"{_file_in_the_way(v)!r} is a file, not a directory (--output-dir)"),
     ("model.name_or_path", _ALL, lambda v, cfg: model_path_problem(v) is None,
      lambda v: f"{model_path_problem(v)} (--model)"),
+    ("model.compile", _ALL, _choice("auto", "on", "off"), "must be auto, on or off"),
     ("model.lora.r", _ALL, _at_least(1), "must be at least 1 (the adapter's rank)"),
     ("model.lora.dropout", _ALL, lambda v, cfg: 0 <= v < 1, "must be in [0, 1)"),
     ("data.overlong", _ALL, _choice("drop", "truncate"), "must be drop or truncate"),

@@ -111,6 +111,10 @@ def load_causal_lm(cfg: ModelConfig, path: str | None = None, trainable: bool = 
             model.config.use_cache = False
         if trainable and cfg.lora.enabled:
             model = apply_lora(model, cfg.lora)
+    if trainable:
+        from posttrain.models.compiled import compile_decoder
+
+        compile_decoder(model, cfg.compile, _placed(device).type)
     if not trainable:
         model.eval().requires_grad_(False)
     return model
