@@ -53,6 +53,17 @@ class KLConfig:
     estimator: str | None = None
 
 
+@dataclass
+class CorrectionConfig:
+    """Rollout-training mismatch correction (algos/rollout_correction.py): importance weights
+    pi_old / pi_sampler per token or per sequence."""
+
+    mode: str = "none"  # none | token_truncate | token_mask | sequence_truncate | sequence_mask
+    cap: float = 2.0  # truncate weights above it; mask tokens/sequences whose weight is above it
+    cap_low: float = 0.0  # the mask modes also drop weights below it
+    off_policy_delta: float = 0.0  # > 0: drop negative-advantage sequences whose mean log-prob gap exceeds it
+
+
 # flat key of earlier releases -> its section (for every online command)
 _SECTIONED = {
     "sampling": ("prompts_per_step", "num_generations", "max_new_tokens", "temperature", "top_p", "top_k",

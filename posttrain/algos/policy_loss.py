@@ -175,3 +175,7 @@ def kl_penalty_loss(
     per_token = kl_estimate(logp, ref_logp.detach(), kind)
     loss = agg_loss(per_token, mask, agg_mode, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
     return LossOutput(loss, {"kl": masked_mean(per_token.detach(), mask)})
+
+
+# the 2025 losses (gspo, gspo_token, cispo, sapo, gmpo) register themselves on import
+from posttrain.algos import policy_loss_2025  # noqa: E402,F401

@@ -14,8 +14,9 @@ import torch
 from posttrain.algos.advantages import group_advantages, group_is_degenerate
 from posttrain.algos.kl import kl_estimate
 from posttrain.algos.policy_loss import actor_loss
+from posttrain.algos.rollout_correction import rollout_weights
 from posttrain.config import RunConfig
-from posttrain.online_config import KLConfig, rename_kl_keys
+from posttrain.online_config import CorrectionConfig, KLConfig, rename_kl_keys
 from posttrain.train.loop import Iteration
 from posttrain.train.registry import algorithm
 from posttrain.train.online import OnlineBase, OnlineConfig, kl_metrics, valid_mean
@@ -37,10 +38,13 @@ rename_kl_keys("grpo", {"beta": "beta", "kl_estimator": "estimator", "kl_in": "p
 class GRPOConfig(OnlineConfig):
     kl: GRPOKLConfig = field(default_factory=GRPOKLConfig)
     advantage: str = "grpo"  # grpo (z-score) | dr_grpo (mean only) | rloo (leave-one-out)
-    policy_loss: str = "clip"  # clip | dual_clip (posttrain.algos.policy_loss.POLICY_LOSSES)
+    policy_loss: str = "clip"  # clip | dual_clip | gspo | gspo_token | cispo | sapo | gmpo (algos.policy_loss*.py)
     dual_clip: float = 3.0  # dual_clip's c: a negative-advantage token's loss is capped at -c A (Ye et al. 2020)
     clip_low: float = 0.2  # ratio floor 1 - clip_low
-    clip_high: float = 0.2  # ratio ceiling 1 + clip_high (DAPO clip-higher: 0.28)
+    clip_high: float = 0.2  # ratio ceiling 1 + clip_high (DAPO clip-higher: 0.28; gspo: 3e-4 / 4e-4; gmpo: log-space 0.4)
+    sapo_tau_pos: float = 1.0  # sapo's gate temperature where A > 0
+    sapo_tau_neg: float = 1.05  # and where A < 0
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)  # sampler/trainer mismatch
     num_iterations: int = 1  # mu: passes over each rollout (old log-probs stored when > 1)
     minibatch_rows: int = 0  # rows per optimizer update; 0 = the whole rollout
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
@@ -124,11 +128,19 @@ class GRPO(OnlineBase):
         mask = b.loss_mask[rows]
         old = b.extra["old_logp"][rows] if "old_logp" in b.extra else logp.detach()
         kl_in_loss = self.reference is not None and a.kl.placement == "loss"
-        return actor_loss(a.policy_loss, logp, old, b.extra["advantages"][rows], mask, entropy,
+        advantages, mismatch = b.extra["advantages"][rows], {}
+        if a.correction.mode != "none" or a.correction.off_policy_delta > 0:
+            c = a.correction
+            weights, mismatch = rollout_weights(old, b.extra["sampler_logp"][rows], mask, c.mode, c.cap, c.cap_low,
+                                                advantages, c.off_policy_delta)
+            advantages = (advantages[:, None] if advantages.dim() == 1 else advantages) * weights
+        out = actor_loss(a.policy_loss, logp, old, advantages, mask, entropy,
                           ref_logp=b.extra["ref_logp"][rows] if kl_in_loss else None, kl_coef=a.kl.beta,
                           kl_estimator=a.kl.estimator or "k3", clip_low=a.clip_low, clip_high=a.clip_high,
-                          agg_mode=a.loss_agg, dual_clip=a.dual_clip, num_tokens=totals["num_tokens"],
+                          agg_mode=a.loss_agg, dual_clip=a.dual_clip, sapo_tau_pos=a.sapo_tau_pos,
+                          sapo_tau_neg=a.sapo_tau_neg, num_tokens=totals["num_tokens"],
                           num_seqs=totals["num_seqs"], max_len=a.sampling.max_new_tokens)
+        return LossOutput(out.loss, {**out.metrics, **mismatch})
 
 
 def masked_group_advantages(rewards, group, valid, estimator: str) -> torch.Tensor:

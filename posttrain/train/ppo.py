@@ -47,7 +47,7 @@ class PPOConfig(OnlineConfig):
     lam: float = 0.95
     ppo_epochs: int = 2
     minibatch_rows: int = 0  # 0 = the whole rollout per update
-    policy_loss: str = "clip"  # clip | dual_clip (posttrain.algos.policy_loss.POLICY_LOSSES)
+    policy_loss: str = "clip"  # clip | dual_clip | gspo | gspo_token | cispo | sapo | gmpo (algos.policy_loss*.py)
     dual_clip: float = 3.0  # dual_clip's c (Ye et al. 2020)
     clip_low: float = 0.2
     clip_high: float = 0.2

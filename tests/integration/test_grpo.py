@@ -182,3 +182,27 @@ def test_separate_engine_gets_the_policy_weights_once_per_step(tmp_path, tiny_di
     assert [r["engine/weight_syncs"] for r in rows] == [1.0, 2.0, 3.0]
     assert all(r["models_in_memory"] == 2.0 for r in rows)  # policy + the engine's copy (beta 0: no reference)
     assert len(synced) == 3 and not torch.equal(synced[0], synced[1]) and not torch.equal(synced[1], synced[2])
+
+
+@pytest.mark.parametrize("loss, extra", [("gspo", ["algo.clip_low=3e-4", "algo.clip_high=4e-4"]), ("gspo_token", []),
+                                         ("cispo", []), ("sapo", []), ("gmpo", ["algo.clip_low=0.4", "algo.clip_high=0.4"])])
+def test_each_2025_policy_loss_learns_a_trivial_reward(tmp_path, tiny_dir, prompts, loss, extra):
+    """Two passes per rollout (mu = 2), so the second pass sees ratios away from 1 and each loss's clip or gate."""
+    cfg = run_config("grpo", tmp_path / "run", tiny_dir, prompts, *FAST, "train.max_steps=30", "train.lr=1e-2",
+                     "train.schedule=constant", "algo.kl.beta=0", "algo.num_iterations=2", f"algo.policy_loss={loss}",
+                     "algo.sampling.eval_max_new_tokens=1", "data.num_eval_examples=2", *extra)
+    run(cfg)
+    rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]
+    assert rows[0]["reward"] < 0.5
+    assert max(r["reward"] for r in rows) > 0.9, [round(r["reward"], 2) for r in rows]
+
+
+def test_rollout_correction_runs_and_reports_the_sampler_gap(tmp_path, tiny_dir, prompts):
+    """fp32 HF engine = the trainer's own numbers: the sampler/trainer gap is ~0, nothing truncated or masked."""
+    cfg = run_config("grpo", tmp_path / "run", tiny_dir, prompts, *FAST, "train.max_steps=2", "algo.kl.beta=0",
+                     "algo.correction.mode=token_mask", "algo.correction.cap=2.0", "algo.correction.cap_low=0.5",
+                     "algo.correction.off_policy_delta=0.5", "algo.sampling.eval_max_new_tokens=1", "data.num_eval_examples=2")
+    run(cfg)
+    rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]
+    assert rows[-1]["mismatch/abs_logp_diff_mean"] < 1e-4
+    assert rows[-1]["mismatch/masked_fraction"] == 0 and rows[-1]["mismatch/off_policy_masked"] == 0
