@@ -45,8 +45,9 @@ def first_fit_rows(lengths: list[int], width: int) -> list[list[int]]:
 def pack_documents(items: list, pad_id: int, width: int | None = None, rows: list[list[int]] | None = None) -> dict:
     """Encoded sequences (input_ids, labels) -> a packed batch of host tensors, each (rows, width):
     input_ids, labels (IGNORE_INDEX on padding and on each document's first token), attention_mask (1 real,
-    0 padding), position_ids (restarting per document), documents (index in the row, -1 padding); and
-    num_seqs, padding_fraction. `rows`: the items' indices per row when already decided (`packed_micro_batches`),
+    0 padding), position_ids (restarting per document), documents (index in the row, -1 padding); last_index
+    (num_seqs,) the flat position in (rows * width) of each item's last token, in the items' order (where a
+    reward model reads its score); and num_seqs, padding_fraction. `rows`: the items' indices per row when already decided (`packed_micro_batches`),
     else first-fit decreasing into rows of `width` (default: the longest item)."""
     lengths = [len(x.input_ids) for x in items]
     width = width or max(lengths)
@@ -55,6 +56,7 @@ def pack_documents(items: list, pad_id: int, width: int | None = None, rows: lis
     labels = torch.full_like(ids, IGNORE_INDEX)
     positions = torch.zeros_like(ids)
     documents = torch.full_like(ids, -1)
+    last = [0] * len(items)
     for r, members in enumerate(rows):
         start = 0
         for d, i in enumerate(members):
@@ -64,10 +66,11 @@ def pack_documents(items: list, pad_id: int, width: int | None = None, rows: lis
             labels[r, start] = IGNORE_INDEX  # no prediction across documents
             positions[r, start : start + n] = torch.arange(n)
             documents[r, start : start + n] = d
+            last[i] = r * width + start + n - 1
             start += n
     real = documents >= 0
     return {"input_ids": ids, "labels": labels, "attention_mask": real.long(), "position_ids": positions,
-            "documents": documents, "num_seqs": len(items),
+            "documents": documents, "num_seqs": len(items), "last_index": torch.tensor(last, dtype=torch.long),
             "padding_fraction": 1.0 - float(real.sum()) / max(ids.numel(), 1)}
 
 

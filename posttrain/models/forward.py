@@ -93,8 +93,21 @@ def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor,
     return (logp * mask).sum(-1), mask.sum(-1).float()
 
 
+def packed_reward_scores(model, batch: dict) -> torch.Tensor:
+    """Scores (S,) of the S sequences of a padding-free batch (`data/padding_free.pack_documents`), each read at
+    its own last token (`last_index`), in the order the sequences were given."""
+    hidden = decoder_hidden(model, batch["input_ids"], batch["attention_mask"], batch["documents"], batch["position_ids"])
+    picked = hidden.reshape(-1, hidden.shape[-1])[batch["last_index"]]
+    return _unwrap(model).score(picked).squeeze(-1).float()
+
+
 def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reward-model scores (B,), (B,) of a `pad_pair_ids` batch: chosen rows first, then rejected rows."""
+    """Reward-model scores (B,), (B,) of a `pad_pair_ids` batch (or a padding-free one, `rm.packed_pairs`):
+    chosen sequences first, then rejected ones."""
+    if "documents" in batch:
+        scores = packed_reward_scores(model, batch)
+        half = scores.shape[0] // 2
+        return scores[:half], scores[half:]
     scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]

@@ -8,11 +8,13 @@ one forward pass. Held-out pairwise accuracy is the evaluation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from posttrain.config import RunConfig
+from posttrain.data.padding_free import pack_documents
 from posttrain.data.preference import encode_pair_ids, pad_pair_ids, swap_labels
 from posttrain.evaluate import pairwise_accuracy
 from posttrain.models.forward import pair_scores
@@ -36,6 +38,17 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_coef
     if center_coef:
         loss = loss + center_coef * (chosen + rejected) ** 2
     return loss
+
+
+def packed_pairs(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """B pairs as a padding-free batch of 2B documents (`train.padding_free`): chosen ones first, then rejected
+    ones, each scored at its own last token (`models.forward.pair_scores`)."""
+    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+    return pack_documents([SimpleNamespace(input_ids=s, labels=s) for s in seqs], pad_id)
+
+
+def _pairs_in(batch: dict) -> int:
+    return batch["num_seqs"] // 2 if "num_seqs" in batch else batch["input_ids"].shape[0] // 2
 
 
 @algorithm("rm", config=RMConfig, help="Bradley–Terry reward model on preference pairs")
@@ -66,11 +79,13 @@ class RewardModeling(common.DatasetAlgorithm):
         return {"reward_model": self.model}
 
     def next_iteration(self, step: int) -> Iteration:
-        micro = [pad_pair_ids([self.train_pairs[i] for i in self.order.next()], self.pad_id) for _ in range(self.cfg.train.grad_accum)]
-        return Iteration([micro])
+        batches = [[self.train_pairs[i] for i in self.order.next()] for _ in range(self.cfg.train.grad_accum)]
+        if not self.cfg.train.padding_free:
+            return Iteration([[pad_pair_ids(b, self.pad_id) for b in batches]])
+        return Iteration([[packed_pairs(b, self.pad_id) for b in batches]])
 
     def totals(self, update) -> dict:
-        return {"num_pairs": sum(b["input_ids"].shape[0] // 2 for b in update), "tokens": sum(int(b["attention_mask"].sum()) for b in update)}
+        return {"num_pairs": sum(_pairs_in(b) for b in update), "tokens": sum(int(b["attention_mask"].sum()) for b in update)}
 
     def loss(self, micro, totals) -> LossOutput:
         self.model.train()

@@ -114,3 +114,28 @@ def test_sft_run_padding_free_with_token_budget_matches_padded(tmp_path):
     assert len(runs["padded"]) == len(runs["packed"]) == 4
     for a, b in zip(runs["padded"], runs["packed"]):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+
+
+def test_packed_reward_scores_and_gradients_equal_padded():
+    """RM: each of the 2B sequences scored at its own last token in a packed batch = the padded batch's scores."""
+    from transformers import LlamaForSequenceClassification
+
+    from posttrain.data.preference import pad_pair_ids
+    from posttrain.models.forward import pair_scores
+    from posttrain.train.rm import bradley_terry_loss, packed_pairs
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, num_labels=1, pad_token_id=PAD)
+    model = LlamaForSequenceClassification(cfg)
+    seqs = [x.input_ids for x in items(seed=3, n=12)]
+    pairs = list(zip(seqs[:6], seqs[6:]))
+    results = []
+    for batch in (pad_pair_ids(pairs, PAD), packed_pairs(pairs, PAD)):
+        model.zero_grad()
+        chosen, rejected = pair_scores(model, batch)
+        bradley_terry_loss(chosen, rejected).mean().backward()
+        results.append((chosen.detach(), rejected.detach(), model.score.weight.grad.clone()))
+    assert packed_pairs(pairs, PAD)["input_ids"].shape[0] < 12  # fewer rows than the padded batch's
+    for packed, padded in zip(results[1], results[0]):
+        torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
