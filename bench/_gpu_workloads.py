@@ -221,7 +221,8 @@ def posttrain_overrides(algo: str, s: Sizes, args) -> list[str]:
     warm, timed = step_counts(algo, s)
     common = [f"train.device={args.device}", f"model.autocast={'bf16' if args.precision == 'bf16' else 'none'}",
               "train.tensorboard=false", "train.progress=false", "data.eval_fraction=0", f"train.max_steps={warm + timed}",
-              f"train.num_threads={args.threads}", "data.max_length=2048", "data.max_prompt_length=1024"]
+              f"train.num_threads={args.threads}", "data.max_length=2048", "data.max_prompt_length=1024",
+              f"model.compile={getattr(args, 'compile', 'off')}"]  # off: no torch.compile on either side
     per_algo = {
         "sft": [f"train.batch_size={s.sft_batch}", "train.lr=1e-5"],
         "dpo": [f"train.batch_size={s.dpo_batch}", "train.lr=1e-5", "algo.beta=0.1"],

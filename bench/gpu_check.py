@@ -56,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--contenders", default="posttrain,trl")
     p.add_argument("--budget-s", type=float, default=420.0, help="wall-time budget of the whole run")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype of both sides")
+    p.add_argument("--compile", default="off", choices=["off", "on", "auto"], help="posttrain's model.compile (TRL: never)")
     p.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--workdir", default="/tmp/posttrain-gpu-check")
     p.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_check.md / .json (default: $OUT)")

@@ -7,7 +7,7 @@ Shapes are dynamic (`dynamic=True`): sequence lengths change every step and must
 Inductor fuses RMSNorm, RoPE and SiLU-times-gate into single kernels; on a GPU that removes most of the
 elementwise launches and memory round-trips of a small model's step.
 
-`model.compile`: on | off | auto. `auto` compiles on CUDA and not on a CPU, from a measurement on the 2-core
+`model.compile`: on | off | auto. `auto` compiles on CUDA (where triton is installed) and not on a CPU, from a measurement on the 2-core
 dev box (SmolLM2-135M, SFT step of 8 x ~110 tokens, bf16 autocast): 30.6 s of compilation for a steady step of
 2.67 s against 2.68 s eager, i.e. no gain to amortise (the CPU step is matmul-bound; `bench/compile_step.py`
 measures it again on any machine).
@@ -23,7 +23,11 @@ COMPILE_SETTINGS = ("auto", "on", "off")
 def wants_compile(setting: str, device_type: str) -> bool:
     if setting not in COMPILE_SETTINGS:
         raise ValueError(f"model.compile must be one of {COMPILE_SETTINGS}, got {setting!r}")
-    return setting == "on" or (setting == "auto" and device_type == "cuda")
+    if setting == "auto" and device_type == "cuda":
+        import importlib.util
+
+        return importlib.util.find_spec("triton") is not None  # inductor's GPU code generator
+    return setting == "on"
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

@@ -126,3 +126,31 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu_and_final_loads_with_plain_transfor
     rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]  # steps 1-2 from the GPU run, 3 resumed on the CPU
     assert math.isfinite(rows[-1]["loss"]) and "mem/gpu_peak_allocated_gb" not in rows[-1]
+
+
+def test_fast_decode_on_cuda_gives_the_cpu_greedy_tokens_and_padding_free_matches_padded():
+    """The preallocated cache, the inverse-CDF draw and the packed block mask on a GPU: fp32 greedy tokens equal
+    the CPU's; sampling returns tokens inside the vocabulary; packed SFT loss equals padded."""
+    from posttrain.data.chat import Encoded
+    from posttrain.data.padding_free import pack_documents
+    from posttrain.devices import to_device
+    from posttrain.ops import IGNORE_INDEX
+    from posttrain.rollout.base import SamplingParams
+    from posttrain.rollout.hf import HFGenerator
+    from posttrain.train.common import padded_sft_batch
+    from posttrain.train.sft import sft_loss
+
+    model = tiny_llama().eval()
+    prompts = [[1, 5, 9, 13, 2], [3, 4], [11, 12, 13]]
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
+    cpu = HFGenerator(model, 0).generate(prompts, greedy, num_samples=2, seed=0)
+    gpu = HFGenerator(model.cuda(), 0).generate(prompts, greedy, num_samples=2, seed=0)
+    assert gpu.completion_ids.device.type == "cuda"
+    assert gpu.completion_ids.cpu().tolist() == cpu.completion_ids.tolist()
+    sampled = HFGenerator(model, 0).generate(prompts, SamplingParams(max_new_tokens=6, top_p=0.9), num_samples=4, seed=1)
+    assert int(sampled.completion_ids.max()) < model.config.vocab_size
+    seqs = [Encoded(p + [7, 8], [IGNORE_INDEX] * len(p) + [7, 8]) for p in prompts]
+    totals = {"num_tokens": 6, "num_seqs": 3}
+    padded = sft_loss(model, to_device(padded_sft_batch(seqs, 0), "cuda"), totals).loss
+    packed = sft_loss(model, to_device(pack_documents(seqs, 0), "cuda"), totals).loss
+    assert float(packed) == pytest.approx(float(padded), abs=1e-5)

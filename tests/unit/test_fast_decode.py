@@ -180,7 +180,10 @@ def test_compile_setting_and_regional_compile_agrees_with_eager():
     and the compiled forward and backward agree with eager to 1e-5 in fp32."""
     from posttrain.models.compiled import compile_decoder, decoder_layers, wants_compile
 
-    assert wants_compile("auto", "cuda") and not wants_compile("auto", "cpu") and wants_compile("on", "cpu")
+    import importlib.util
+
+    assert wants_compile("auto", "cuda") == (importlib.util.find_spec("triton") is not None)
+    assert not wants_compile("auto", "cpu") and wants_compile("on", "cpu") and not wants_compile("off", "cuda")
     with pytest.raises(ValueError, match="model.compile"):
         wants_compile("yes", "cpu")
     eager, compiled = tiny_llama(), tiny_llama()
