@@ -31,7 +31,8 @@ z-scored group advantages (ours advantage=grpo, TRL scale_rewards=group), clip 0
 cosine learning rate without warmup. TRL reads the prompts in the order posttrain drew them (shuffle_dataset=False).
 
 Figures: completions/s = completions generated / total optimizer-step wall time (generation, reward, reference,
-forward, backward, update). gen % = generation time / step time. Generation MFU = 2 * params * completion
+forward, backward, update). gen % = generation time / step time; reward %, passes % (the log-prob passes before
+the updates: old policy, reference) and update % (the rest: forward, backward, optimizer) split posttrain's step. Generation MFU = 2 * params * completion
 tokens / generation seconds; step MFU counts 2 * params per generated token, 6 * params per trained token
 (prompt + completion) and, with beta > 0, 2 * params per reference-scored token, over the step time; both over
 the machine's measured matmul peak (bench/matmul_peak.py). Trained tokens are the ones the forward passes ran:
@@ -139,6 +140,7 @@ def run_posttrain(args, work: Path, kl: bool, variant: str) -> dict:
     rows = args.prompts_per_step * args.num_generations
     return {
         "step_s": [r["step_time_s"] for r in steps], "gen_s": [r["timing/generate_s"] for r in steps],
+        "reward_s": [r["timing/reward_s"] for r in steps], "passes_s": [r["timing/logprob_passes_s"] for r in steps],
         "rewards": [r["reward"] for r in steps], "completion_tokens": [r["completions/mean_length"] * rows for r in steps],
         "train_tokens": [r["tokens_per_s"] * r["step_time_s"] for r in steps], "kl": [r.get("kl") for r in steps],
         "forward_fraction": [r["forward_token_fraction"] for r in steps],
@@ -235,6 +237,11 @@ def summarize(results: dict, args, peak: dict) -> list[dict]:
             "reward": sum(r["rewards"]) / n, "peak GB": r["peak_gb"], "models": r["models"], "process s": r["wall_s"],
             "fwd tok %": 100 * sum(fraction) / n, "0-var %": 100 * sum(r["zero_variance"]) / n if "zero_variance" in r else float("nan"),
             "settings": r["settings"],
+            # the rest of a step: the updates' forward/backward/optimizer (TRL reports no such split: nan)
+            "reward %": 100 * sum(r["reward_s"]) / step_s if "reward_s" in r else float("nan"),
+            "passes %": 100 * sum(r["passes_s"]) / step_s if "passes_s" in r else float("nan"),
+            "update %": (100 * (step_s - gen_s - sum(r["reward_s"]) - sum(r["passes_s"])) / step_s
+                         if "reward_s" in r else float("nan")),
         })
     return rows
 
@@ -246,7 +253,7 @@ def print_report(rows: list[dict], results: dict, args, peak: dict) -> None:
     print(f"matmul peak: fp32 {peak['fp32']:.1f} GFLOPS, bf16 {peak['bf16']:.1f} GFLOPS (MFU vs {peak['best_dtype']}); "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     cols = [("contender", 14, ""), ("beta", 6, ".2f"), ("steps", 6, "d"), ("compl/s", 8, ".2f"), ("s/step", 8, ".1f"),
-            ("gen %", 6, ".0f"), ("gen MFU %", 10, ".1f"), ("step MFU %", 11, ".1f"), ("compl len", 10, ".1f"),
+            ("gen %", 6, ".0f"), ("reward %", 9, ".0f"), ("passes %", 9, ".0f"), ("update %", 9, ".0f"), ("gen MFU %", 10, ".1f"), ("step MFU %", 11, ".1f"), ("compl len", 10, ".1f"),
             ("reward", 7, ".3f"), ("0-var %", 8, ".0f"), ("fwd tok %", 10, ".0f"), ("peak GB", 8, ".2f"), ("models", 7, "d"),
             ("process s", 10, ".1f")]
     print(H.format_table(cols, rows))

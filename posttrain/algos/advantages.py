@@ -86,6 +86,53 @@ def rloo_advantages(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-
     return _finish(r - baseline, inverse, degenerate, rewards)
 
 
+def _batch_std(x: torch.Tensor) -> torch.Tensor:
+    return x.std(unbiased=True) if x.numel() > 1 else x.new_zeros(())
+
+
+@register_advantage("grpo_batch_std")
+def grpo_batch_std_advantages(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A_i = (r_i - mean_g) / (std_batch + eps): the group mean as baseline, the whole batch's reward std as scale
+    (LitePPO, Liu et al. 2025, "Tricks or Traps? A Deep Dive into RL for LLM Reasoning", sec. 4.1: more robust
+    than the group std when rewards are sparse). (N,), (N,) -> (N,)."""
+    inverse, _, mean, degenerate = _group_stats(rewards, group)
+    return _finish((rewards.double() - mean[inverse]) / (_batch_std(rewards.double()) + eps), inverse, degenerate, rewards)
+
+
+@register_advantage("reinforce_pp")
+def reinforce_pp_advantages(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """REINFORCE++ (Hu et al. 2025, "REINFORCE++", eq. 6-7) for one outcome reward per completion: no critic and no
+    group baseline; the returns are whitened over the global batch, A_i = (r_i - mean_batch) / (std_batch + eps).
+    The per-token KL of the method belongs in the reward (`algo.kl.placement=reward`). Groups whose rewards are
+    all equal are NOT zeroed here: without a group baseline their samples still carry the batch-relative signal.
+    (N,), (N,) -> (N,)."""
+    r = rewards.double()
+    return ((r - r.mean()) / (_batch_std(r) + eps)).to(rewards.dtype)
+
+
+@register_advantage("reinforce_pp_baseline")
+def reinforce_pp_baseline_advantages(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """REINFORCE++-baseline (Hu et al. 2025, sec. 3.3): the group mean subtracted, then normalized by the std of
+    those centered values over the global batch, A_i = (r_i - mean_g) / (std_batch(r - mean_g) + eps). The centered
+    values already have batch mean 0, so a zero-variance group keeps advantage exactly 0. (N,), (N,) -> (N,)."""
+    inverse, _, mean, degenerate = _group_stats(rewards, group)
+    centered = rewards.double() - mean[inverse]
+    return _finish(centered / (_batch_std(centered) + eps), inverse, degenerate, rewards)
+
+
+@register_advantage("gpg")
+def gpg_advantages(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GPG (Chu et al. 2025, "GPG: A Simple and Strong Reinforcement Learning Baseline", eq. 8-9): A_i = (r_i -
+    mean_g) / F_norm, with no std division, and the gradient rescaled by alpha = N / (N - M), M the samples of
+    zero-variance groups, so that those groups do not dilute the batch's gradient. alpha is folded into A here.
+    eps is unused. (N,), (N,) -> (N,)."""
+    inverse, _, mean, degenerate = _group_stats(rewards, group)
+    rows_degenerate = degenerate[inverse]
+    valid = int((~rows_degenerate).sum())
+    alpha = rewards.numel() / valid if valid else 0.0
+    return _finish((rewards.double() - mean[inverse]) * alpha, inverse, degenerate, rewards)
+
+
 def group_advantages(rewards: torch.Tensor, group: torch.Tensor, estimator: str = "grpo", eps: float = 1e-6):
     """Look up `estimator` in ADVANTAGE_ESTIMATORS and apply it: rewards (N,), group (N,) -> advantages (N,)."""
     if estimator not in ADVANTAGE_ESTIMATORS:

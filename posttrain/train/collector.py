@@ -57,8 +57,10 @@ class RolloutCollector:
             release_memory(self.engine)  # ... and lends them to the scoring passes and the updates
         gen_time = time.perf_counter() - start
         records = [r for r, _ in picked for _ in range(a.num_generations)]
+        start = time.perf_counter()
         batch = self._score(rollout, records)
-        batch.extra["metrics"].update({"timing/generate_s": gen_time, "completions_per_s": batch.num_rows / max(gen_time, 1e-9)})
+        batch.extra["metrics"].update({"timing/generate_s": gen_time, "timing/reward_s": time.perf_counter() - start,
+                                       "completions_per_s": batch.num_rows / max(gen_time, 1e-9)})
         if self.engine.weight_copies:  # an engine with its own weights: how often they were synced, it slept
             batch.extra["metrics"].update({"engine/weight_syncs": float(self.engine.syncs),
                                            "engine/sleeps": float(self.engine.sleeps)})

@@ -7,6 +7,7 @@ filtering (Yu et al. 2025), RLOO's leave-one-out baseline (Ahmadian et al. 2024)
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +38,7 @@ rename_kl_keys("grpo", {"beta": "beta", "kl_estimator": "estimator", "kl_in": "p
 @dataclass
 class GRPOConfig(OnlineConfig):
     kl: GRPOKLConfig = field(default_factory=GRPOKLConfig)
-    advantage: str = "grpo"  # grpo (z-score) | dr_grpo (mean only) | rloo (leave-one-out)
+    advantage: str = "grpo"  # grpo (z-score) | dr_grpo (mean only) | rloo | grpo_batch_std | reinforce_pp | reinforce_pp_baseline | gpg
     policy_loss: str = "clip"  # clip | dual_clip | gspo | gspo_token | cispo | sapo | gmpo (algos.policy_loss*.py)
     dual_clip: float = 3.0  # dual_clip's c: a negative-advantage token's loss is capped at -c A (Ye et al. 2020)
     clip_low: float = 0.2  # ratio floor 1 - clip_low
@@ -94,6 +95,7 @@ class GRPO(OnlineBase):
     def next_iteration(self, step: int) -> Iteration:
         a = self.algo_cfg
         batch, metrics = self._collect(step)
+        passes_start = time.perf_counter()  # the log-prob passes before the updates: old policy, reference
         need_old = a.num_iterations > 1 or (a.minibatch_rows and a.minibatch_rows < batch.num_rows)
         if need_old:
             batch.extra["old_logp"] = self.policy_logps(batch)
@@ -108,6 +110,7 @@ class GRPO(OnlineBase):
             if a.kl.placement == "reward":
                 seq_kl = (kl_estimate(policy, ref, a.kl.estimator or "k1") * batch.loss_mask).sum(-1)
                 rewards = rewards - a.kl.beta * seq_kl
+        metrics["timing/logprob_passes_s"] = time.perf_counter() - passes_start
         batch.extra["advantages"] = masked_group_advantages(rewards, batch.group, batch.extra["reward_valid"], a.advantage)
         self.batch = batch
         inert = self._inert_rows(batch)

@@ -206,3 +206,14 @@ def test_rollout_correction_runs_and_reports_the_sampler_gap(tmp_path, tiny_dir,
     rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]
     assert rows[-1]["mismatch/abs_logp_diff_mean"] < 1e-4
     assert rows[-1]["mismatch/masked_fraction"] == 0 and rows[-1]["mismatch/off_policy_masked"] == 0
+
+
+@pytest.mark.parametrize("estimator", ["grpo_batch_std", "reinforce_pp", "reinforce_pp_baseline", "gpg"])
+def test_each_batch_normalized_estimator_learns_a_trivial_reward(tmp_path, tiny_dir, prompts, estimator):
+    cfg = run_config("grpo", tmp_path / "run", tiny_dir, prompts, *FAST, "train.max_steps=30", "train.lr=1e-2",
+                     "train.schedule=constant", "algo.kl.beta=0", f"algo.advantage={estimator}",
+                     "algo.sampling.eval_max_new_tokens=1", "data.num_eval_examples=2")
+    run(cfg)
+    rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]
+    assert rows[0]["reward"] < 0.5
+    assert max(r["reward"] for r in rows) > 0.9, [round(r["reward"], 2) for r in rows]

@@ -1,0 +1,54 @@
+"""The batch-normalized advantage estimators, in float64 against hand-computed values (each test names its
+equation): LitePPO's group-mean / batch-std, REINFORCE++, REINFORCE++-baseline, GPG."""
+
+import math
+
+import pytest
+import torch
+
+from posttrain.algos.advantages import group_advantages
+
+R = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.35, 0.35, 0.0, 3.0], dtype=torch.float64)
+G = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])  # group 1 has zero variance
+
+
+def std(values):
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def centered():
+    means = {0: 0.75, 1: 0.35, 2: 1.5}
+    return [float(r) - means[int(g)] for r, g in zip(R, G)]
+
+
+def test_grpo_batch_std():
+    """(r - mean_g) / std_batch (LitePPO sec. 4.1); the zero-variance group exactly 0."""
+    a = group_advantages(R, G, "grpo_batch_std", eps=0.0)
+    expected = [c / std(R.tolist()) for c in centered()]
+    expected[4] = expected[5] = 0.0
+    assert a.tolist() == pytest.approx(expected)
+
+
+def test_reinforce_pp_whitens_over_the_batch_without_a_group_baseline():
+    """REINFORCE++ eq. 6-7: (r - mean_batch) / std_batch; mean 0, std 1; equal rewards in a group are not zeroed."""
+    a = group_advantages(R, G, "reinforce_pp", eps=0.0)
+    m, s = float(R.mean()), std(R.tolist())
+    assert a.tolist() == pytest.approx([(float(r) - m) / s for r in R])
+    assert float(a.mean()) == pytest.approx(0.0, abs=1e-12) and float(a.std()) == pytest.approx(1.0)
+    assert a[4] != 0
+
+
+def test_reinforce_pp_baseline_group_mean_then_batch_std():
+    """REINFORCE++-baseline sec. 3.3: (r - mean_g) / std_batch(r - mean_g)."""
+    a = group_advantages(R, G, "reinforce_pp_baseline", eps=0.0)
+    c = centered()
+    assert a.tolist() == pytest.approx([x / std(c) for x in c])
+    assert a[4] == 0 and a[5] == 0
+
+
+def test_gpg_scales_by_the_fraction_of_informative_samples():
+    """GPG eq. 8-9: (r - mean_g) * N / (N - M), M = 2 samples in the zero-variance group: alpha = 8 / 6."""
+    a = group_advantages(R, G, "gpg")
+    assert a.tolist() == pytest.approx([c * 8 / 6 for c in centered()])
+    assert group_advantages(torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.long), "gpg").tolist() == [0.0] * 4
