@@ -125,7 +125,7 @@ def test_gmpo_geometric_mean_with_sign_aware_log_clip():
 def test_each_loss_through_actor_loss_on_policy_is_the_policy_gradient_direction(name):
     """At pi = pi_old every loss's gradient points along -A grad log pi (same sign per token) and equal
     advantages of 0 give zero gradient: the common ground of all of them."""
-    logp, old, adv, mask = batch(6)
+    _, old, adv, mask = batch(6)
     on = old.clone().requires_grad_(True)
     out = actor_loss(name, on, old, adv, mask, clip_low=0.2, clip_high=0.2)
     g = grad_of(out.loss, on)
