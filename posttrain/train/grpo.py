@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 import torch
 
 from posttrain.algos.advantages import group_advantages, group_is_degenerate
+from posttrain.algos.entropy_control import high_entropy_mask
 from posttrain.algos.kl import kl_estimate
 from posttrain.algos.policy_loss import actor_loss
-from posttrain.algos.rollout_correction import rollout_weights
 from posttrain.config import RunConfig
 from posttrain.online_config import CorrectionConfig, KLConfig, rename_kl_keys
 from posttrain.train.loop import Iteration
 from posttrain.train.registry import algorithm
-from posttrain.train.online import OnlineBase, OnlineConfig, kl_metrics, valid_mean
+from posttrain.train.online import OnlineBase, OnlineConfig, corrected_advantages, kl_metrics, valid_mean
 from posttrain.types import RolloutBatch
 from posttrain.types import LossOutput
 
@@ -46,6 +46,9 @@ class GRPOConfig(OnlineConfig):
     sapo_tau_pos: float = 1.0  # sapo's gate temperature where A > 0
     sapo_tau_neg: float = 1.05  # and where A < 0
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)  # sampler/trainer mismatch
+    # < 1: policy gradient only on this fraction of each micro-batch's tokens with the highest entropy
+    # (the "80/20" paper: 0.2; algos/entropy_control.py); 1 = every token
+    entropy_top_q: float = 1.0
     num_iterations: int = 1  # mu: passes over each rollout (old log-probs stored when > 1)
     minibatch_rows: int = 0  # rows per optimizer update; 0 = the whole rollout
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
@@ -131,12 +134,11 @@ class GRPO(OnlineBase):
         mask = b.loss_mask[rows]
         old = b.extra["old_logp"][rows] if "old_logp" in b.extra else logp.detach()
         kl_in_loss = self.reference is not None and a.kl.placement == "loss"
-        advantages, mismatch = b.extra["advantages"][rows], {}
-        if a.correction.mode != "none" or a.correction.off_policy_delta > 0:
-            c = a.correction
-            weights, mismatch = rollout_weights(old, b.extra["sampler_logp"][rows], mask, c.mode, c.cap, c.cap_low,
-                                                advantages, c.off_policy_delta)
-            advantages = (advantages[:, None] if advantages.dim() == 1 else advantages) * weights
+        advantages, mismatch = corrected_advantages(a.correction, b, rows, old, mask, b.extra["advantages"][rows])
+        if a.entropy_top_q < 1.0:
+            chosen = high_entropy_mask(entropy, mask, a.entropy_top_q)
+            advantages = (advantages[:, None] if advantages.dim() == 1 else advantages) * chosen
+            mismatch["entropy/pg_token_fraction"] = chosen.sum() / mask.sum().clamp(min=1)
         out = actor_loss(a.policy_loss, logp, old, advantages, mask, entropy,
                           ref_logp=b.extra["ref_logp"][rows] if kl_in_loss else None, kl_coef=a.kl.beta,
                           kl_estimator=a.kl.estimator or "k3", clip_low=a.clip_low, clip_high=a.clip_high,

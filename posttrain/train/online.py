@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from posttrain.algos.rollout_correction import rollout_weights
 from posttrain.config import RunConfig
 from posttrain.models.loading import load_frozen_lm, resolve_model_path, wants_bf16
 from posttrain.models.shared_prefix import completion_logps, supports_shared_prefix
@@ -32,6 +33,17 @@ class OnlineConfig:
     mask_truncated: bool = False  # completions that hit max_new_tokens get no loss (DAPO overlong filtering)
     monitor: dict = field(default_factory=dict)  # MonitorConfig options (train/monitors.py); {enabled: false} turns off
     share_prompt: bool = True  # score a group's completions in one row around its prompt (models/shared_prefix.py)
+
+
+def corrected_advantages(correction, batch: RolloutBatch, rows, old_logp: torch.Tensor, mask: torch.Tensor,
+                         advantages: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The advantages of `rows` weighted for the sampler/trainer mismatch (`algo.correction`, a CorrectionConfig;
+    algos/rollout_correction.py), and the mismatch metrics; unchanged when the correction is off."""
+    if correction.mode == "none" and correction.off_policy_delta <= 0:
+        return advantages, {}
+    weights, metrics = rollout_weights(old_logp, batch.extra["sampler_logp"][rows], mask, correction.mode,
+                                       correction.cap, correction.cap_low, advantages, correction.off_policy_delta)
+    return (advantages[:, None] if advantages.dim() == 1 else advantages) * weights, metrics
 
 
 def online_reference(policy, cfg: RunConfig, path: str | None, device: torch.device) -> ModelReference:

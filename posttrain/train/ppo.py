@@ -14,15 +14,16 @@ import torch
 
 from posttrain.algos.advantages import gae
 from posttrain.algos.kl import KL_CONTROLLERS, kl_estimate
+from posttrain.algos.entropy_control import AdaptiveEntropyCoef
 from posttrain.algos.policy_loss import actor_loss, clipped_value_loss
 from posttrain.config import RunConfig
-from posttrain.online_config import KLConfig, SamplingConfig, rename_kl_keys
+from posttrain.online_config import CorrectionConfig, KLConfig, SamplingConfig, rename_kl_keys
 from posttrain.models.loading import torch_dtype
 from posttrain.ops import whiten
 from posttrain.train import common
 from posttrain.train.loop import Iteration
 from posttrain.train.registry import algorithm
-from posttrain.train.online import OnlineBase, OnlineConfig, _chunks, kl_metrics, valid_mean
+from posttrain.train.online import OnlineBase, OnlineConfig, _chunks, corrected_advantages, kl_metrics, valid_mean
 from posttrain.types import RolloutBatch
 from posttrain.types import LossOutput
 
@@ -54,12 +55,16 @@ class PPOConfig(OnlineConfig):
     value_clip: float = 0.2
     vf_coef: float = 0.1
     entropy_coef: float = 0.0
+    # > 0: the entropy coefficient adapts each step, rising while the token entropy is below this many nats and
+    # falling above it (algos/entropy_control.AdaptiveEntropyCoef, from entropy_coef, at most 0.1)
+    entropy_target: float = 0.0
     target_kl: float = 0.0  # stop the epochs once approx_kl exceeds it (0 = never)
     normalize_rewards: bool = True  # scale scores by running std (running mean removed too)
     whiten_advantages: bool = True
     critic_init: str = "auto"  # auto (reward model if given, else policy) | reward_model | policy | shared
     # shared: a value head on the policy's own (LoRA-adapted) decoder, no critic copy: the memory-light option
     loss_agg: str = "token-mean"  # see ops.agg_loss: how per-token losses become one number
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)  # sampler/trainer mismatch
 
 
 class RunningMoments:
@@ -90,6 +95,8 @@ class PPO(OnlineBase):
         self.kl_ctl = KL_CONTROLLERS[k.control](k.beta) if k.control == "fixed" else \
             KL_CONTROLLERS[k.control](k.beta, k.target, k.horizon)
         self.moments = RunningMoments()
+        self.entropy_ctl = AdaptiveEntropyCoef(a.entropy_coef, a.entropy_target) if a.entropy_target > 0 else None
+        self._entropies: list[float] = []  # token entropy of each micro-batch of the last step
         self.updates_per_step = self.planned_updates(a.ppo_epochs, a.minibatch_rows)
         self._update_kls: list[tuple[float, int]] = []  # (approx_kl, loss tokens) of the current update's micro-batches
 
@@ -146,8 +153,13 @@ class PPO(OnlineBase):
 
     def next_iteration(self, step: int) -> Iteration:
         a = self.algo_cfg
+        if self.entropy_ctl is not None and self._entropies:  # the last step's entropy sets this step's coefficient
+            self.entropy_ctl.update(sum(self._entropies) / len(self._entropies))
+            self._entropies = []
         batch = self.sample(step)
         metrics = dict(batch.extra["metrics"], forward_token_fraction=self._forward_token_fraction(batch))
+        if self.entropy_ctl is not None:
+            metrics["entropy_coef"] = self.entropy_ctl.value
         mask = batch.loss_mask.float()
         old_logp, ref_logp = self.policy_logps(batch), self.reference_logps(batch)
         values = self._values(batch) * mask
@@ -177,14 +189,19 @@ class PPO(OnlineBase):
         logp, entropy = self.current_logps(rows)
         mask = b.loss_mask[rows]
         counts = dict(num_tokens=totals["num_tokens"], num_seqs=totals["num_seqs"], max_len=a.sampling.max_new_tokens)
-        actor = actor_loss(a.policy_loss, logp, b.extra["old_logp"][rows], b.extra["advantages"][rows], mask, entropy,
-                           entropy_coef=a.entropy_coef, clip_low=a.clip_low, clip_high=a.clip_high, agg_mode=a.loss_agg,
+        old = b.extra["old_logp"][rows]
+        advantages, mismatch = corrected_advantages(a.correction, b, rows, old, mask, b.extra["advantages"][rows])
+        actor = actor_loss(a.policy_loss, logp, old, advantages, mask, entropy,
+                           entropy_coef=self.entropy_ctl.value if self.entropy_ctl else a.entropy_coef, clip_low=a.clip_low, clip_high=a.clip_high, agg_mode=a.loss_agg,
                            dual_clip=a.dual_clip, **counts)  # the KL is in the reward (k1 per token), not in the loss
         with common.autocast_context(self.cfg.model, self.device.type):
             values = self._completion_values(b, rows)
         vf = clipped_value_loss(values, b.extra["values"][rows], b.extra["returns"][rows], mask, a.value_clip, a.loss_agg, **counts)
         self._update_kls.append((float(actor.metrics["approx_kl"]), int(mask.sum())))
-        return LossOutput(actor.loss + a.vf_coef * vf.loss, {**actor.metrics, **vf.metrics, "value_loss": vf.loss.detach()})
+        if self.entropy_ctl is not None:
+            self._entropies.append(float(actor.metrics["entropy"]))
+        return LossOutput(actor.loss + a.vf_coef * vf.loss,
+                          {**actor.metrics, **vf.metrics, **mismatch, "value_loss": vf.loss.detach()})
 
     def totals(self, update) -> dict:
         self._update_kls = []  # a new update begins: early_stop judges its micro-batches only
@@ -198,12 +215,18 @@ class PPO(OnlineBase):
         return bool(target) and tokens > 0 and sum(kl * n for kl, n in self._update_kls) / tokens > target
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "kl_ctl": self.kl_ctl.state_dict(), "moments": vars(self.moments).copy()}
+        state = {**super().state_dict(), "kl_ctl": self.kl_ctl.state_dict(), "moments": vars(self.moments).copy()}
+        if self.entropy_ctl is not None:
+            state["entropy_ctl"] = {"value": self.entropy_ctl.value, "pending": list(self._entropies)}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         vars(self.moments).update(state["moments"])
+        if self.entropy_ctl is not None and "entropy_ctl" in state:
+            self.entropy_ctl.value = state["entropy_ctl"]["value"]
+            self._entropies = list(state["entropy_ctl"]["pending"])
 
 
 def _ppo_metrics(batch: RolloutBatch, values, returns, mask) -> dict:

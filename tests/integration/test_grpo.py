@@ -217,3 +217,13 @@ def test_each_batch_normalized_estimator_learns_a_trivial_reward(tmp_path, tiny_
     rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]
     assert rows[0]["reward"] < 0.5
     assert max(r["reward"] for r in rows) > 0.9, [round(r["reward"], 2) for r in rows]
+
+
+def test_grpo_with_gradient_on_high_entropy_tokens_only_learns(tmp_path, tiny_dir, prompts):
+    cfg = run_config("grpo", tmp_path / "run", tiny_dir, prompts, *FAST, "train.max_steps=30", "train.lr=1e-2",
+                     "train.schedule=constant", "algo.kl.beta=0", "algo.entropy_top_q=0.5",
+                     "algo.sampling.eval_max_new_tokens=1", "data.num_eval_examples=2")
+    run(cfg)
+    rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]
+    assert all(0.45 <= r["entropy/pg_token_fraction"] <= 0.75 for r in rows if "entropy/pg_token_fraction" in r)
+    assert max(r["reward"] for r in rows) > 0.9, [round(r["reward"], 2) for r in rows]

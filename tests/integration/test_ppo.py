@@ -163,3 +163,20 @@ def test_early_stop_reads_the_whole_update_not_its_last_micro_batch(tmp_path, ti
     assert algo._update_kls == []  # the next update starts afresh
     algo._update_kls += [(0.5, 90), (0.01, 10)]  # last 0.01 < 0.1, mean 0.451 > 0.1
     assert algo.early_stop()
+
+
+def test_ppo_rollout_correction_reports_the_sampler_gap(tmp_path, tiny_dir, prompts):
+    """fp32 HF engine = the trainer's numbers: the gap is ~0 and nothing is truncated."""
+    cfg = run_config("ppo", tmp_path / "run", tiny_dir, prompts, *FAST, "train.max_steps=2",
+                     "algo.correction.mode=sequence_truncate", "algo.correction.cap=2.0")
+    run(cfg)
+    rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]
+    assert rows[-1]["mismatch/abs_logp_diff_mean"] < 1e-4 and rows[-1]["mismatch/truncated_fraction"] == 0
+
+
+def test_ppo_adaptive_entropy_coefficient_moves_and_is_logged(tmp_path, tiny_dir, prompts):
+    cfg = run_config("ppo", tmp_path / "run", tiny_dir, prompts, *FAST, "train.max_steps=3",
+                     "algo.entropy_coef=0.01", "algo.entropy_target=100.0")  # far above any entropy: it must rise
+    run(cfg)
+    coefs = [r["entropy_coef"] for r in read_metrics(tmp_path / "run") if "entropy_coef" in r]
+    assert coefs[0] == pytest.approx(0.01) and coefs[-1] > coefs[0]
