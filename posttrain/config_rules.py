@@ -60,6 +60,7 @@ RULES: list[tuple[str, tuple[str, ...], Any, Any]] = [
      "to the prompt's group, so with 1 completion every advantage is 0 and nothing is learned"),
     ("algo.sampling.num_generations", ("online-dpo",), _at_least(2), "must be at least 2 for online-dpo: a pair is "
      "the best and the worst of a prompt's completions"),
+    ("algo.reward.combine", _ALL, _choice("sum", "per_function"), "must be sum or per_function (GDPO)"),
     ("algo.sampling.max_new_tokens", _ALL, _at_least(1), "must be at least 1"),
 ]
 

@@ -37,6 +37,9 @@ class RewardConfig:
     timeout_s: float = 30.0
     workers: int = 2
     eval_functions: list[str] = field(default_factory=list)  # held-out scoring; default: `functions`
+    # how several functions make one reward: sum (weighted sum, then the advantage estimator) | per_function
+    # (GDPO: each function z-scored within the prompt's group, then the weighted sum; algos/advantages.py)
+    combine: str = "sum"
 
 
 @dataclass

@@ -133,6 +133,28 @@ def gpg_advantages(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6
     return _finish((rewards.double() - mean[inverse]) * alpha, inverse, degenerate, rewards)
 
 
+def per_reward_normalized_total(per_fn: torch.Tensor, weights: torch.Tensor, group: torch.Tensor,
+                                eps: float = 1e-6) -> torch.Tensor:
+    """GDPO's multi-reward total (Liu et al. 2026, "GDPO: Group reward-Decoupled normalization Policy
+    Optimization", eq. 4): each reward function's values z-scored within each prompt's group, then weighted and
+    summed, sum_k w_k (r_k - mean_g r_k) / (std_g r_k + eps), instead of z-scoring the weighted sum, where a
+    reward with a large spread drowns the others and distinct reward combinations collapse to one advantage.
+    A group in which reward k is constant contributes 0 for k. NaN (a masked sample) stays NaN in the total.
+
+    per_fn (K, N), weights (K,), group (N,) -> (N,).
+    """
+    total = torch.zeros(per_fn.shape[1], dtype=torch.float64, device=per_fn.device)
+    nan = torch.isnan(per_fn[weights != 0]).any(0)  # as in the plain sum: a weight-0 reward is logged only
+    for values, weight in zip(per_fn, weights.tolist()):
+        if weight == 0:
+            continue
+        normalized = torch.zeros_like(total)
+        if (~nan).any():
+            normalized[~nan] = grpo_advantages(values[~nan].double(), group[~nan], eps).double()
+        total += weight * normalized
+    return total.masked_fill(nan, float("nan")).to(per_fn.dtype)
+
+
 def group_advantages(rewards: torch.Tensor, group: torch.Tensor, estimator: str = "grpo", eps: float = 1e-6):
     """Look up `estimator` in ADVANTAGE_ESTIMATORS and apply it: rewards (N,), group (N,) -> advantages (N,)."""
     if estimator not in ADVANTAGE_ESTIMATORS:

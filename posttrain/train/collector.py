@@ -14,6 +14,7 @@ from posttrain.config import RunConfig
 from posttrain.data.chat import encode_prompt, end_of_turn_ids, prompt_text
 from posttrain.data.collate import filter_by_length
 from posttrain.data.formats import DataError
+from posttrain.algos.advantages import per_reward_normalized_total
 from posttrain.rollout.base import SamplingParams, get_generator, reclaim_memory, release_memory
 from posttrain.train import common
 from posttrain.train.distributed import context
@@ -75,6 +76,8 @@ class RolloutCollector:
         scored = self.rewards([prompt_text(p) for p in prompts], rollout.texts, **{**columns, "raw_prompt": prompts},
                               **self._length_column(lengths))
         rewards = torch.tensor(scored.total, dtype=torch.float32, device=rollout.completion_ids.device)
+        if self.cfg.algo.reward.combine == "per_function" and len(scored.per_fn) > 1:
+            rewards = self._per_function_total(scored, rollout.group, rewards.device)
         loss_mask = rollout.completion_mask.clone()
         if self.cfg.algo.mask_truncated:
             loss_mask[rollout.truncated] = 0
@@ -98,6 +101,14 @@ class RolloutCollector:
 
             batch.extra["metrics"].update(sandbox_metrics())
         return batch
+
+    def _per_function_total(self, scored, group, device) -> torch.Tensor:
+        """GDPO's total: each reward function normalized within its group before the weighted sum."""
+        names = list(scored.per_fn)
+        weight = {name: w for name, _, w in self.rewards.fns}
+        per_fn = torch.tensor([scored.per_fn[n] for n in names], dtype=torch.float64, device=device)
+        weights = torch.tensor([weight[n] for n in names], dtype=torch.float64)
+        return per_reward_normalized_total(per_fn, weights, group.to(device)).float()
 
     def _sync_engine(self, step: int) -> None:
         """An engine with its own copy of the weights (vLLM) gets the policy's once per step, before it samples:

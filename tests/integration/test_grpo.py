@@ -227,3 +227,15 @@ def test_grpo_with_gradient_on_high_entropy_tokens_only_learns(tmp_path, tiny_di
     rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]
     assert all(0.45 <= r["entropy/pg_token_fraction"] <= 0.75 for r in rows if "entropy/pg_token_fraction" in r)
     assert max(r["reward"] for r in rows) > 0.9, [round(r["reward"], 2) for r in rows]
+
+
+def test_grpo_with_per_function_reward_normalization_learns(tmp_path, tiny_dir, prompts):
+    """GDPO's combination: a constant second reward contributes 0 after its within-group normalization."""
+    fast = [x for x in FAST if not x.startswith("algo.reward.functions")]
+    cfg = run_config("grpo", tmp_path / "run", tiny_dir, prompts, *fast, "train.max_steps=30", "train.lr=1e-2",
+                     "train.schedule=constant", "algo.kl.beta=0", "algo.reward.combine=per_function",
+                     "algo.reward.functions=[tiny:vowel_reward,tiny:constant_reward]", "algo.reward.weights=[1.0,5.0]",
+                     "algo.sampling.eval_max_new_tokens=1", "data.num_eval_examples=2")
+    run(cfg)
+    rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]
+    assert max(r["rewards/vowel_reward/mean"] for r in rows) > 0.9

@@ -52,3 +52,25 @@ def test_gpg_scales_by_the_fraction_of_informative_samples():
     a = group_advantages(R, G, "gpg")
     assert a.tolist() == pytest.approx([c * 8 / 6 for c in centered()])
     assert group_advantages(torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.long), "gpg").tolist() == [0.0] * 4
+
+
+def test_gdpo_normalizes_each_reward_within_its_group_before_the_sum():
+    """GDPO eq. 4: sum_k w_k z_g(r_k). A reward with a 100x spread no longer drowns the other one, and a reward
+    that is constant within a group contributes 0 there; a NaN sample stays masked and changes no statistic."""
+    from posttrain.algos.advantages import grpo_advantages, per_reward_normalized_total
+
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    correct = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0], dtype=torch.float64)  # constant in group 1
+    length = torch.tensor([100.0, 300.0, 200.0, 0.0, 100.0, 50.0], dtype=torch.float64)
+    per_fn = torch.stack([correct, length])
+    weights = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    total = per_reward_normalized_total(per_fn, weights, group, eps=1e-6)
+    expected = grpo_advantages(correct, group, 1e-6) + 0.5 * grpo_advantages(length, group, 1e-6)
+    torch.testing.assert_close(total, expected)
+    assert total[3:].tolist() == pytest.approx((0.5 * grpo_advantages(length, group, 1e-6)[3:]).tolist())
+    per_fn[1, 1] = float("nan")
+    masked = per_reward_normalized_total(per_fn, weights, group, eps=1e-6)
+    assert torch.isnan(masked[1]) and not torch.isnan(masked[[0, 2, 3, 4, 5]]).any()
+    keep = torch.tensor([0, 2])
+    torch.testing.assert_close(masked[keep], grpo_advantages(correct[keep], group[keep], 1e-6)
+                               + 0.5 * grpo_advantages(length[keep], group[keep], 1e-6))
