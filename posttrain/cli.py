@@ -187,6 +187,17 @@ def _command_in(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def _exit_rank_now() -> None:
+    """End a finished rank of a multi-process run without the interpreter's teardown. Under load a rank that had
+    exported and ended its process group still aborted now and then in C++ static destructors ("terminate called
+    without an active exception", a joinable std::thread of the collective backend), failing a run whose work was
+    complete. Everything is written and closed by now; streams are flushed, then the process leaves."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     from posttrain.train import registry
 
@@ -219,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                 shutdown()
             if os.environ.get("RANK", "0") == "0":
                 print(json.dumps(result, indent=1, default=str))
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                _exit_rank_now()
             return 0
         if getattr(args, "unavailable", None):
             print(f"posttrain {args.command}: not available in this build ({args.unavailable})", file=sys.stderr)
