@@ -118,3 +118,14 @@ def completion_logps(model, batch: RolloutBatch, rows: torch.Tensor, chunk: int,
                       with_entropy, temperature)
     P = batch.prompt_width
     return (out[0][:, P:], out[1][:, P:]) if with_entropy else out[:, P:]
+
+
+def completion_logits(model, batch: RolloutBatch, rows: torch.Tensor) -> torch.Tensor:
+    """Next-token logits (len(rows), C, V) at each completion position of `rows` (position t predicts completion
+    token t), from the padded rows with positions from the attention mask. For losses that need the whole
+    distribution (GKD's JSD); one log-prob per token goes through `completion_logps` instead."""
+    from posttrain.models.forward import decoder_hidden
+
+    P, C = batch.prompt_width, batch.completion_mask.shape[1]
+    hidden = decoder_hidden(model, batch.input_ids[rows], batch.attention_mask[rows])
+    return _unwrap(model).get_output_embeddings()(hidden[:, P - 1 : P + C - 1])

@@ -123,10 +123,10 @@ class OnlineBase(common.DatasetAlgorithm):
         return (torch.cat(outs), torch.cat(ents)) if with_entropy else torch.cat(outs)
 
     @torch.no_grad()
-    def reference_logps(self, batch: RolloutBatch) -> torch.Tensor:
-        """Completion log-probs (N, C) under the reference, in row chunks."""
+    def reference_logps(self, batch: RolloutBatch, frozen: ModelReference | None = None) -> torch.Tensor:
+        """Completion log-probs (N, C) under the reference (or another frozen model: a teacher), in row chunks."""
         outs = []
-        with self.reference.scoring(batch.input_ids.device) as reference:
+        with (frozen or self.reference).scoring(batch.input_ids.device) as reference:
             for rows in _chunks(batch.num_rows, self.cfg.train.batch_size):
                 with common.autocast_context(self.cfg.model, self.device.type):
                     outs.append(completion_logps(reference, batch, rows, self.cfg.model.logprob_chunk, False,
