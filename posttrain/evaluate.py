@@ -22,6 +22,7 @@ class GenEvalConfig:
     batch_size: int = 32  # prompts per generation batch
     seed: int = 0
     autocast: bool | None = None  # bf16 autocast for fp32 weights; None: where bf16 is fast (models.loading.bf16_is_fast)
+    greedy: bool | None = None  # None: greedy exactly when samples == 1; False samples one answer at `temperature`
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -43,7 +44,7 @@ def generate_answers(model, tokenizer, records, cfg: GenEvalConfig) -> list[list
     from posttrain.rollout.base import SamplingParams
     from posttrain.rollout.hf import HFGenerator
 
-    greedy = cfg.samples == 1
+    greedy = cfg.samples == 1 if cfg.greedy is None else cfg.greedy
     params = SamplingParams(
         max_new_tokens=cfg.max_new_tokens, temperature=0.0 if greedy else cfg.temperature,
         stop_token_ids=sorted(end_of_turn_ids(tokenizer)), batch_size=cfg.batch_size,
