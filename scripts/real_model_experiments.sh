@@ -4,6 +4,8 @@
 #   bash scripts/real_model_experiments.sh grpo [KEY=VALUE ...]  # GRPO with the numeric verifier, 26 min of training
 #   bash scripts/real_model_experiments.sh ppo [KEY=VALUE ...]   # RMs on the SFT model's own samples, then PPO
 #   bash scripts/real_model_experiments.sh overopt      # posttrain demo --overopt
+#   bash scripts/real_model_experiments.sh rl2025       # GRPO with clip / gspo / cispo at one budget, then
+#                                                       # on-policy distillation of the clip model into SFT
 # Each run writes runs/exp/NAME; `held-out accuracy` is `posttrain eval` (greedy) on 64 test prompts (256 for ppo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -88,6 +90,37 @@ second_half() {  # model -> accuracy on the second half of $HELDOUT_LIMIT held-o
 }
 
 overopt() { $PT demo --overopt; }
+
+sft_model() {  # the demo's SFT stage, when no demo has run yet
+  [ -d $SFT ] && return
+  $PT sft --model smollm2 --data task:arithmetic --output-dir runs/demo/sft "${COMMON[@]}" train.max_steps=24 \
+    train.batch_size=8 train.lr=1.5e-4 train.warmup_steps=2 data.num_examples=192 > runs/exp.sft.log 2>&1
+}
+
+rl2025() {  # policy losses at equal wall time (RL_MINUTES each), then distillation of the clip model into SFT
+  local HELDOUT_LIMIT=256 MIN=${RL_MINUTES:-8}
+  sft_model
+  echo "start (SFT) held-out accuracy: $(heldout $SFT)"
+  # 64 rows per step in 2 minibatches: the second update is off-policy, where the losses differ (at ratio 1 they
+  # all give the plain policy gradient); each loss with the clip range its paper uses
+  for loss in clip gspo cispo; do
+    extra=()
+    [ "$loss" = gspo ] && extra=(algo.clip_low=3e-4 algo.clip_high=4e-4)
+    [ "$loss" = cispo ] && extra=(algo.clip_high=4.0)
+    $PT grpo --model $SFT --data task:arithmetic --output-dir runs/exp/rl_$loss "${COMMON[@]}" train.max_steps=1000 \
+      train.max_minutes=$MIN train.schedule=constant train.lr=1e-5 train.batch_size=32 train.eval_every=10 \
+      algo.policy_loss=$loss algo.minibatch_rows=32 algo.reward.functions=[numeric] algo.sampling.prompts_per_step=8 \
+      algo.sampling.num_generations=8 algo.sampling.max_new_tokens=24 algo.sampling.eval_max_new_tokens=24 \
+      algo.kl.beta=0.0 data.num_examples=2000 "${extra[@]}" "$@" > runs/exp.rl_$loss.log 2>&1
+    echo "grpo $loss: $(grep -c '"loss"' runs/exp/rl_$loss/metrics.jsonl) steps in $MIN min; task accuracy $(heldout runs/exp/rl_$loss/final)"
+  done
+  $PT distill --model $SFT --data task:arithmetic --output-dir runs/exp/distill "${COMMON[@]}" train.max_steps=1000 \
+    train.max_minutes=$MIN train.schedule=constant train.lr=1e-5 train.batch_size=32 train.eval_every=10 \
+    algo.teacher=runs/exp/rl_clip/final algo.reward.functions=[numeric] algo.sampling.prompts_per_step=16 \
+    algo.sampling.num_generations=4 algo.sampling.max_new_tokens=24 algo.sampling.eval_max_new_tokens=24 \
+    data.num_examples=2000 "$@" > runs/exp.distill.log 2>&1
+  echo "distill (teacher rl_clip): $(grep -c '"loss"' runs/exp/distill/metrics.jsonl) steps in $MIN min; task accuracy $(heldout runs/exp/distill/final)"
+}
 
 mkdir -p runs/exp
 "$@"
