@@ -88,7 +88,8 @@ class TrainConfig:
     max_minutes: float = 0.0  # also stop (final eval, checkpoint, export) once this much wall time has passed; 0 = off
     batch_size: int = 8  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    # sequences packed side by side in rows with a block-diagonal mask, no padding (data/padding_free.py; sft, rm)
+    # sequences packed side by side in rows with a block-diagonal mask, no padding (data/padding_free.py; sft, rm,
+    # dpo and kto; the online algorithms share each prompt across its group instead: algo.share_prompt)
     padding_free: bool = False
     # > 0: an update's batch_size x grad_accum sequences are cut into micro-batches of at most this many tokens
     # (rows x width) instead of grad_accum micro-batches of batch_size rows (sft); 0 = off

@@ -28,33 +28,58 @@ def _scored(labels: list[int], to_row) -> list[tuple[int, int]]:
     return [(to_row(t - 1), labels[t]) for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
 
 
-def pack_pairs(pairs: list[tuple], pad_id: int) -> dict:
-    """pairs: B (first, second) Encoded sequences -> one right-padded batch of B rows.
+def _pair_unit(first, second) -> tuple[list[int], list[int], list[int], list[tuple[int, int, int]]]:
+    """One pair as [prefix | first tail | second tail]: ids, position ids, segments (0 / 1 / 2) and the scored
+    tokens as (position of the predicting hidden state, label, 0 first | 1 second), positions within the unit."""
+    L = common_prefix(first.input_ids, second.input_ids)
+    n1, n2 = len(first), len(second)
+    ids = first.input_ids + second.input_ids[L:]
+    positions = list(range(n1)) + list(range(L, n2))
+    segments = [0] * L + [1] * (n1 - L) + [2] * (n2 - L)
+    scored = [(pos, lab, 0) for pos, lab in _scored(first.labels, lambda i: i)]
+    scored += [(pos, lab, 1) for pos, lab in _scored(second.labels, lambda i: i if i < L else n1 + i - L)]
+    return ids, positions, segments, scored
 
-    Returns input_ids, position_ids (B, T); segments (B, T): 0 prefix, 1 first tail, 2 second tail, -1 padding;
-    score_index (N,) flat positions into (B*T) of the hidden states that predict the N labelled tokens,
+
+def pack_pairs(pairs: list[tuple], pad_id: int, padding_free: bool = False, width: int | None = None) -> dict:
+    """pairs: B (first, second) Encoded sequences -> one right-padded batch, a pair [prefix | first tail | second
+    tail] per row; with `padding_free`, several pairs side by side per row of `width` tokens (default: the longest
+    pair), by first-fit decreasing, with `documents` (R, T) (the pair's index in its row, -1 padding) for the
+    block mask (no token sees another pair's).
+
+    Returns input_ids, position_ids (R, T); segments (R, T): 0 prefix, 1 first tail, 2 second tail, -1 padding;
+    score_index (N,) flat positions into (R*T) of the hidden states that predict the N labelled tokens,
     score_label (N,), score_seq (N,) in [0, 2B): sequence s < B is pair s's first, B + s its second.
     """
+    from posttrain.data.padding_free import first_fit_rows
+
     B = len(pairs)
-    rows, positions, segments, index, label, seq = [], [], [], [], [], []
-    prefixes = [common_prefix(a.input_ids, b.input_ids) for a, b in pairs]
-    T = max(len(a) + len(b) - L for (a, b), L in zip(pairs, prefixes))
-    for row, ((first, second), L) in enumerate(zip(pairs, prefixes)):
-        n1, n2 = len(first), len(second)
-        ids = first.input_ids + second.input_ids[L:]
-        pad = T - len(ids)
-        rows.append(ids + [pad_id] * pad)
-        positions.append(list(range(n1)) + list(range(L, n2)) + [0] * pad)
-        segments.append([0] * L + [1] * (n1 - L) + [2] * (n2 - L) + [-1] * pad)
-        for s, (seq_labels, to_row) in enumerate(((first.labels, lambda i: i),
-                                                  (second.labels, lambda i, L=L, n1=n1: i if i < L else n1 + i - L))):
-            for pos, lab in _scored(seq_labels, to_row):
-                index.append(row * T + pos)
+    units = [_pair_unit(a, b) for a, b in pairs]
+    lengths = [len(u[0]) for u in units]
+    T = width or max(lengths)
+    layout = first_fit_rows(lengths, T) if padding_free else [[i] for i in range(B)]
+    R = len(layout)
+    rows, positions, segments = [[pad_id] * T for _ in range(R)], [[0] * T for _ in range(R)], [[-1] * T for _ in range(R)]
+    documents = [[-1] * T for _ in range(R)]
+    index, label, seq = [], [], []
+    for r, members in enumerate(layout):
+        offset = 0
+        for d, i in enumerate(members):
+            ids, pos, seg, scored = units[i]
+            n = len(ids)
+            rows[r][offset : offset + n], positions[r][offset : offset + n] = ids, pos
+            segments[r][offset : offset + n], documents[r][offset : offset + n] = seg, [d] * n
+            for at, lab, which in scored:
+                index.append(r * T + offset + at)
                 label.append(lab)
-                seq.append(s * B + row)
+                seq.append(which * B + i)
+            offset += n
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device="cpu")  # noqa: E731  (host staging)
-    return {"input_ids": as_long(rows), "position_ids": as_long(positions), "segments": as_long(segments),
-            "score_index": as_long(index), "score_label": as_long(label), "score_seq": as_long(seq), "num_seqs": 2 * B}
+    out = {"input_ids": as_long(rows), "position_ids": as_long(positions), "segments": as_long(segments),
+           "score_index": as_long(index), "score_label": as_long(label), "score_seq": as_long(seq), "num_seqs": 2 * B}
+    if padding_free:
+        out["documents"] = as_long(documents)
+    return out
 
 
 def pack_groups(prompts: list[list[int]], completions: list[list[list[int]]], pad_id: int) -> dict:

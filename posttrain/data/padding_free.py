@@ -45,7 +45,8 @@ def first_fit_rows(lengths: list[int], width: int) -> list[list[int]]:
 def pack_documents(items: list, pad_id: int, width: int | None = None, rows: list[list[int]] | None = None) -> dict:
     """Encoded sequences (input_ids, labels) -> a packed batch of host tensors, each (rows, width):
     input_ids, labels (IGNORE_INDEX on padding and on each document's first token), attention_mask (1 real,
-    0 padding), position_ids (restarting per document), documents (index in the row, -1 padding); last_index
+    0 padding), position_ids (restarting per document), documents (index in the row, -1 padding), doc_seq (the
+    item each token belongs to, -1 padding); last_index
     (num_seqs,) the flat position in (rows * width) of each item's last token, in the items' order (where a
     reward model reads its score); and num_seqs, padding_fraction. `rows`: the items' indices per row when already decided (`packed_micro_batches`),
     else first-fit decreasing into rows of `width` (default: the longest item)."""
@@ -56,6 +57,7 @@ def pack_documents(items: list, pad_id: int, width: int | None = None, rows: lis
     labels = torch.full_like(ids, IGNORE_INDEX)
     positions = torch.zeros_like(ids)
     documents = torch.full_like(ids, -1)
+    seq = torch.full_like(ids, -1)
     last = [0] * len(items)
     for r, members in enumerate(rows):
         start = 0
@@ -66,11 +68,12 @@ def pack_documents(items: list, pad_id: int, width: int | None = None, rows: lis
             labels[r, start] = IGNORE_INDEX  # no prediction across documents
             positions[r, start : start + n] = torch.arange(n)
             documents[r, start : start + n] = d
+            seq[r, start : start + n] = i
             last[i] = r * width + start + n - 1
             start += n
     real = documents >= 0
     return {"input_ids": ids, "labels": labels, "attention_mask": real.long(), "position_ids": positions,
-            "documents": documents, "num_seqs": len(items), "last_index": torch.tensor(last, dtype=torch.long),
+            "documents": documents, "doc_seq": seq, "num_seqs": len(items), "last_index": torch.tensor(last, dtype=torch.long),
             "padding_fraction": 1.0 - float(real.sum()) / max(ids.numel(), 1)}
 
 

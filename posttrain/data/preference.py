@@ -50,16 +50,25 @@ def encode_pair(record: Record, tokenizer, use_chat: bool) -> tuple[Encoded, Enc
     return chosen, rejected
 
 
-def pair_batch(items: list[PairItem], pad_id: int, split: str, share_prompt: bool = False) -> dict:
+def pair_batch(items: list[PairItem], pad_id: int, split: str, share_prompt: bool = False,
+               padding_free: bool = False) -> dict:
     """A micro-batch of B pairs: with `share_prompt`, B rows [prompt | chosen | rejected] (shared_prefix.pack_pairs);
     otherwise chosen rows then rejected rows, one right-padded batch of 2B rows (input_ids, attention_mask, labels).
-    Either way the log-probs come out as 2B sums, chosen first."""
+    `padding_free` packs those units (pairs, or the 2B sequences) side by side into fewer rows, each unit seeing
+    only itself (data/padding_free.py). Either way the log-probs come out as 2B sums, chosen first."""
     if share_prompt:
-        batch = pack_pairs([(p.chosen, p.rejected) for p in items], pad_id)
-        forward_tokens = int((batch["segments"] >= 0).sum())
+        batch = pack_pairs([(p.chosen, p.rejected) for p in items], pad_id, padding_free)
+        real = batch["segments"] >= 0
+    elif padding_free:
+        from posttrain.data.padding_free import pack_documents
+
+        batch = pack_documents([p.chosen for p in items] + [p.rejected for p in items], pad_id)
+        real = batch["attention_mask"].bool()
     else:
         batch = pad_encoded([p.chosen for p in items] + [p.rejected for p in items], pad_id)
-        forward_tokens = int(batch["attention_mask"].sum())
+        real = batch["attention_mask"].bool()
+    forward_tokens = int(real.sum())
+    batch["padding_fraction"] = 1.0 - forward_tokens / max(real.numel(), 1)
     batch["ref_keys"] = [(f"{split}.chosen", p.index) for p in items] + [(f"{split}.rejected", p.index) for p in items]
     batch["num_pairs"] = len(items)
     batch["pair_tokens"] = sum(len(p.chosen) + len(p.rejected) for p in items)  # what two separate rows would hold

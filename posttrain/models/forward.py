@@ -87,10 +87,23 @@ def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor,
 
         return shared_prefix_logps(model, batch, chunk)
     labels = batch["labels"]
+    if "doc_seq" in batch:  # a padding-free batch: several sequences per row, summed per sequence
+        return _packed_sequence_logps(model, batch, chunk)
     logp = token_logps(model, batch["input_ids"], batch["attention_mask"], labels, chunk)
     mask = labels != IGNORE_INDEX
     mask[:, 0] = False  # the first token has no prediction
     return (logp * mask).sum(-1), mask.sum(-1).float()
+
+
+def _packed_sequence_logps(model, batch: dict, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` of a `pack_documents` batch: (num_seqs,) sums and counts, in the items' order."""
+    logp = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk,
+                       documents=batch["documents"], position_ids=batch["position_ids"])
+    scored = batch["labels"] != IGNORE_INDEX  # each document's first token is unlabelled already
+    seq = batch["doc_seq"][scored]
+    n = batch["num_seqs"]
+    sums = torch.zeros(n, dtype=torch.float32, device=logp.device).index_add(0, seq, logp[scored].float())
+    return sums, torch.bincount(seq, minlength=n).float()
 
 
 def packed_reward_scores(model, batch: dict) -> torch.Tensor:

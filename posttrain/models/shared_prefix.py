@@ -74,7 +74,7 @@ def _packed_token_logps(model, batch: dict, chunk_size: int, with_entropy: bool 
     inner = _unwrap(model)
     decoder = getattr(inner, inner.base_model_prefix)
     eager = _attention(model) == "eager"
-    mask = block_mask(batch["segments"], next(inner.parameters()).dtype if eager else None)
+    mask = block_mask(batch["segments"], next(inner.parameters()).dtype if eager else None, batch.get("documents"))
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
                      use_cache=False).last_hidden_state
     picked = hidden.reshape(-1, hidden.shape[-1])[batch["score_index"]]

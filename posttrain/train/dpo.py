@@ -106,7 +106,8 @@ class DPO(common.DatasetAlgorithm):
 
     def next_iteration(self, step: int) -> Iteration:
         batches = [self.order.next() for _ in range(self.cfg.train.grad_accum)]
-        micro = [pair_batch([self.train_items[i] for i in idx], self.pad_id, "train", self.share_prompt) for idx in batches]
+        micro = [pair_batch([self.train_items[i] for i in idx], self.pad_id, "train", self.share_prompt,
+                            self.cfg.train.padding_free) for idx in batches]
         metrics, self._once = self._once, {}
         return Iteration([micro], metrics)
 
@@ -127,7 +128,8 @@ class DPO(common.DatasetAlgorithm):
     def loss(self, micro, totals) -> LossOutput:
         self.model.train()
         out = self._loss(micro)
-        metrics = {**out.metrics, "forward_token_fraction": micro["forward_tokens"] / micro["pair_tokens"]}
+        metrics = {**out.metrics, "forward_token_fraction": micro["forward_tokens"] / micro["pair_tokens"],
+                   "padding_fraction": micro["padding_fraction"]}
         return LossOutput(out.loss * (micro["num_pairs"] / totals["num_pairs"]), metrics)
 
     @torch.no_grad()

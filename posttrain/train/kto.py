@@ -121,12 +121,17 @@ def encode_example(record: Record, tokenizer, use_chat: bool) -> KTOItem:
     return KTOItem(-1, own, kl, bool(data["label"]), int(data.get("pair", -1)))
 
 
-def kto_batch(items: list[KTOItem], pad_id: int, split: str) -> dict:
-    """The trained rows (B, T) with labels and `desirable` (B,), and under "kl" the B mismatched rows."""
-    batch = pad_encoded([x.seq for x in items], pad_id)
+def kto_batch(items: list[KTOItem], pad_id: int, split: str, padding_free: bool = False) -> dict:
+    """The trained rows (B, T) with labels and `desirable` (B,), and under "kl" the B mismatched rows; with
+    `padding_free`, each of the two packed side by side into fewer rows (data/padding_free.py). `num_seqs`: B."""
+    collate = pad_encoded
+    if padding_free:
+        from posttrain.data.padding_free import pack_documents as collate
+    batch = collate([x.seq for x in items], pad_id)
+    batch["num_seqs"] = len(items)
     batch["ref_keys"] = [(f"{split}.completion", x.index) for x in items]
     batch["desirable"] = torch.tensor([x.desirable for x in items], device="cpu")
-    batch["kl"] = pad_encoded([x.kl for x in items], pad_id)
+    batch["kl"] = collate([x.kl for x in items], pad_id)
     batch["kl"]["ref_keys"] = [(f"{split}.kl", x.index) for x in items]
     return batch
 
@@ -200,7 +205,8 @@ class KTO(common.DatasetAlgorithm):
 
     def next_iteration(self, step: int) -> Iteration:
         batches = [self.order.next() for _ in range(self.cfg.train.grad_accum)]
-        micro = [kto_batch([self.train_items[i] for i in idx], self.pad_id, "train") for idx in batches]
+        micro = [kto_batch([self.train_items[i] for i in idx], self.pad_id, "train", self.cfg.train.padding_free)
+                 for idx in batches]
         self.kl_logps = self.kl_pair_logps(micro)  # the weights the update starts from: it follows at once
         metrics, self._once = self._once, {}
         return Iteration([micro], metrics)
@@ -223,7 +229,7 @@ class KTO(common.DatasetAlgorithm):
         no-grad KL rows are overhead on top) and its KL pairs' log-probs from `next_iteration`."""
         kl_policy, kl_ref = self.kl_logps
         return {
-            "num_rows": sum(b["input_ids"].shape[0] for b in update),
+            "num_rows": sum(b["num_seqs"] for b in update),  # sequences: a padding-free row holds several
             "tokens": sum(int(b["attention_mask"].sum()) for b in update),
             "kl_policy": kl_policy,
             "kl_ref": kl_ref,
@@ -245,7 +251,7 @@ class KTO(common.DatasetAlgorithm):
         for key, rows in (("logps/chosen", desirable), ("logps/rejected", ~desirable)):
             if rows.any():
                 out.metrics[key] = logps.detach()[rows].mean()
-        return LossOutput(out.loss * (micro["input_ids"].shape[0] / totals["num_rows"]), out.metrics)
+        return LossOutput(out.loss * (micro["num_seqs"] / totals["num_rows"]), out.metrics)
 
     @torch.no_grad()
     def evaluate(self) -> dict:

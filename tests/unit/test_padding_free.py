@@ -101,7 +101,7 @@ def test_sft_run_padding_free_with_token_budget_matches_padded(tmp_path):
     import json
 
     from posttrain.train import registry
-    from tests.tiny import addition_sft_rows, run_config, tiny_model_dir, write_jsonl
+    from tiny import addition_sft_rows, run_config, tiny_model_dir, write_jsonl
 
     model_dir = tiny_model_dir(tmp_path / "model")
     data = write_jsonl(tmp_path / "sft.jsonl", addition_sft_rows(48))
