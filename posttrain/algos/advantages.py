@@ -133,6 +133,23 @@ def gpg_advantages(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6
     return _finish((rewards.double() - mean[inverse]) * alpha, inverse, degenerate, rewards)
 
 
+@register_advantage("opo")
+def opo_advantages(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6,
+                   lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """OPO (Hao et al. 2025, "On-Policy RL with Optimal Reward Baseline", eq. 5-6): A_i = r_i - b_g with the
+    length-weighted baseline b_g = sum_i l_i r_i / sum_i l_i over the group, l_i the completion's length (the
+    baseline that minimises the gradient variance when each token's gradient norm is about equal). No std
+    division. rewards (N,), group (N,), lengths (N,) tokens of each completion -> (N,). eps is unused."""
+    if lengths is None:
+        raise ValueError("the opo advantage needs each completion's length (lengths=...)")
+    inverse, _, _, degenerate = _group_stats(rewards, group)
+    G = degenerate.shape[0]
+    l, r = lengths.double().clamp(min=1), rewards.double()
+    weighted = torch.zeros(G, dtype=r.dtype, device=r.device).index_add_(0, inverse, l * r)
+    total = torch.zeros(G, dtype=r.dtype, device=r.device).index_add_(0, inverse, l)
+    return _finish(r - (weighted / total)[inverse], inverse, degenerate, rewards)
+
+
 def per_reward_normalized_total(per_fn: torch.Tensor, weights: torch.Tensor, group: torch.Tensor,
                                 eps: float = 1e-6) -> torch.Tensor:
     """GDPO's multi-reward total (Liu et al. 2026, "GDPO: Group reward-Decoupled normalization Policy
@@ -155,11 +172,17 @@ def per_reward_normalized_total(per_fn: torch.Tensor, weights: torch.Tensor, gro
     return total.masked_fill(nan, float("nan")).to(per_fn.dtype)
 
 
-def group_advantages(rewards: torch.Tensor, group: torch.Tensor, estimator: str = "grpo", eps: float = 1e-6):
-    """Look up `estimator` in ADVANTAGE_ESTIMATORS and apply it: rewards (N,), group (N,) -> advantages (N,)."""
+def group_advantages(rewards: torch.Tensor, group: torch.Tensor, estimator: str = "grpo", eps: float = 1e-6,
+                     lengths: torch.Tensor | None = None):
+    """Look up `estimator` in ADVANTAGE_ESTIMATORS and apply it: rewards (N,), group (N,) -> advantages (N,).
+    `lengths` (N,), each completion's trained tokens, goes to the estimators that use it (opo)."""
     if estimator not in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {sorted(ADVANTAGE_ESTIMATORS)}")
-    return ADVANTAGE_ESTIMATORS[estimator](rewards, group, eps)
+    extra = {"lengths": lengths} if estimator in LENGTH_AWARE else {}
+    return ADVANTAGE_ESTIMATORS[estimator](rewards, group, eps, **extra)
+
+
+LENGTH_AWARE = ("opo",)  # estimators whose baseline weighs each completion by its length
 
 
 def gae(

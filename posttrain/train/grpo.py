@@ -38,7 +38,7 @@ rename_kl_keys("grpo", {"beta": "beta", "kl_estimator": "estimator", "kl_in": "p
 @dataclass
 class GRPOConfig(OnlineConfig):
     kl: GRPOKLConfig = field(default_factory=GRPOKLConfig)
-    advantage: str = "grpo"  # grpo (z-score) | dr_grpo (mean only) | rloo | grpo_batch_std | reinforce_pp | reinforce_pp_baseline | gpg
+    advantage: str = "grpo"  # grpo (z-score) | dr_grpo (mean only) | rloo | grpo_batch_std | reinforce_pp | reinforce_pp_baseline | gpg | opo
     policy_loss: str = "clip"  # clip | dual_clip | gspo | gspo_token | cispo | sapo | gmpo (algos.policy_loss*.py)
     dual_clip: float = 3.0  # dual_clip's c: a negative-advantage token's loss is capped at -c A (Ye et al. 2020)
     clip_low: float = 0.2  # ratio floor 1 - clip_low
@@ -114,7 +114,8 @@ class GRPO(OnlineBase):
                 seq_kl = (kl_estimate(policy, ref, a.kl.estimator or "k1") * batch.loss_mask).sum(-1)
                 rewards = rewards - a.kl.beta * seq_kl
         metrics["timing/logprob_passes_s"] = time.perf_counter() - passes_start
-        batch.extra["advantages"] = masked_group_advantages(rewards, batch.group, batch.extra["reward_valid"], a.advantage)
+        batch.extra["advantages"] = masked_group_advantages(rewards, batch.group, batch.extra["reward_valid"], a.advantage,
+                                                            batch.loss_mask.sum(-1))
         self.batch = batch
         inert = self._inert_rows(batch)
         metrics["forward_token_fraction"] = self._forward_token_fraction(batch, inert)
@@ -148,11 +149,13 @@ class GRPO(OnlineBase):
         return LossOutput(out.loss, {**out.metrics, **mismatch})
 
 
-def masked_group_advantages(rewards, group, valid, estimator: str) -> torch.Tensor:
-    """Group advantages over the valid rows only (masked rows: 0), so a masked sample changes no statistic."""
+def masked_group_advantages(rewards, group, valid, estimator: str, lengths=None) -> torch.Tensor:
+    """Group advantages over the valid rows only (masked rows: 0), so a masked sample changes no statistic.
+    lengths (N,): each row's trained tokens (for length-aware estimators: opo)."""
     adv = torch.zeros_like(rewards)
     if valid.any():
-        adv[valid] = group_advantages(rewards[valid], group[valid], estimator)
+        adv[valid] = group_advantages(rewards[valid], group[valid], estimator,
+                                      lengths=None if lengths is None else lengths[valid])
     return adv
 
 

@@ -208,7 +208,7 @@ def test_rollout_correction_runs_and_reports_the_sampler_gap(tmp_path, tiny_dir,
     assert rows[-1]["mismatch/masked_fraction"] == 0 and rows[-1]["mismatch/off_policy_masked"] == 0
 
 
-@pytest.mark.parametrize("estimator", ["grpo_batch_std", "reinforce_pp", "reinforce_pp_baseline", "gpg"])
+@pytest.mark.parametrize("estimator", ["grpo_batch_std", "reinforce_pp", "reinforce_pp_baseline", "gpg", "opo"])
 def test_each_batch_normalized_estimator_learns_a_trivial_reward(tmp_path, tiny_dir, prompts, estimator):
     cfg = run_config("grpo", tmp_path / "run", tiny_dir, prompts, *FAST, "train.max_steps=30", "train.lr=1e-2",
                      "train.schedule=constant", "algo.kl.beta=0", f"algo.advantage={estimator}",

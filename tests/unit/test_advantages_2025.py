@@ -1,5 +1,5 @@
 """The batch-normalized advantage estimators, in float64 against hand-computed values (each test names its
-equation): LitePPO's group-mean / batch-std, REINFORCE++, REINFORCE++-baseline, GPG."""
+equation): LitePPO's group-mean / batch-std, REINFORCE++, REINFORCE++-baseline, GPG, OPO."""
 
 import math
 
@@ -74,3 +74,31 @@ def test_gdpo_normalizes_each_reward_within_its_group_before_the_sum():
     keep = torch.tensor([0, 2])
     torch.testing.assert_close(masked[keep], grpo_advantages(correct[keep], group[keep], 1e-6)
                                + 0.5 * grpo_advantages(length[keep], group[keep], 1e-6))
+
+
+def test_opo_length_weighted_baseline_by_hand():
+    """OPO (Hao et al. 2025, eq. 5-6): A_i = r_i - sum_j l_j r_j / sum_j l_j within the group; no std division."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.5, 0.5], dtype=torch.float64)
+    group = torch.tensor([0, 0, 0, 1, 1])
+    lengths = torch.tensor([2, 6, 4, 3, 9])
+    a = group_advantages(rewards, group, "opo", lengths=lengths)
+    b0 = (2 * 1.0) / (2 + 6 + 4)  # 1/6
+    assert a.tolist() == pytest.approx([1 - b0, -b0, -b0, 0.0, 0.0], abs=1e-15)
+    assert a[3] == 0 and a[4] == 0  # zero-variance group: exactly 0
+    # equal lengths: the plain group mean (Dr. GRPO's advantage)
+    same = group_advantages(rewards, group, "opo", lengths=torch.full((5,), 7))
+    torch.testing.assert_close(same, group_advantages(rewards, group, "dr_grpo"), rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="length"):
+        group_advantages(rewards, group, "opo")
+
+
+def test_opo_matches_a_loop_with_shuffled_noncontiguous_groups():
+    gen = torch.Generator().manual_seed(3)
+    group = torch.tensor([9, -1, 4])[torch.randint(0, 3, (30,), generator=gen)]
+    rewards = torch.rand(30, generator=gen, dtype=torch.float64)
+    lengths = torch.randint(1, 40, (30,), generator=gen)
+    a = group_advantages(rewards, group, "opo", lengths=lengths)
+    for i in range(30):
+        members = [j for j in range(30) if group[j] == group[i]]
+        b = sum(float(lengths[j] * rewards[j]) for j in members) / sum(int(lengths[j]) for j in members)
+        assert a[i].item() == pytest.approx(float(rewards[i]) - b, abs=1e-12)
