@@ -52,12 +52,17 @@ class Pipeline:
     stages: list[Stage]
     defaults: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
+    smoke: bool = False  # a run too short for its accuracies to mean anything (demo --quick): said in every output
+
+
+SMOKE_NOTE = ("SMOKE RUN: a few steps per stage on a handful of prompts, to show that every stage and the report work; "
+              "its accuracies and verdicts mean nothing.")
 
 
 def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
     raw = yaml.safe_load(Path(path).read_text()) or {}
     raw.update(overrides or {})
-    known = {"output_dir", "model", "data", "stages", "defaults", "eval"}
+    known = {"output_dir", "model", "data", "stages", "defaults", "eval", "smoke"}
     if unknown := set(raw) - known:
         raise ConfigError(f"{path}: unknown pipeline keys {sorted(unknown)}; expected {sorted(known)}")
     stages, names = [], set()
@@ -74,7 +79,7 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
     if not stages:
         raise ConfigError(f"{path}: no stages")
     return Pipeline(raw.get("output_dir", "runs/pipeline"), raw.get("model", "smollm2"), raw.get("data", "task:arithmetic"),
-                    stages, raw.get("defaults") or {}, raw.get("eval") or {})
+                    stages, raw.get("defaults") or {}, raw.get("eval") or {}, bool(raw.get("smoke", False)))
 
 
 def stage_argv(p: Pipeline, stage: Stage, out: Path) -> list[str]:
@@ -128,14 +133,15 @@ def _metrics_summary(stage_dir: Path) -> dict:
 
 
 def measure_stage(p: Pipeline, stage: Stage | None, out: Path, records) -> dict:
-    """Pipeline summary entry for a stage (or for the starting model when stage is None)."""
+    """Pipeline summary entry for a stage (or for the starting model when stage is None). The per-prompt
+    outcomes go to `heldout_<stage>.jsonl` (the paired tests' input), not into the summary."""
     from posttrain.stage_eval import evaluate_stage
 
     ev = p.eval
     rewards = list(ev.get("rewards", ["numeric"]))
     if stage is None:
         path = _resolve(p.model)
-        res = evaluate_stage(path, None, records, rewards, max_new_tokens=ev.get("max_new_tokens", 48))
+        res = _keep_outcomes(out, "base", evaluate_stage(path, None, records, rewards, max_new_tokens=ev.get("max_new_tokens", 48)))
         return {"name": "base", "command": "none", "started_from": None, "path": path, **res}
     stage_dir = out / stage.name
     entry = {"name": stage.name, "command": stage.command, "started_from": stage.start or "base",
@@ -148,7 +154,14 @@ def measure_stage(p: Pipeline, stage: Stage | None, out: Path, records) -> dict:
     start = str(out / stage.start / "final") if stage.start else _resolve(p.model)
     res = evaluate_stage(str(stage_dir / "final"), start, records, rewards, max_new_tokens=ev.get("max_new_tokens", 48),
                          kl_prompts=ev.get("kl_prompts", 32))
-    return {**entry, **res}
+    return {**entry, **_keep_outcomes(out, stage.name, res)}
+
+
+def _keep_outcomes(out: Path, name: str, res: dict) -> dict:
+    from posttrain.report.heldout import write_outcomes
+
+    write_outcomes(out, name, res.pop("outcomes", []))
+    return res
 
 
 def _resolve(model: str) -> str:
@@ -159,6 +172,7 @@ def _resolve(model: str) -> str:
 
 def run_pipeline(p: Pipeline) -> Path:
     from posttrain.data.formats import load_dataset_records
+    from posttrain.report.heldout import attach_statistics
 
     out = Path(p.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,6 +180,10 @@ def run_pipeline(p: Pipeline) -> Path:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"stages": []}
     done = {s["name"] for s in summary["stages"]}
     records = load_dataset_records(p.data, "prompts", "test", n=p.eval.get("prompts", 64))[: p.eval.get("prompts", 64)]
+    summary["smoke_run"] = p.smoke
+    summary["heldout_prompts"] = len(records)  # every stage answers these same prompts: the tests are paired
+    if p.smoke:
+        print(f"[pipeline] {SMOKE_NOTE}", flush=True)
     start = time.perf_counter()
     if "base" not in done:
         summary["stages"].append(measure_stage(p, None, out, records))
@@ -173,6 +191,7 @@ def run_pipeline(p: Pipeline) -> Path:
         run_stage(p, stage, out)
         if stage.name not in done:
             summary["stages"].append(measure_stage(p, stage, out, records))
+        attach_statistics(summary, out)
         summary_path.write_text(json.dumps(summary, indent=1, default=str))
     summary["wall_time_s"] = summary.get("wall_time_s", 0.0) + time.perf_counter() - start
     summary_path.write_text(json.dumps(summary, indent=1, default=str))

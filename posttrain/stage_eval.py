@@ -61,7 +61,8 @@ def sequence_kl(policy, reference, tokenizer, records, max_new_tokens: int = 48,
 
 def evaluate_stage(model_path: str, start_path: str | None, records, rewards: list[str], sample_prompts: int = 4,
                    max_new_tokens: int = 48, kl_prompts: int = 32) -> dict:
-    """The numbers the report's comparison table shows for one causal-LM stage."""
+    """The numbers the report's comparison table shows for one causal-LM stage, and `outcomes`: one row per
+    held-out prompt ({index, prompt, completion, reward, correct}) for the paired tests between stages."""
     model, tokenizer = load_lm(model_path)
     fns = load_reward_fns(rewards)
     summary, rows = evaluate_policy(model, tokenizer, records, fns, GenEvalConfig(max_new_tokens=max_new_tokens))
@@ -71,10 +72,24 @@ def evaluate_stage(model_path: str, start_path: str | None, records, rewards: li
         "mean_reward": summary.get(f"{first}/mean_reward", math.nan),
         "answers": [r["completion"] for r in rows[:sample_prompts]],
         "prompts": [r["prompt"] for r in rows[:sample_prompts]],
+        "outcomes": per_prompt_outcomes(rows, first, f"{first}/accuracy" in summary),
     }
     if start_path and start_path != model_path:
         reference, _ = load_lm(start_path)
         out["kl_to_ref"] = sequence_kl(model, reference, tokenizer, records[:kl_prompts], max_new_tokens)
     else:
         out["kl_to_ref"] = 0.0
+    return out
+
+
+def per_prompt_outcomes(rows: list[dict], reward: str, is_accuracy: bool) -> list[dict]:
+    """A row per greedy answer: its score under `reward` and, when that reward is 0/1 (a verifier), `correct` as 0/1;
+    a score the reward masked (NaN) is `correct: None`, left out of accuracies as `score_answers` leaves it out."""
+    out = []
+    for r in rows:
+        score = r.get(reward)
+        finite = isinstance(score, (int, float)) and math.isfinite(score)
+        correct = int(score) if (is_accuracy and finite) else None
+        out.append({"index": r["index"], "prompt": r["prompt"], "completion": r["completion"],
+                    "reward": score if finite else None, "correct": correct})
     return out

@@ -47,6 +47,7 @@ def test_quick_pipeline_end_to_end(tmp_path, tiny_dir, capsys):
         assert by[stage]["kl_to_ref"] is not None and len(by[stage]["samples"]) == 4
         peak = max(r["peak_mem_gb"] for r in read_metrics(out / stage) if "peak_mem_gb" in r)
         assert by[stage]["peak_mem_gb"] == peak  # the summary's numbers are the metrics files' numbers
+    _check_heldout_statistics(out, summary)
     html = (out / "report.html").read_text()
     for section in ("Training curves", "Comparison", "KL", "before and after"):
         assert re.search(section, html, re.IGNORECASE), section
@@ -55,3 +56,34 @@ def test_quick_pipeline_end_to_end(tmp_path, tiny_dir, capsys):
     capsys.readouterr()
     assert main(["pipeline", str(path)]) == 0
     assert capsys.readouterr().out.count("done already, skipped") == 6
+
+
+def _check_heldout_statistics(out, summary):
+    """Every generating stage answered the same prompts; its file's 0/1 outcomes give the summary's accuracy,
+    Wilson interval, discordant counts against SFT and McNemar's p."""
+    from posttrain.report.stats import mcnemar, wilson
+
+    assert summary["baseline"] == "sft" and summary["heldout_prompts"] == 4 and summary["smoke_run"] is False
+    rows = {}
+    for name in ("base", "sft", "dpo", "kto", "ppo", "grpo"):
+        lines = [json.loads(x) for x in (out / f"heldout_{name}.jsonl").read_text().splitlines()]
+        assert [r["index"] for r in lines] == [0, 1, 2, 3] and all(r["correct"] in (0, 1) for r in lines)
+        rows[name] = [r["correct"] for r in lines]
+    assert [r["prompt"] for r in map(json.loads, (out / "heldout_sft.jsonl").read_text().splitlines())] == \
+        [r["prompt"] for r in map(json.loads, (out / "heldout_grpo.jsonl").read_text().splitlines())]
+    assert not (out / "heldout_rm.jsonl").exists()
+    by = {s["name"]: s for s in summary["stages"]}
+    for name, outcomes in rows.items():
+        entry, k = by[name], sum(outcomes)
+        assert (entry["heldout_n"], entry["heldout_correct"], entry["heldout_accuracy"]) == (4, k, k / 4)
+        assert entry["heldout_accuracy_ci"] == list(wilson(k, 4))
+        if name == "sft":
+            assert "vs_baseline" not in entry
+            continue
+        vs = entry["vs_baseline"]
+        b = sum(s and not x for s, x in zip(rows["sft"], outcomes))
+        c = sum(x and not s for s, x in zip(rows["sft"], outcomes))
+        assert (vs["baseline"], vs["baseline_only"], vs["stage_only"]) == ("sft", b, c)
+        assert vs["p"] == mcnemar(b, c).p and vs["diff"] == (c - b) / 4
+        assert vs["diff_ci"][0] <= vs["diff"] <= vs["diff_ci"][1]
+    assert "heldout_n" not in by["rm"] and "vs_baseline" not in by["rm"]

@@ -95,3 +95,27 @@ def test_compare_paired_counts_and_accuracy():
     acc = accuracy_with_interval(first)
     assert acc["correct"] == 40 and acc["accuracy"] == 0.4 and (acc["lo"], acc["hi"]) == wilson(40, 100)
     assert math.isnan(accuracy_with_interval([])["accuracy"])
+
+
+def test_heldout_files_to_summary_statistics(tmp_path):
+    """attach_statistics: the baseline is the first measured stage when none is named sft; a masked verdict (None)
+    leaves its prompt out of that stage's accuracy and of every pair that includes it; a non-0/1 reward gives none."""
+    from posttrain.report.heldout import attach_statistics, compare_stages, write_outcomes
+
+    def rows(correct):
+        return [{"index": i, "prompt": f"q{i}", "completion": "", "reward": c, "correct": c} for i, c in enumerate(correct)]
+
+    write_outcomes(tmp_path, "base", rows([0, 0, 1, 0, None]))
+    write_outcomes(tmp_path, "tune", rows([1, 1, 1, 0, 1]))
+    write_outcomes(tmp_path, "grpo", rows([1, 1, 1, 1, 1]))
+    write_outcomes(tmp_path, "judge", [{"index": 0, "prompt": "q0", "completion": "", "reward": 0.3, "correct": None}])
+    summary = {"stages": [{"name": n} for n in ("base", "tune", "rm", "grpo", "judge")]}
+    attach_statistics(summary, tmp_path)
+    by = {s["name"]: s for s in summary["stages"]}
+    assert summary["baseline"] == "tune" and "vs_baseline" not in by["tune"]
+    assert (by["base"]["heldout_n"], by["base"]["heldout_correct"]) == (4, 1)  # the masked prompt is left out
+    assert by["base"]["vs_baseline"]["n"] == 4 and by["base"]["vs_baseline"]["baseline_only"] == 2
+    g = by["grpo"]["vs_baseline"]
+    assert (g["baseline_only"], g["stage_only"], g["n"], g["p"]) == (0, 1, 5, 1.0) and g["diff"] == pytest.approx(0.2)
+    assert "heldout_n" not in by["rm"] and "heldout_n" not in by["judge"]
+    assert compare_stages(tmp_path, "tune", "grpo")["second_only"] == 1 and compare_stages(tmp_path, "rm", "grpo") is None
