@@ -181,6 +181,9 @@ def run_spin(cfg: RunConfig) -> dict:
     if (out / "final").exists():
         shutil.rmtree(out / "final")
     shutil.copytree(model, out / "final")
+    from posttrain.train.model_card import write_model_card
+
+    write_model_card(out)  # SPIN's own card (the copied one describes its last DPO iteration only)
     return row
 
 
