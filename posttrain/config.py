@@ -114,6 +114,10 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     progress: bool = True
     tensorboard: bool = True
+    # experiment trackers beside metrics.jsonl, any of tensorboard | trackio | wandb | mlflow (posttrain/trackers.py;
+    # pip install -e ".[trackers]"); each works offline: wandb in offline mode, mlflow in RUN_DIR/mlruns
+    report_to: list[str] = field(default_factory=list)
+    tracker_project: str = "posttrain"  # the trackers' project / experiment name; the run is named after output_dir
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     # where models, batches, rollouts and optimizer state live: auto (cuda:LOCAL_RANK when CUDA is available, else
     # cpu) | cpu | cuda | cuda:N (devices.py)

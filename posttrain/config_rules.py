@@ -42,6 +42,8 @@ RULES: list[tuple[str, tuple[str, ...], Any, Any]] = [
     ("train.max_minutes", _ALL, _at_least(0), "must be >= 0 (0 = no time limit)"),
     ("train.eval_every", _ALL, _at_least(0), "must be >= 0 (0 = only at the end)"),
     ("train.save_every", _ALL, _at_least(0), "must be >= 0 (0 = only at the end)"),
+    ("train.report_to", _ALL, lambda v, cfg: all(n in ("tensorboard", "trackio", "wandb", "mlflow") for n in v),
+     "must list trackers among tensorboard, trackio, wandb, mlflow"),
     ("train.schedule", _ALL, _choice("cosine", "linear", "constant"), "must be cosine, linear or constant"),
     ("train.output_dir", _ALL, lambda v, cfg: _file_in_the_way(v) is None,
      lambda v: f"{_file_in_the_way(v)!r} is a file, not a directory (--output-dir)"),

@@ -1,4 +1,5 @@
-"""Metrics: one JSON object per logged step in metrics.jsonl, mirrored to TensorBoard; memory and throughput."""
+"""Metrics: one JSON object per logged step in metrics.jsonl, mirrored to TensorBoard and the trackers of
+`train.report_to` (trackers.py); memory and throughput."""
 
 from __future__ import annotations
 
@@ -45,12 +46,15 @@ def to_float(value) -> float:
 class MetricsLogger:
     """Appends to metrics.jsonl (truncated past `resume_step` on resume) and to TensorBoard when available."""
 
-    def __init__(self, out_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None, enabled: bool = True):
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None, enabled: bool = True,
+                 report_to: list[str] = (), project: str = "posttrain"):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.enabled = enabled
         self._tb = None
+        self._trackers: list = []
         if not enabled:
             return
+        tensorboard = tensorboard or "tensorboard" in report_to
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
@@ -63,6 +67,10 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
             except ImportError:
                 self._tb = None
+        if report_to:
+            from posttrain.trackers import open_trackers
+
+            self._trackers = open_trackers(report_to, out_dir, project, _run_config(out_dir))
 
     def _truncate_after(self, step: int) -> None:
         rows = _parse_rows(self.path.read_text())
@@ -80,16 +88,32 @@ class MetricsLogger:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()
+            scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
             if self._tb is not None:
-                for key, value in row.items():
-                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                        self._tb.add_scalar(key, value, step)
+                for key, value in scalars.items():
+                    self._tb.add_scalar(key, value, step)
+            for tracker in self._trackers:
+                tracker.log(step, scalars)
         return row
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
+
+
+def _run_config(out_dir) -> dict:
+    """The run's resolved config (config.yaml, written before training) for the trackers' run parameters."""
+    path = Path(out_dir) / "config.yaml"
+    if not path.exists():
+        return {}
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    return data if isinstance(data, dict) else {}
 
 
 def read_metrics(path: str | Path) -> list[dict]:

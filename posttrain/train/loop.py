@@ -323,7 +323,8 @@ class Trainer:
     def fit(self) -> dict:
         seed_everything(self.cfg.seed)
         resumed = self.maybe_resume()
-        logger = MetricsLogger(self.out_dir, self.cfg.tensorboard, resume_step=self.step if resumed else None, enabled=self.is_main)
+        logger = MetricsLogger(self.out_dir, self.cfg.tensorboard, resume_step=self.step if resumed else None, enabled=self.is_main,
+                               report_to=self.cfg.report_to, project=self.cfg.tracker_project)
         bar = _progress(self.cfg, self.step, self.is_main)
         last: dict = {}
         trainable = sum(p.numel() for p in self.params)
