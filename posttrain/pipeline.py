@@ -55,10 +55,6 @@ class Pipeline:
     smoke: bool = False  # a run too short for its accuracies to mean anything (demo --quick): said in every output
 
 
-SMOKE_NOTE = ("SMOKE RUN: a few steps per stage on a handful of prompts, to show that every stage and the report work; "
-              "its accuracies and verdicts mean nothing.")
-
-
 def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
     raw = yaml.safe_load(Path(path).read_text()) or {}
     raw.update(overrides or {})
@@ -183,7 +179,9 @@ def run_pipeline(p: Pipeline) -> Path:
     summary["smoke_run"] = p.smoke
     summary["heldout_prompts"] = len(records)  # every stage answers these same prompts: the tests are paired
     if p.smoke:
-        print(f"[pipeline] {SMOKE_NOTE}", flush=True)
+        from posttrain.report.summary import SMOKE
+
+        print(f"[pipeline] {SMOKE}", flush=True)
     start = time.perf_counter()
     if "base" not in done:
         summary["stages"].append(measure_stage(p, None, out, records))
@@ -210,17 +208,11 @@ def _attach_samples(summary: dict) -> None:
 
 
 def print_summary(out: Path) -> None:
-    summary = json.loads((out / "pipeline_summary.json").read_text())
-    cols = ["name", "heldout_accuracy", "mean_reward", "kl_to_ref", "wall_time_s", "peak_mem_gb", "models_in_memory", "tokens_per_s"]
-    print(" | ".join(cols))
-    for s in summary["stages"]:
-        print(" | ".join(_fmt(s.get(c)) for c in cols))
+    """The report's first section as text: smoke note, the claims' verdicts, the rounded comparison table."""
+    from posttrain.report.load import load_run
+    from posttrain.report.summary import terminal_text
 
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "-" if v != v else f"{v:.3f}"  # NaN: not measured (a stage that trains nothing)
-    return str(v if v is not None else "-")
+    print(terminal_text(load_run(out)))
 
 
 def _finish(out: Path) -> int:

@@ -3,9 +3,11 @@ external fetch) and `report.md` with its PNGs written beside it.
 
 Both files render the same list of sections, so their tables hold the same strings; every number is the value
 in the run's files, printed by `fmt` (shortest round-trip repr): parsing a cell back gives the logged float.
-Sections: overview, training curves (+ the last logged value of each plotted metric), measured comparison
-and the usual table's claims (`claims.py`), reward-vs-KL frontier, held-out samples before/after each stage,
-reward over-optimization (`overoptimization.json`), failure-mode warnings (`warnings.jsonl`). A missing
+Sections, the answer first: summary (the claims' verdicts, the comparison rounded for people with intervals and
+paired tests against SFT, a figure of accuracy, time, KL and memory per stage: `summary.py`), the exact measured
+comparison and the claims' rules (`claims.py`), training curves (+ the last logged value of each plotted
+metric), reward-vs-KL frontier, held-out samples before/after each stage, reward over-optimization
+(`overoptimization.json`), failure-mode warnings (`warnings.jsonl`), and the run directories. A missing
 optional part gives a one-line note in its section, never an error. Input layout: see `load.py`.
 """
 
@@ -38,7 +40,7 @@ PANELS = {
     "entropy": ("entropy",),
     "clip ratio": ("clip_ratio",),
 }
-VERDICTS = ("confirmed", "not confirmed", "not measured")
+VERDICTS = ("confirmed", "not confirmed", "not settled", "not measured")
 OVEROPT_KEYS = ("kl", "gold_reward", "proxy_reward")
 
 
@@ -75,7 +77,35 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-@section("overview", "Overview")
+@section("summary", "Summary: verdicts and comparison")
+def summary(run: Run) -> list:
+    """The answer first, rounded for people: what a reader needs before any curve (report/summary.py)."""
+    from posttrain.report.summary import HEADLINE, SMOKE, baseline_note, headline_rows
+
+    blocks = [SMOKE] if run.header.get("smoke_run") else []
+    claims = check_claims(run.stages)
+    blocks.append(Table("verdicts", ["claim", "verdict", "measured on this run"], [[c.name, c.verdict, c.measured] for c in claims]))
+    blocks += [baseline_note(run), Table("headline", HEADLINE, headline_rows(run))]
+    points = [_glance_point(s) for s in run.stages]
+    if any(p[1] is not None for p in points):
+        blocks.append(Image("glance", plots.at_a_glance(points), "held-out accuracy per stage (bars: 95 % Wilson "
+                            "interval), accuracy against wall time and against KL to the start model, peak memory"))
+    blocks.append("Exact values, their sources and each claim's rule: the Comparison section below.")
+    return blocks
+
+
+def _glance_point(stage: Stage) -> tuple:
+    values = {k: v for k, (v, _) in measured(stage).items()}
+    num = lambda v: v if is_number(v) else None  # noqa: E731
+    ci = stage.summary.get("heldout_accuracy_ci")
+    ci = tuple(ci) if isinstance(ci, list) and len(ci) == 2 and all(map(is_number, ci)) else None
+    wall = num(values["wall_time_s"])
+    # a reward model's accuracy is pairwise (chosen above rejected), not its answers': not on the same axis
+    accuracy = None if stage.command == "rm" else num(values["heldout_accuracy"])
+    return (stage.name, accuracy, ci, wall / 60 if wall is not None else None,
+            num(values["kl_to_ref"]), num(values["peak_mem_gb"]))
+
+
 def overview(run: Run) -> list:
     blocks = [f"Run directory: {run.root.resolve()}"]
     blocks += [f"{key}: {fmt(value)}" for key, value in run.header.items()]
@@ -102,6 +132,30 @@ def _plotted_keys(stage: Stage) -> list[str]:
     return keys + sorted({k for r in stage.rows for k in r if k.startswith("eval/") and k not in keys})
 
 
+@section("comparison", "Comparison: measured on this run vs the usual claims")
+def comparison(run: Run) -> list:
+    rows, notes = [], []
+    for stage in run.stages:
+        values = measured(stage)
+        rows.append([stage.name, stage.command] + [fmt(values[n][0]) for n in MEASURED_FIELDS])
+        notes += [f"{stage.name} {name}: {src}" for name, (v, src) in values.items()
+                  if v is not None and src != SUMMARY_FILE]
+    blocks = [
+        f"— means not measured. Every value is from {SUMMARY_FILE}"
+        + (", except (from metrics.jsonl) " + "; ".join(notes) + "." if notes else "."),
+        Table("comparison", ["stage", "command", *MEASURED_FIELDS], rows),
+        "Claims of the usual table, each checked by its rule (posttrain/report/claims.py): "
+        "confirmed / not confirmed when this run orders the algorithms as claimed or not; not measured when "
+        "fewer than two of PPO, DPO, GRPO have the measurement; a quality claim is decided by McNemar's paired test "
+        "on the same held-out prompts (p < 0.05), and not settled when the test cannot tell the stages apart.",
+    ]
+    claims = [[c.name, *(c.claimed[a] for a in CLAIM_ALGOS), c.measured, c.verdict, c.rule]
+              for c in check_claims(run.stages)]
+    header = ["claim", *(a.upper() for a in CLAIM_ALGOS), "measured on this run", "verdict", "rule"]
+    blocks.append(Table("claims", header, claims))
+    return blocks
+
+
 @section("curves", "Training curves")
 def curves(run: Run) -> list:
     blocks, rows = [], []
@@ -120,29 +174,6 @@ def curves(run: Run) -> list:
     if rows:
         blocks.append("Last logged value of each metric above, as written in metrics.jsonl:")
         blocks.append(Table("final-values", ["stage", "metric", "value", "step"], rows))
-    return blocks
-
-
-@section("comparison", "Comparison: measured on this run vs the usual claims")
-def comparison(run: Run) -> list:
-    rows, notes = [], []
-    for stage in run.stages:
-        values = measured(stage)
-        rows.append([stage.name, stage.command] + [fmt(values[n][0]) for n in MEASURED_FIELDS])
-        notes += [f"{stage.name} {name}: {src}" for name, (v, src) in values.items()
-                  if v is not None and src != SUMMARY_FILE]
-    blocks = [
-        f"— means not measured. Every value is from {SUMMARY_FILE}"
-        + (", except (from metrics.jsonl) " + "; ".join(notes) + "." if notes else "."),
-        Table("comparison", ["stage", "command", *MEASURED_FIELDS], rows),
-        "Claims of the usual table, each checked by its rule (posttrain/report/claims.py): "
-        "confirmed / not confirmed when this run orders the algorithms as claimed or not; not measured when "
-        "fewer than two of PPO, DPO, GRPO have the measurement.",
-    ]
-    claims = [[c.name, *(c.claimed[a] for a in CLAIM_ALGOS), c.measured, c.verdict, c.rule]
-              for c in check_claims(run.stages)]
-    header = ["claim", *(a.upper() for a in CLAIM_ALGOS), "measured on this run", "verdict", "rule"]
-    blocks.append(Table("claims", header, claims))
     return blocks
 
 
@@ -225,6 +256,9 @@ def warnings_section(run: Run) -> list:
             Table("warnings", ["stage", "step", "kind", "message"], rows)]
 
 
+SECTIONS.add("overview", ("Run directories", overview))  # registered last: the report leads with the answer
+
+
 def build_sections(run: Run) -> list[Section]:
     return [Section(id_, title, fn(run)) for id_, (title, fn) in SECTIONS.items()]
 
@@ -236,7 +270,7 @@ h1{border-bottom:2px solid #444}h2{border-bottom:1px solid #bbb;margin-top:1.8em
 nav a{margin-right:1em}table{border-collapse:collapse;margin:.8em 0;font-size:12.5px}
 th,td{border:1px solid #ccc;padding:3px 6px;vertical-align:top;white-space:pre-wrap;text-align:left}
 th{background:#f0f0f0}tr:nth-child(even) td{background:#fafafa}
-td.v-confirmed{background:#d9f2d9!important}td.v-not-confirmed{background:#f9d6d5!important}td.v-not-measured{color:#777}
+td.v-confirmed{background:#d9f2d9!important}td.v-not-confirmed{background:#f9d6d5!important}td.v-not-measured{color:#777}td.v-not-settled{background:#fdf1cf!important}
 img{max-width:100%;border:1px solid #ddd}figure{margin:1em 0}figcaption{font-size:12px;color:#555}
 """
 # the page needs nothing from outside itself; the policy makes any accidental fetch fail loudly

@@ -14,6 +14,10 @@ Each claim gets one verdict, by the rule in its function's docstring:
 - "not measured": fewer than two of PPO / DPO / GRPO have the measurement.
 Only orders are compared, never absolute values: a tiny model on a CPU says nothing about absolute cost.
 When several stages run the same algorithm, the first one that has the measurement stands for it.
+
+Claims about quality (held-out accuracy) are judged by a paired test on the same prompts (report/stats.py):
+a difference counts only when McNemar's exact p < 0.05; otherwise the verdict is "not settled" — this run's
+prompts cannot tell the two apart.
 """
 
 from __future__ import annotations
@@ -24,10 +28,14 @@ from dataclasses import dataclass
 from itertools import combinations
 
 from posttrain.report.load import Stage, fmt, measured
+from posttrain.report.stats import compare_paired
 
 from posttrain.registry import Registry
 
 CONFIRMED, NOT_CONFIRMED, NOT_MEASURED = "confirmed", "not confirmed", "not measured"
+NOT_SETTLED = "not settled"  # a quality claim whose paired test found no significant difference
+ALPHA = 0.05  # a quality difference is real when the paired test's p is below this
+CLOSE_PTS = 0.05  # "close": the 95 % interval of the accuracy difference lies within ±5 points
 CLAIM_ALGOS = ("ppo", "dpo", "grpo")
 LEVEL = {"low": 1, "medium": 2, "high": 3}
 
@@ -144,6 +152,63 @@ def stability(stages: list[Stage]) -> ClaimResult:
     instability_rank = {a: -LEVEL[v] for a, v in claimed.items()}  # low stability = high instability
     return ClaimResult("stability", claimed, _describe(values, {a: v[1] for a, v in found.items()}),
                        order_verdict(instability_rank, values), _rule(stability))
+
+
+def paired(stages: list[Stage], first: str, second: str) -> dict | None:
+    """`second` against `first` (compare_paired) for the first stage of each algorithm with per-prompt outcomes,
+    on the prompts both have a verdict for; None when either has none."""
+    found = per_algorithm(stages, lambda s: s.outcomes)
+    a, b = found.get(first), found.get(second)
+    if a is None or b is None:
+        return None
+    keys = sorted(k for k in a.keys() & b.keys() if a[k] is not None and b[k] is not None)
+    return compare_paired([a[k] for k in keys], [b[k] for k in keys]) if keys else None
+
+
+def describe_pair(second: str, first: str, c: dict) -> str:
+    """'grpo − ppo: +3.1 pts [-1.2, +7.4], p = 0.21 (20 right only by grpo, 12 only by ppo, of 256 prompts)'."""
+    pts = lambda v: f"{100 * v:+.1f}"  # noqa: E731
+    return (f"{second} − {first}: {pts(c['diff'])} pts [{pts(c['diff_lo'])}, {pts(c['diff_hi'])}], p = {c['p']:.3g} "
+            f"({c['second_only']} right only by {second}, {c['first_only']} only by {first}, of {c['n']} prompts)")
+
+
+@register_claim("GRPO best on verifiable tasks")
+def grpo_best(stages: list[Stage]) -> ClaimResult:
+    """Rule: GRPO's held-out accuracy against PPO's and DPO's on the same prompts, by McNemar's exact test:
+    confirmed when GRPO is higher than each with p < 0.05; not confirmed when one of them is higher with p < 0.05;
+    not settled otherwise; not measured without GRPO and another one's per-prompt outcomes."""
+    pairs = {other: paired(stages, other, "grpo") for other in ("ppo", "dpo")}
+    pairs = {k: v for k, v in pairs.items() if v is not None}
+    if not pairs:
+        verdict = NOT_MEASURED
+    elif all(c["diff"] > 0 and c["p"] < ALPHA for c in pairs.values()):
+        verdict = CONFIRMED
+    elif any(c["diff"] < 0 and c["p"] < ALPHA for c in pairs.values()):
+        verdict = NOT_CONFIRMED
+    else:
+        verdict = NOT_SETTLED
+    text = "; ".join(describe_pair("grpo", k, c) for k, c in pairs.items()) or "—"
+    return ClaimResult("GRPO best on verifiable tasks", {"ppo": "lower", "dpo": "lower", "grpo": "best"}, text,
+                       verdict, _rule(grpo_best))
+
+
+@register_claim("DPO close to PPO")
+def dpo_close_to_ppo(stages: list[Stage]) -> ClaimResult:
+    """Rule: DPO's held-out accuracy against PPO's on the same prompts: not confirmed when McNemar's exact
+    p < 0.05 (a real difference); confirmed when the paired-bootstrap 95 % interval of the difference lies
+    within ±5 points; not settled otherwise (no significant difference, but the interval is too wide to call
+    them close)."""
+    c = paired(stages, "ppo", "dpo")
+    if c is None:
+        verdict = NOT_MEASURED
+    elif c["p"] < ALPHA:
+        verdict = NOT_CONFIRMED
+    elif -CLOSE_PTS <= c["diff_lo"] and c["diff_hi"] <= CLOSE_PTS:
+        verdict = CONFIRMED
+    else:
+        verdict = NOT_SETTLED
+    return ClaimResult("DPO close to PPO", {"ppo": "≈ DPO", "dpo": "≈ PPO", "grpo": "—"},
+                       describe_pair("dpo", "ppo", c) if c else "—", verdict, _rule(dpo_close_to_ppo))
 
 
 def check_claims(stages: list[Stage]) -> list[ClaimResult]:

@@ -24,7 +24,9 @@ run directory per stage plus `pipeline_summary.json`:
       ...                                  # any other top-level scalars (model, task, ...) go in the header
     }
 
-Every field except `name` may be absent or null, meaning "not measured". Optional files, at the top level or
+Every field except `name` may be absent or null, meaning "not measured". The pipeline adds the held-out
+statistics (`heldout_n`, `heldout_correct`, `heldout_accuracy_ci`, `vs_baseline`: report/heldout.py) and writes
+`heldout_<stage>.jsonl` beside the summary (per-prompt 0/1 outcomes). Optional files, at the top level or
 in a stage directory: `overoptimization.json` (a list of {kl, proxy_reward, gold_reward, method, step}) and
 `warnings.jsonl` (rows {step, stage, kind, message}).
 """
@@ -55,6 +57,7 @@ class Stage:
     rows: list[dict] = field(default_factory=list)  # metrics.jsonl, in file order
     summary: dict = field(default_factory=dict)  # this stage's entry of pipeline_summary.json
     config: dict = field(default_factory=dict)
+    outcomes: dict | None = None  # heldout_<name>.jsonl of a pipeline: {prompt index: 1 | 0 | None}; None: no file
 
 
 @dataclass
@@ -123,6 +126,15 @@ def _summary_stages(root: Path) -> tuple[list[dict], dict]:
 
 
 def _stages(root: Path) -> tuple[list[Stage], dict]:
+    stages, header = _stages_only(root)
+    from posttrain.report.heldout import read_outcomes
+
+    for stage in stages:
+        stage.outcomes = read_outcomes(root, stage.name)
+    return stages, header
+
+
+def _stages_only(root: Path) -> tuple[list[Stage], dict]:
     entries, header = _summary_stages(root)
     if not entries and _is_run_dir(root):
         return [_load_stage(root.name, root, {})], header

@@ -118,3 +118,42 @@ def overoptimization(methods: dict[str, tuple[list, list, list]], peaks: dict[st
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def at_a_glance(stages: list[tuple[str, float | None, tuple | None, float | None, float | None, float | None]]) -> bytes:
+    """Four panels over (name, accuracy, (lo, hi) or None, minutes, kl, memory GB) per stage: held-out accuracy
+    with its 95 % interval, accuracy against wall time and against KL, and peak memory. A stage lacking a value
+    is left out of that panel."""
+    fig = _figure(11.0, 7.0)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.09, top=0.93, wspace=0.25, hspace=0.45)
+    names = [s[0] for s in stages]
+    acc = [(i, s) for i, s in enumerate(stages) if s[1] is not None]
+    ax = fig.add_subplot(2, 2, 1)
+    for i, (name, a, ci, *_rest) in acc:
+        err = [[100 * (a - ci[0])], [100 * (ci[1] - a)]] if ci else None
+        ax.bar([i], [100 * a], color=color(i), yerr=err, capsize=4)
+    ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("Held-out accuracy, 95 % interval", fontsize=10)
+    for slot, (column, label, title) in enumerate(((3, "wall time (min)", "Accuracy vs wall time"),
+                                                   (4, "KL to start model (nats)", "Accuracy vs KL")), start=2):
+        ax = fig.add_subplot(2, 2, slot)
+        for i, s in acc:
+            if s[column] is not None:
+                ax.scatter([s[column]], [100 * s[1]], color=color(i), s=50, label=s[0], zorder=3)
+                if s[2]:
+                    ax.errorbar([s[column]], [100 * s[1]], yerr=[[100 * (s[1] - s[2][0])], [100 * (s[2][1] - s[1])]],
+                                color=color(i), capsize=3)
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax = fig.add_subplot(2, 2, 4)
+    for i, s in enumerate(stages):
+        if s[5] is not None:
+            ax.bar([i], [s[5]], color=color(i))
+    ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+    ax.set_ylabel("peak memory (GB)")
+    ax.set_title("Peak memory per stage", fontsize=10)
+    return _png(fig)

@@ -27,6 +27,7 @@ from posttrain.devices import to_device
 from posttrain.metrics import MetricsLogger, memory_metrics
 from posttrain.train import checkpoint as ckpt
 from posttrain.train import distributed, sharding
+from posttrain.train.model_card import write_model_card
 
 
 log = logging.getLogger("posttrain")
@@ -367,8 +368,6 @@ class Trainer:
         weights = sharding.full_state_dict(self.algo.model) if sharding.is_sharded(self.algo.model) else None
         if self.is_main:
             self.algo.export(self.out_dir / "final", state_dict=weights)
-            from posttrain.train.model_card import write_model_card
-
             write_model_card(self.out_dir)  # after the final eval row: the card quotes it
         logger.close()
         return last

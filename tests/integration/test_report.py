@@ -15,11 +15,13 @@ import pytest
 
 from posttrain.cli import main
 from posttrain.report import build_report
-from posttrain.report.claims import (CONFIRMED, NOT_CONFIRMED, NOT_MEASURED, check_claims, instability, loss_spikes,
-                                     order_verdict)
+from posttrain.report.claims import (CONFIRMED, NOT_CONFIRMED, NOT_MEASURED, NOT_SETTLED, check_claims, instability,
+                                     loss_spikes, order_verdict)
+from posttrain.report.heldout import attach_statistics, write_outcomes
 from posttrain.report.load import load_run
 
-SECTIONS = ("overview", "curves", "comparison", "frontier", "samples", "overoptimization", "warnings")
+SECTIONS = ("summary", "comparison", "curves", "frontier", "samples", "overoptimization", "warnings", "overview")
+N_PROMPTS = 256
 CHROMIUM = "/usr/bin/chromium"
 PPO_SPIKES, PPO_SKIPPED, PPO_NAN = (7, 13, 17), 10, 4
 GRPO_SPIKES = (12,)
@@ -69,7 +71,17 @@ def _summary_entry(name: str, models: int, wall: float, seed: int) -> dict:
                         {"prompt": "12*3 = ?", "before": "<b>37</b>", "after": "36"}]}
 
 
-def make_pipeline(root: Path, dpo_wall: float = 40.25) -> Path:
+def _outcomes(grpo_gain: int = 30) -> dict[str, list[int]]:
+    """Per-prompt 0/1 answers on 256 prompts: sft right on the first 110; ppo loses 0-4 and gains 110-114; dpo is
+    ppo minus prompt 5; grpo is sft plus `grpo_gain` prompts from 110 on, minus prompts 0-1."""
+    sft = [int(i < 110) for i in range(N_PROMPTS)]
+    ppo = [0 if i < 5 else 1 if 110 <= i < 115 else v for i, v in enumerate(sft)]
+    dpo = [0 if i == 5 else v for i, v in enumerate(ppo)]
+    grpo = [0 if i < 2 else 1 if 110 <= i < 110 + grpo_gain else v for i, v in enumerate(sft)]
+    return {"sft": sft, "ppo": ppo, "dpo": dpo, "grpo": grpo}
+
+
+def make_pipeline(root: Path, dpo_wall: float = 40.25, grpo_gain: int = 30, smoke: bool = False) -> Path:
     stage_rows = {"sft": _rows("sft", 20, 1), "rm": _rows("rm", 20, 2), "dpo": _rows("dpo", 20, 3),
                   "ppo": _rows("ppo", 20, 4, PPO_SPIKES, PPO_SKIPPED, PPO_NAN), "grpo": _rows("grpo", 20, 5, GRPO_SPIKES)}
     for name, rows in stage_rows.items():
@@ -77,7 +89,12 @@ def make_pipeline(root: Path, dpo_wall: float = 40.25) -> Path:
     stages = [_summary_entry("sft", 1, 20.5, 1), _summary_entry("rm", 1, 30.0, 2), _summary_entry("dpo", 2, dpo_wall, 3),
               _summary_entry("ppo", 4, 300.5, 4), _summary_entry("grpo", 3, 150.125, 5)]
     stages[-1]["kl_to_ref"] = None  # not measured by the pipeline: the report falls back to the last logged kl
-    (root / "pipeline_summary.json").write_text(json.dumps({"model": "tiny", "task": "arithmetic", "stages": stages}))
+    for name, answers in _outcomes(grpo_gain).items():
+        write_outcomes(root, name, [{"index": i, "prompt": f"q{i}", "completion": "", "reward": float(v), "correct": v}
+                                    for i, v in enumerate(answers)])
+    summary = {"model": "tiny", "task": "arithmetic", "smoke_run": smoke, "heldout_prompts": N_PROMPTS, "stages": stages}
+    attach_statistics(summary, root)  # as the pipeline does: intervals and paired tests from the heldout files
+    (root / "pipeline_summary.json").write_text(json.dumps(summary))
     rng = random.Random(9)
     points = []
     for method, scale in (("bon", 1.0), ("rl", 0.6)):
@@ -184,14 +201,14 @@ def test_every_section_present_images_inlined_no_script(pipeline):
     page = parse_html(path)
     assert page.sections == list(SECTIONS)
     assert page.scripts == 0 and "http://" not in path.read_text() and "https://" not in path.read_text()
-    # 5 stages' curves + frontier + over-optimization, every one a real PNG inside the page
-    assert len(page.images) == 7
+    # the summary's figure + 5 stages' curves + frontier + over-optimization, every one a real PNG inside the page
+    assert len(page.images) == 8
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     md = (pipeline / "report.md").read_text()
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(linked) == 7 and all((pipeline / name).read_bytes()[:4] == b"\x89PNG" for name in linked)
+    assert len(linked) == 8 and all((pipeline / name).read_bytes()[:4] == b"\x89PNG" for name in linked)
     for title in ("## Training curves", "## Comparison", "## Reward vs KL frontier", "## Held-out prompts",
                   "## Reward over-optimization", "## Failure-mode warnings"):
         assert title in md
@@ -260,7 +277,12 @@ def test_claims_confirmed_by_this_pipeline(pipeline):
     assert page.tables["claims"][0][:4] == ["claim", "PPO", "DPO", "GRPO"]
     assert claims["models in memory"][1:4] == ["4", "2", "3"]
     assert {name: row[5] for name, row in claims.items()} == {"models in memory": CONFIRMED, "compute": CONFIRMED,
-                                                             "stability": CONFIRMED}
+                                                             "stability": CONFIRMED, "GRPO best on verifiable tasks": CONFIRMED,
+                                                             "DPO close to PPO": CONFIRMED}
+    # grpo vs ppo: grpo alone right on 115-139 and 2-4 (28), ppo alone on none: exact p = 2 / 2^28
+    assert "grpo − ppo: +10.9 pts" in claims["GRPO best on verifiable tasks"][4]
+    assert "(28 right only by grpo, 0 only by ppo, of 256 prompts)" in claims["GRPO best on verifiable tasks"][4]
+    assert "dpo − ppo: -0.4 pts" in claims["DPO close to PPO"][4]
     # ppo: 3 spikes + 1 skipped + 1 nan loss in 20 steps; grpo: 1 spike; dpo: none
     assert "ppo: 0.25 (3 spikes, 1.0 skipped, 1 non-finite in 20 steps)" in claims["stability"][4]
     assert "grpo: 0.05 (1 spikes" in claims["stability"][4] and "dpo: 0.0 (0 spikes" in claims["stability"][4]
@@ -272,6 +294,61 @@ def test_claims_not_confirmed_and_not_measured(tmp_path):
     assert verdicts["compute"] == NOT_CONFIRMED and verdicts["models in memory"] == CONFIRMED
     single = write_run(tmp_path / "one", "dpo", _rows("dpo", 8, 0))
     assert {c.verdict for c in check_claims(load_run(single).stages)} == {NOT_MEASURED}
+
+
+def test_headline_table_rounds_the_summary_and_leads_the_report(pipeline, capsys):
+    """The first section: verdicts, then the comparison rounded for people; each cell is the summary's number."""
+    from posttrain.pipeline import print_summary
+    from posttrain.report.stats import mcnemar, wilson
+
+    page = parse_html(pipeline / "report.html")
+    assert page.sections[0] == "summary"
+    md = (pipeline / "report.md").read_text()
+    assert md.index("## Summary") < md.index("## Comparison") < md.index("## Training curves")
+    table = page.tables["headline"]
+    assert table == md_table(md, ["stage", "command", "held-out accuracy"])
+    rows = {r[0]: dict(zip(table[0], r)) for r in table[1:]}
+    summary = {s["name"]: s for s in json.loads((pipeline / "pipeline_summary.json").read_text())["stages"]}
+    answers = _outcomes()
+    for name, entry in summary.items():
+        row = rows[name]
+        assert row["time"] == f"{entry['wall_time_s'] / 60:.1f} min" and row["memory"] == f"{entry['peak_mem_gb']:.2f} GB"
+        if name not in answers:
+            assert row["95 % interval"] == "—" and row["p vs SFT"] == "—"
+            continue
+        k = sum(answers[name])
+        lo, hi = wilson(k, N_PROMPTS)
+        assert row["held-out accuracy"] == f"{100 * k / N_PROMPTS:.1f} % ± {100 * (hi - lo) / 2:.1f}"
+        assert row["95 % interval"] == f"{100 * lo:.1f}–{100 * hi:.1f} %"
+        if name != "sft":
+            b = sum(s and not x for s, x in zip(answers["sft"], answers[name]))
+            c = sum(x and not s for s, x in zip(answers["sft"], answers[name]))
+            assert row["right only: SFT / stage"] == f"{b} / {c}"
+            p = mcnemar(b, c).p
+            assert row["p vs SFT"] == ("< 0.001" if p < 0.001 else f"{p:.3f}" if p < 0.1 else f"{p:.2f}")
+            assert row["vs SFT (pts, 95 % interval)"].startswith(f"{100 * (c - b) / N_PROMPTS:+.1f} [")
+    assert rows["grpo"]["p vs SFT"] == "< 0.001" and rows["ppo"]["p vs SFT"] == "1.00"
+    verdicts = {r[0]: r[1] for r in page.tables["verdicts"][1:]}
+    assert verdicts == {r[0]: r[5] for r in page.tables["claims"][1:]}
+    capsys.readouterr()
+    print_summary(pipeline)  # the terminal says the same verdicts and numbers
+    out = capsys.readouterr().out
+    for claim, verdict in verdicts.items():
+        assert f"{claim}: {verdict.upper()} — " in out
+    assert rows["grpo"]["held-out accuracy"] in out and "SMOKE RUN" not in out
+
+
+def test_not_settled_and_smoke_run(tmp_path, capsys):
+    """GRPO a few prompts better than PPO: too few for the paired test to call it a difference."""
+    from posttrain.pipeline import print_summary
+
+    root = make_pipeline(tmp_path / "pipe", grpo_gain=7, smoke=True)  # grpo vs ppo: 5 right only by grpo, 0 by ppo: p = .0625
+    verdicts = {c.name: c.verdict for c in check_claims(load_run(root).stages)}
+    assert verdicts["GRPO best on verifiable tasks"] == NOT_SETTLED and verdicts["DPO close to PPO"] == CONFIRMED
+    build_report(root)
+    assert "SMOKE RUN" in (root / "report.md").read_text().split("## Comparison")[0]
+    print_summary(root)
+    assert capsys.readouterr().out.startswith("SMOKE RUN")
 
 
 def test_loss_spikes_and_order_rule_by_hand():
@@ -328,7 +405,8 @@ def test_summary_without_stage_dirs_and_a_stage_it_does_not_name(tmp_path):
     assert [r[:6] for r in page.tables["comparison"][1:3]] == [["sft", "sft", "—", "—", "—", "3.5"],
                                                                ["dpo", "dpo", "—", "—", "—", "7.25"]]
     claims = {r[0]: r[5] for r in page.tables["claims"][1:]}
-    assert claims == {"models in memory": NOT_MEASURED, "compute": NOT_CONFIRMED, "stability": NOT_MEASURED}
+    assert claims == {"models in memory": NOT_MEASURED, "compute": NOT_CONFIRMED, "stability": NOT_MEASURED,
+                      "GRPO best on verifiable tasks": NOT_MEASURED, "DPO close to PPO": NOT_MEASURED}
     assert "sft: no metrics logged" in (root / "report.md").read_text()
 
 
