@@ -97,7 +97,8 @@ def reproduce_commands(run_dir: Path, command: str) -> list[str]:
 
 
 def render_card(run_dir: Path) -> str:
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    # a Trainer driven without setup_run (a test, a library user) has no config.yaml: the card says less, not nothing
+    config = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}) if (run_dir / "config.yaml").exists() else {}
     from posttrain.metrics import read_metrics
 
     rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []

@@ -87,3 +87,11 @@ def _check_heldout_statistics(out, summary):
         assert vs["p"] == mcnemar(b, c).p and vs["diff"] == (c - b) / 4
         assert vs["diff_ci"][0] <= vs["diff"] <= vs["diff_ci"][1]
     assert "heldout_n" not in by["rm"] and "vs_baseline" not in by["rm"]
+
+
+def test_demo_configs_held_out_size_and_smoke_flag():
+    from posttrain.pipeline import CONFIG_DIR, load_pipeline
+
+    demo, quick = load_pipeline(CONFIG_DIR / "demo.yaml"), load_pipeline(CONFIG_DIR / "demo_quick.yaml")
+    assert demo.eval["prompts"] == 256 and demo.smoke is False
+    assert quick.smoke is True and quick.eval["prompts"] < 64
