@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from itertools import combinations
 
 from posttrain.report.load import Stage, fmt, measured
-from posttrain.report.stats import compare_paired
+from posttrain.report.stats import compare_paired, wilson
 
 from posttrain.registry import Registry
 
@@ -196,14 +196,15 @@ def grpo_best(stages: list[Stage]) -> ClaimResult:
 def dpo_close_to_ppo(stages: list[Stage]) -> ClaimResult:
     """Rule: DPO's held-out accuracy against PPO's on the same prompts: not confirmed when McNemar's exact
     p < 0.05 (a real difference); confirmed when the paired-bootstrap 95 % interval of the difference lies
-    within ±5 points; not settled otherwise (no significant difference, but the interval is too wide to call
-    them close)."""
+    within ±5 points, that bound never taken below z²/(n + z²), the 95 % upper bound of the share of n prompts two
+    models answer differently when none was seen (so 8 identical answers do not make two models "close"); not
+    settled otherwise (no significant difference, but the interval is too wide to call them close)."""
     c = paired(stages, "ppo", "dpo")
     if c is None:
         verdict = NOT_MEASURED
     elif c["p"] < ALPHA:
         verdict = NOT_CONFIRMED
-    elif -CLOSE_PTS <= c["diff_lo"] and c["diff_hi"] <= CLOSE_PTS:
+    elif max(-c["diff_lo"], c["diff_hi"], wilson(0, c["n"])[1]) <= CLOSE_PTS:
         verdict = CONFIRMED
     else:
         verdict = NOT_SETTLED

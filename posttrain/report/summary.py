@@ -59,7 +59,7 @@ def headline_row(stage: Stage) -> list[str]:
     kl = values["kl_to_ref"]
     models = values["models_in_memory"]
     return [stage.name, stage.command, acc, interval, diff, p, discordant, f"{kl:.3f}" if is_number(kl) else "—",
-            minutes(values["wall_time_s"]), gigabytes(values["peak_mem_gb"]), str(models) if models is not None else "—"]
+            minutes(values["wall_time_s"]), gigabytes(values["peak_mem_gb"]), str(int(models)) if is_number(models) else "—"]
 
 
 def headline_rows(run: Run) -> list[list[str]]:

@@ -437,3 +437,17 @@ def test_headless_chromium_renders_report(pipeline, tmp_path):
     assert image.size == (1200, 3000)
     assert image.getcolors(maxcolors=256) is None  # more than 256 colours: text, tables and plots, not a blank page
     assert np.asarray(image).std() > 10
+
+
+def test_close_needs_enough_prompts():
+    """No discordant pair among 8 prompts: the bootstrap interval is [0, 0], but 8 prompts cannot show closeness
+    (the disagreement rate could be up to z²/(8 + z²) = 32 %); among 256 (bound 1.5 %) they can."""
+    from posttrain.report.claims import dpo_close_to_ppo
+    from posttrain.report.load import Stage
+
+    def stages(n):
+        same = {i: int(i % 2) for i in range(n)}
+        return [Stage("ppo", "ppo", None, outcomes=same), Stage("dpo", "dpo", None, outcomes=dict(same))]
+
+    assert dpo_close_to_ppo(stages(8)).verdict == NOT_SETTLED
+    assert dpo_close_to_ppo(stages(256)).verdict == CONFIRMED
