@@ -17,6 +17,7 @@ import torch
 
 from posttrain.algos.advantages import group_advantages
 from posttrain.algos.distill import DISTILL_LOSSES, generalized_jsd, reverse_kl_advantages
+from posttrain.algos.kl import kl_estimate
 from posttrain.algos.policy_loss import actor_loss
 from posttrain.config import RunConfig
 from posttrain.online_config import CorrectionConfig, SamplingConfig
@@ -121,10 +122,9 @@ class Distill(OnlineBase):
 def _teacher_gap(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor) -> dict:
     """The reverse KL(student || teacher) per token on the student's samples: its k1 (unbiased) and k3 (never
     negative) estimates, and the share of tokens the teacher finds likelier than the student does."""
-    log_ratio = (teacher_logp - student_logp).clamp(-20, 20)
-    return {"distill/reverse_kl_k1": masked_mean(-log_ratio, mask),
-            "distill/reverse_kl_k3": masked_mean(log_ratio.exp() - 1 - log_ratio, mask),
-            "distill/teacher_prefers_fraction": masked_mean((log_ratio > 0).float(), mask)}
+    return {"distill/reverse_kl_k1": masked_mean(kl_estimate(student_logp, teacher_logp, "k1"), mask),
+            "distill/reverse_kl_k3": masked_mean(kl_estimate(student_logp, teacher_logp, "k3"), mask),
+            "distill/teacher_prefers_fraction": masked_mean((teacher_logp > student_logp).float(), mask)}
 
 
 def _check_same_tokenizer(tokenizer, teacher: str) -> None:

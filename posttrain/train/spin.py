@@ -69,54 +69,56 @@ def self_play_pairs(records, answers: list[str]) -> tuple[list[dict], dict]:
     return rows, dropped
 
 
-def _answers(model_path: str, records, a: SPINConfig, device, seed: int) -> list[str]:
+def _load(model_path: str, device):
+    """(model, tokenizer) of one iteration's model, loaded once for its measurement and the next pairs."""
+    from posttrain.models.loading import load_inference_lm, load_tokenizer
+
+    return load_inference_lm(model_path, device), load_tokenizer(model_path)
+
+
+def _answers(lm, records, a: SPINConfig, seed: int) -> list[str]:
     """One answer of the model per record's prompt."""
     from posttrain.data.formats import Record
     from posttrain.evaluate import GenEvalConfig, generate_answers
-    from posttrain.models.loading import load_inference_lm, load_tokenizer
 
-    model, tokenizer = load_inference_lm(model_path, device), load_tokenizer(model_path)
     prompts = [Record({"prompt": split_sft_record(r.data)[0] or ""}, r.where) for r in records]
     gen = GenEvalConfig(max_new_tokens=a.max_new_tokens, batch_size=a.generation_batch_size, seed=seed,
                         temperature=a.temperature or 1.0, greedy=a.temperature == 0)
-    return [group[0] for group in generate_answers(model, tokenizer, prompts, gen)]
+    return [group[0] for group in generate_answers(*lm, prompts, gen)]
 
 
-def _measure(model_path: str, held, prompt_records, a: SPINConfig, device, seed: int) -> dict:
+def _measure(lm, held, prompt_records, a: SPINConfig, seed: int) -> dict:
     """Held-out figures of one model: exact-match rate with the data's answers, and the held-out rewards."""
     from posttrain.evaluate import GenEvalConfig, evaluate_policy, load_reward_fns
-    from posttrain.models.loading import load_inference_lm, load_tokenizer
 
     out: dict = {}
     if held:
-        out["heldout/answer_logp"] = _answer_logp(model_path, held, a, device)
-        answers = _answers(model_path, held, a, device, seed)
+        out["heldout/answer_logp"] = _answer_logp(lm, held, a)
+        answers = _answers(lm, held, a, seed)
         out["heldout/exact_match"] = sum(x.strip() == split_sft_record(r.data)[2].strip()
                                          for r, x in zip(held, answers)) / len(held)
     if prompt_records and a.eval_rewards:
-        model, tokenizer = load_inference_lm(model_path, device), load_tokenizer(model_path)
         gen = GenEvalConfig(max_new_tokens=a.max_new_tokens, batch_size=a.generation_batch_size, seed=seed)
-        summary, _ = evaluate_policy(model, tokenizer, prompt_records, load_reward_fns(a.eval_rewards), gen)
+        summary, _ = evaluate_policy(*lm, prompt_records, load_reward_fns(a.eval_rewards), gen)
         out.update({f"eval/{k}": v for k, v in summary.items() if isinstance(v, float)})
     return out
 
 
 @torch.no_grad()
-def _answer_logp(model_path: str, records, a: SPINConfig, device) -> float:
+def _answer_logp(lm, records, a: SPINConfig) -> float:
     """Mean log-prob per token of the data's answers under the model (nats; rises as p_theta nears p_data)."""
     from posttrain.data.chat import encode_prompt_completion
     from posttrain.data.collate import pad_encoded
-    from posttrain.devices import to_device
+    from posttrain.devices import module_device, to_device
     from posttrain.models.forward import sequence_logps
-    from posttrain.models.loading import load_inference_lm, load_tokenizer
 
-    model, tokenizer = load_inference_lm(model_path, device), load_tokenizer(model_path)
+    model, tokenizer = lm
     items = [encode_prompt_completion(tokenizer, *split_sft_record(r.data)[:2], use_chat=a.use_chat_template)
              for r in records]
     total = count = 0.0
     for start in range(0, len(items), a.generation_batch_size):
-        batch = to_device(pad_encoded(items[start : start + a.generation_batch_size], tokenizer.pad_token_id), device)
-        sums, lengths = sequence_logps(model, batch)
+        batch = pad_encoded(items[start : start + a.generation_batch_size], tokenizer.pad_token_id)
+        sums, lengths = sequence_logps(model, to_device(batch, module_device(model)))
         total, count = total + float(sums.sum()), count + float(lengths.sum())
     return total / max(count, 1.0)
 
@@ -155,24 +157,27 @@ def run_spin(cfg: RunConfig) -> dict:
     device = common.run_device(cfg)
     logger = MetricsLogger(out, tensorboard=cfg.train.tensorboard)
     model = resolve_model_path(cfg.model.name_or_path)
-    row = logger.log(0, {"spin/iteration": 0, **_measure(model, held, prompt_records, a, device, cfg.train.seed)})
+    lm = _load(model, device)
+    row = logger.log(0, {"spin/iteration": 0, **_measure(lm, held, prompt_records, a, cfg.train.seed)})
     log.info("spin: start %s", _brief(row))
     for k in range(1, a.iterations + 1):
         it = out / f"iter-{k}"
         if not (it / "final").exists():
-            pairs, dropped = self_play_pairs(train, _answers(model, train, a, device, cfg.train.seed + k))
+            pairs, dropped = self_play_pairs(train, _answers(lm, train, a, cfg.train.seed + k))
             if not pairs:
                 raise ValueError(f"spin iteration {k}: no pair to learn from ({dropped['identical']} answers equal "
                                  f"the data's, {dropped['empty']} blank)")
             it.mkdir(parents=True, exist_ok=True)
             (it / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
             (it / "dropped.json").write_text(json.dumps(dropped))
+            lm = None  # the DPO run loads its own copy: free this one first
             registry.run(dpo_config(cfg, model, it / "pairs.jsonl", it))
         dropped = json.loads((it / "dropped.json").read_text())
         last = [r for r in read_metrics(it) if "loss" in r][-1]
         trained = {f"train/{key}": last[key] for key in ("loss", "rewards/accuracies", "rewards/margins") if key in last}
         model = str(it / "final")
-        measured = _measure(model, held, prompt_records, a, device, cfg.train.seed)
+        lm = _load(model, device)
+        measured = _measure(lm, held, prompt_records, a, cfg.train.seed)
         row = logger.log(k, {"spin/iteration": k, "spin/pairs": len(train) - sum(dropped.values()),
                              "spin/identical_dropped": dropped["identical"], "spin/empty_dropped": dropped["empty"],
                              **trained, **measured})
