@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +23,8 @@ class GenEvalConfig:
     seed: int = 0
     autocast: bool | None = None  # bf16 autocast for fp32 weights; None: where bf16 is fast (models.loading.bf16_is_fast)
     greedy: bool | None = None  # None: greedy exactly when samples == 1; False samples one answer at `temperature`
+    env: object = None  # an EnvConfig (online_config) naming an environment: answers are multi-turn trajectories
+    env_results: dict = field(default_factory=dict)  # filled by generate_answers under `env`: rewards, metrics
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -55,10 +57,19 @@ def generate_answers(model, tokenizer, records, cfg: GenEvalConfig) -> list[list
     use_bf16 = bf16_is_fast(next(model.parameters()).device.type) if cfg.autocast is None else cfg.autocast
     engine = HFGenerator(model, tokenizer.pad_token_id, tokenizer, torch.bfloat16 if (use_bf16 and fp32) else None)
     answers: list[list[str]] = []
+    cfg.env_results = {"env_reward": [], "metrics": []}
     for start in range(0, len(records), cfg.batch_size):
         chunk = records[start : start + cfg.batch_size]
-        ids = [encode_prompt(tokenizer, r.data["prompt"]) for r in chunk]
-        rollout = engine.generate(ids, params, num_samples=cfg.samples, seed=cfg.seed + start)
+        if cfg.env is not None and cfg.env.name:  # the last assistant turn of each trajectory is its answer
+            from posttrain.envs.trajectory import run_trajectories
+
+            rollout = run_trajectories(engine, tokenizer, [r.data for r in chunk], cfg.env, params, cfg.samples,
+                                       cfg.seed + start)
+            cfg.env_results["env_reward"] += rollout.info["env_reward"]
+            cfg.env_results["metrics"].append((len(chunk), rollout.info["metrics"]))
+        else:
+            ids = [encode_prompt(tokenizer, r.data["prompt"]) for r in chunk]
+            rollout = engine.generate(ids, params, num_samples=cfg.samples, seed=cfg.seed + start)
         texts = rollout.texts
         answers += [texts[i * cfg.samples : (i + 1) * cfg.samples] for i in range(len(chunk))]
     return answers
@@ -95,8 +106,21 @@ def score_answers(records, answers: list[list[str]], reward_fns: dict) -> tuple[
 
 
 def evaluate_policy(model, tokenizer, records, reward_fns: dict, cfg: GenEvalConfig | None = None) -> tuple[dict, list[dict]]:
+    """Answers (single-turn, or trajectories in `cfg.env`) scored by `reward_fns`; with an environment, its reward
+    as `env_reward` where it gives one, and its env/* metrics averaged over the batches."""
     cfg = cfg or GenEvalConfig()
-    return score_answers(records, generate_answers(model, tokenizer, records, cfg), reward_fns)
+    answers = generate_answers(model, tokenizer, records, cfg)
+    if cfg.env is None or not cfg.env.name:
+        return score_answers(records, answers, reward_fns)
+    env_rewards = list(cfg.env_results["env_reward"])
+    fns = dict(reward_fns)
+    if any(r != 0 for r in env_rewards) or not fns:
+        fns["env_reward"] = lambda prompts, completions, **_: env_rewards  # one call over the whole batch, in order
+    summary, rows = score_answers(records, answers, fns)
+    batches = cfg.env_results["metrics"]
+    for key in sorted({k for _, m in batches for k in m}):
+        summary[key] = sum(n * m.get(key, 0.0) for n, m in batches) / max(sum(n for n, _ in batches), 1)
+    return summary, rows
 
 
 def load_reward_fns(specs: list[str]) -> dict:
@@ -131,7 +155,8 @@ def run_eval(args) -> int:
 
         records = load_dataset_records(args.data, "prompts", args.split, n=args.limit)[: args.limit]
         model = load_inference_lm(path, device)
-        cfg = GenEvalConfig(samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        cfg = GenEvalConfig(samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                            seed=args.seed, env=_env_from_args(args))
         summary, rows = evaluate_policy(model, tokenizer, records, load_reward_fns(args.reward or ["numeric"]), cfg)
     out = Path(args.output or (Path(path) / "eval_results.jsonl" if Path(path).is_dir() else "eval_results.jsonl"))
     with open(out, "w") as fh:
@@ -139,6 +164,15 @@ def run_eval(args) -> int:
     summary["results_file"] = str(out)
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def _env_from_args(args):
+    if not getattr(args, "env", ""):
+        return None
+    from posttrain.online_config import EnvConfig
+
+    return EnvConfig(name=args.env, options=json.loads(args.env_options), max_turns=args.env_max_turns,
+                     max_total_tokens=args.env_max_tokens)
 
 
 def _eval_reward_model(path, tokenizer, records, device) -> dict:
@@ -163,6 +197,12 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one) | cpu | cuda | cuda:N")
     p.add_argument("--output", help="per-sample results JSONL (default: MODEL/eval_results.jsonl)")
+    p.add_argument("--env", default="", help="answer through a multi-turn environment: 'tools' or module:Class")
+    p.add_argument("--env-options", dest="env_options", default="{}", help='its options as JSON, e.g. '
+                   '\'{"tools": ["calculator"]}\'')
+    p.add_argument("--env-max-turns", dest="env_max_turns", type=int, default=4)
+    p.add_argument("--env-max-tokens", dest="env_max_tokens", type=int, default=256,
+                   help="tokens after the prompt per trajectory (the policy's and the environment's)")
     p.set_defaults(func=run_eval)
 
 

@@ -94,3 +94,35 @@ def rename_kl_keys(command: str, names: dict[str, str]) -> None:
 
 
 rename_online_keys(("grpo", "ppo", "online-dpo"))
+
+
+@dataclass
+class EnvConfig:
+    """A multi-turn environment for the rollouts (`posttrain/envs/`); `name` empty = single-turn completions.
+
+    name: a built-in environment (`tools`) or `module:Class`, created once per trajectory with `options`.
+    max_turns: assistant turns per trajectory at most. max_total_tokens: tokens after the prompt (the policy's and
+    the environment's together) at most; each turn samples up to `algo.sampling.max_new_tokens` of them.
+    turn_timeout_s: wall clock for the environment's answer to one turn (tools included).
+    on_error: end (an environment that raises or overruns ends its trajectory, which gets no loss; counted in
+    env/errors and logged) | raise (the run stops with the error).
+    """
+
+    name: str = ""
+    options: dict = field(default_factory=dict)
+    max_turns: int = 4
+    max_total_tokens: int = 256
+    turn_timeout_s: float = 30.0
+    on_error: str = "end"
+    # a turn cut at algo.sampling.max_new_tokens: end (the trajectory ends there, as in verl's agent loop) |
+    # answer (the turn is closed with the end-of-turn token as environment text, no loss, and the environment
+    # answers it; counted in env/cut_turns)
+    cut_turns: str = "end"
+
+    def __post_init__(self):
+        if self.cut_turns not in ("end", "answer"):
+            raise ValueError(f"algo.env.cut_turns must be 'end' or 'answer', got {self.cut_turns!r}")
+        if self.on_error not in ("end", "raise"):
+            raise ValueError(f"algo.env.on_error must be 'end' or 'raise', got {self.on_error!r}")
+        if self.max_turns < 1 or self.max_total_tokens < 1:
+            raise ValueError("algo.env.max_turns and algo.env.max_total_tokens must be >= 1")

@@ -26,6 +26,9 @@ class Rollout:
     marks real completion tokens (the first EOS included, padding after it excluded); logprobs (N, C) of the
     sampling policy at its temperature; truncated (N,) True where the length limit was hit before EOS.
     group (N,) the index of the prompt each row was sampled from.
+    policy_mask (N, C): in a multi-turn rollout (`posttrain/envs/`), 1 on the tokens the policy sampled and 0 on
+    the environment's tokens between its turns (completion_mask covers both); None: every completion token is the
+    policy's. info: what a multi-turn rollout adds (env_reward, transcripts, metrics).
     """
 
     prompt_ids: Any
@@ -36,6 +39,8 @@ class Rollout:
     truncated: Any
     group: Any
     texts: list[str] = field(default_factory=list)
+    policy_mask: Any = None
+    info: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -191,10 +191,20 @@ def gae(
     """Generalized advantage estimation, Schulman et al. 2016 eq. 16: A_t = sum_l (gamma lam)^l delta_{t+l},
     delta_t = r_t + gamma V_{t+1} - V_t.
 
-    rewards, values, mask (B, T), right-padded (mask is 1 up to each sequence's end, 0 after). The value after the
-    last real token is 0 (the episode ended), and padded positions get advantage and return 0.
+    rewards, values, mask (B, T). The recursion runs over the masked tokens only, in order: a multi-turn trajectory's
+    mask has gaps (the environment's tokens between the policy's turns), and the policy token before a gap
+    bootstraps from the value of the next policy token, the environment's text being part of the transition.
+    With a right-padded mask (1 up to each sequence's end) that is the usual GAE. The value after the last masked
+    token is 0 (the episode ended); unmasked positions get advantage and return 0.
     Returns (advantages (B, T), returns (B, T)) with returns = advantages + values, the value-function target.
     """
+    # masked tokens first, in their order (a stable sort), so the recursion below sees them contiguous
+    order = torch.sort((mask == 0).to(torch.int8), dim=1, stable=True).indices
+    adv, ret = _gae_contiguous(rewards.gather(1, order), values.gather(1, order), mask.gather(1, order), gamma, lam)
+    return torch.zeros_like(adv).scatter(1, order, adv), torch.zeros_like(ret).scatter(1, order, ret)
+
+
+def _gae_contiguous(rewards, values, mask, gamma: float, lam: float):
     m = mask.to(values.dtype)
     v, r = values * m, rewards * m
     next_v = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], dim=1)

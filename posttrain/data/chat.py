@@ -55,7 +55,16 @@ def end_of_turn_ids(tokenizer) -> set[int]:
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    """The conversation as the chat template writes it. A template that rejects the `tool` role (strict role
+    alternation) gets each tool result as a user turn wrapped in <tool_response> tags, the Qwen/Hermes form."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception:
+        if not any(m.get("role") == "tool" for m in messages):
+            raise
+    as_user = [{"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"}
+               if m.get("role") == "tool" else m for m in messages]
+    return tokenizer.apply_chat_template(as_user, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def _tokenize(tokenizer, text: str) -> list[int]:
@@ -64,7 +73,8 @@ def _tokenize(tokenizer, text: str) -> list[int]:
 
 
 def _assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendering and the [start, end) character span of every assistant turn in it."""
+    """The full rendering and the [start, end) character span of every assistant turn in it (tool results and
+    other non-assistant turns lie outside every span, so they get no loss)."""
     full = render(tokenizer, messages)
     spans = []
     for i, msg in enumerate(messages):
@@ -87,7 +97,11 @@ def _trim_after_end_of_turn(ids: list[int], stop_ids: set[int]) -> tuple[list[in
 
 
 def encode_messages(tokenizer, messages: list[dict]) -> Encoded:
-    """Encode a (multi-turn) conversation; labels on assistant turns and their end-of-turn token only."""
+    """Encode a (multi-turn) conversation; labels on assistant turns and their end-of-turn token only. Tool calls
+    in TRL's `tool_calls` field become <tool_call> text (`data/tool_format.py`); tool results are not trained."""
+    from posttrain.data.tool_format import tool_calls_as_text
+
+    messages = tool_calls_as_text(messages)
     full, spans = _assistant_spans(tokenizer, messages)
     stop_ids = end_of_turn_ids(tokenizer)
     ids: list[int] = []

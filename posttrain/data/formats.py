@@ -216,11 +216,30 @@ def _check_messages(value: Any, where: str, name: str) -> None:
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: field {name!r}: expected a non-empty list of {{role, content}} messages")
     for i, msg in enumerate(value):
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+        if not isinstance(msg, dict) or "role" not in msg or ("content" not in msg and not msg.get("tool_calls")):
             raise DataError(f"{where}: field '{name}[{i}]': expected an object with 'role' and 'content'")
         if msg["role"] not in ROLES:
             raise DataError(f"{where}: field '{name}[{i}].role': unknown role {msg['role']!r}; expected one of {ROLES}")
-        _check_text(msg["content"], where, f"{name}[{i}].content", allow_empty=msg["role"] == "system")
+        calls = msg.get("tool_calls")
+        msg = {"content": None, **msg}
+        if calls is not None:
+            _check_tool_calls(calls, msg["role"], where, f"{name}[{i}].tool_calls")
+        # a system turn may be empty, and so may an assistant turn that only calls tools (TRL's format: content "")
+        empty_ok = msg["role"] == "system" or bool(calls)
+        if msg["content"] is None and empty_ok:
+            continue
+        _check_text(msg["content"], where, f"{name}[{i}].content", allow_empty=empty_ok)
+
+
+def _check_tool_calls(calls: Any, role: str, where: str, name: str) -> None:
+    if role != "assistant":
+        raise DataError(f"{where}: field {name!r}: only an assistant message may call tools")
+    if not isinstance(calls, list) or not calls:
+        raise DataError(f"{where}: field {name!r}: expected a non-empty list of tool calls")
+    for j, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise DataError(f"{where}: field '{name}[{j}]': expected {{type: function, function: {{name, arguments}}}}")
 
 
 def _check_text_or_messages(value: Any, where: str, name: str) -> None:

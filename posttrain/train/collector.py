@@ -53,8 +53,7 @@ class RolloutCollector:
         with full_params(self.policy):  # sharded: ranks sample different lengths, so no collective per token
             reclaim_memory(self.engine)  # a colocated engine (vLLM) takes back its KV cache and weights
             self._sync_engine(step)
-            rollout = self.engine.generate([ids for _, ids in picked], self.sampling_params(a.max_new_tokens),
-                                           a.num_generations, seed)
+            rollout = self._rollout(picked, self.sampling_params(a.max_new_tokens), a.num_generations, seed)
             release_memory(self.engine)  # ... and lends them to the scoring passes and the updates
         gen_time = time.perf_counter() - start
         records = [r for r, _ in picked for _ in range(a.num_generations)]
@@ -67,18 +66,32 @@ class RolloutCollector:
                                            "engine/sleeps": float(self.engine.sleeps)})
         return batch
 
+    def _rollout(self, picked, params: SamplingParams, num_samples: int, seed: int):
+        """Single-turn completions of the engine, or multi-turn trajectories when `algo.env` names an environment."""
+        if not self.cfg.algo.env.name:
+            return self.engine.generate([ids for _, ids in picked], params, num_samples, seed)
+        from posttrain.envs.trajectory import run_trajectories
+
+        return run_trajectories(self.engine, self.tokenizer, [r.data for r, _ in picked], self.cfg.algo.env, params,
+                                num_samples, seed)
+
     def _score(self, rollout, records) -> RolloutBatch:
         """The rollout scored by the rewards, as a RolloutBatch whose rows without a finite reward get no loss."""
         prompts = [r.data["prompt"] for r in records]
         columns = {k: [r.data.get(k) for r in records] for k in records[0].data if k != "prompt"}
-        lengths = rollout.completion_mask.sum(-1).tolist()
+        policy_mask = rollout.completion_mask if rollout.policy_mask is None else rollout.policy_mask
+        lengths = policy_mask.sum(-1).tolist()
         # raw_prompt: the messages themselves, so model rewards template them as their training pairs were
         scored = self.rewards([prompt_text(p) for p in prompts], rollout.texts, **{**columns, "raw_prompt": prompts},
                               **self._length_column(lengths))
-        rewards = torch.tensor(scored.total, dtype=torch.float32, device=rollout.completion_ids.device)
+        device = rollout.completion_ids.device
+        rewards = torch.tensor(scored.total or [0.0] * len(records), dtype=torch.float32, device=device)
         if self.cfg.algo.reward.combine == "per_function" and len(scored.per_fn) > 1:
             rewards = self._per_function_total(scored, rollout.group, rewards.device)
-        loss_mask = rollout.completion_mask.clone()
+        if "env_reward" in rollout.info:  # the environment's per-turn rewards (NaN: the environment failed)
+            rewards = rewards + torch.tensor(rollout.info["env_reward"], dtype=torch.float32, device=device)
+        # the environment's tokens between turns are context, never trained on
+        loss_mask = policy_mask.clone()
         if self.cfg.algo.mask_truncated:
             loss_mask[rollout.truncated] = 0
         # NaN: a reward that could not be computed (bad gold answer, sandbox failure); inf: a broken reward. Such rows
@@ -95,7 +108,10 @@ class RolloutCollector:
         )
         batch.extra["reward_valid"] = ~masked
         batch.extra["sampler_logp"] = rollout.logprobs
-        batch.extra["metrics"] = {**scored.metrics(), "rewards/masked_samples": float(masked.sum()), **length_metrics(rollout)}
+        batch.extra["metrics"] = {**scored.metrics(), "rewards/masked_samples": float(masked.sum()),
+                                  **length_metrics(rollout), **rollout.info.get("metrics", {})}
+        if "transcripts" in rollout.info:
+            batch.extra["transcripts"] = rollout.info["transcripts"]
         if any(name == "code" for name, _, _ in self.rewards.fns):  # which sandbox layers were active on this machine
             from posttrain.rewards.sandbox import sandbox_metrics
 
@@ -142,8 +158,11 @@ def make_engine(name: str, model, tokenizer, cfg: RunConfig):
     from posttrain.rollout.base import EngineContext
 
     weight = next(model.parameters())
+    env = cfg.algo.env
+    # a multi-turn context grows by the environment's text and the tool descriptions; 512 tokens cover those
+    after_prompt = max(cfg.algo.sampling.max_new_tokens, env.max_total_tokens + 512 if env.name else 0)
     context = EngineContext(bf16=weight.dtype == torch.float32 and wants_bf16(cfg.model, weight.device.type),
-                            max_model_len=cfg.data.max_prompt_length + cfg.algo.sampling.max_new_tokens,
+                            max_model_len=cfg.data.max_prompt_length + after_prompt,
                             seed=cfg.train.seed, start_checkpoint=cfg.model.name_or_path)
     return get_generator(name).for_training(model, tokenizer, cfg.algo.sampling, context)
 

@@ -17,7 +17,7 @@ from posttrain.algos.rollout_correction import rollout_weights
 from posttrain.config import RunConfig
 from posttrain.models.loading import load_frozen_lm, resolve_model_path, wants_bf16
 from posttrain.models.shared_prefix import completion_logps, supports_shared_prefix
-from posttrain.online_config import ReferenceConfig, RewardConfig, SamplingConfig
+from posttrain.online_config import EnvConfig, ReferenceConfig, RewardConfig, SamplingConfig
 from posttrain.train import common
 from posttrain.train.collector import RolloutCollector
 from posttrain.train.online_rewards import RewardSetup, build_rewards
@@ -33,6 +33,7 @@ class OnlineConfig:
     mask_truncated: bool = False  # completions that hit max_new_tokens get no loss (DAPO overlong filtering)
     monitor: dict = field(default_factory=dict)  # MonitorConfig options (train/monitors.py); {enabled: false} turns off
     share_prompt: bool = True  # score a group's completions in one row around its prompt (models/shared_prefix.py)
+    env: EnvConfig = field(default_factory=EnvConfig)  # multi-turn environment (posttrain/envs/); none by default
 
 
 def corrected_advantages(correction, batch: RolloutBatch, rows, old_logp: torch.Tensor, mask: torch.Tensor,
@@ -182,10 +183,11 @@ class OnlineBase(common.DatasetAlgorithm):
         from posttrain.evaluate import GenEvalConfig, evaluate_policy, load_reward_fns
 
         fns = load_reward_fns(self.algo_cfg.reward.eval_functions or list(self.algo_cfg.reward.functions))
+        env = self.algo_cfg.env if self.algo_cfg.env.name else None  # held-out answers through the same environment
         if self.rewards.model_fn is not None:  # the trained-on (proxy) score of the same answers
             fns["reward_model"] = self.rewards.model_fn
         gen_cfg = GenEvalConfig(max_new_tokens=self.algo_cfg.sampling.eval_max_new_tokens, batch_size=32,
-                                autocast=wants_bf16(self.cfg.model, self.device.type))
+                                autocast=wants_bf16(self.cfg.model, self.device.type), env=env)
         summary, _ = evaluate_policy(self.model, self.tokenizer, self.eval_records, fns, gen_cfg)
         return {k: v for k, v in summary.items() if isinstance(v, float)}
 

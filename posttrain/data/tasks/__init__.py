@@ -45,4 +45,4 @@ def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:
 
 
 # Imported last: the task modules register themselves with the decorator defined above.
-from posttrain.data.tasks import arithmetic  # noqa: E402,F401
+from posttrain.data.tasks import arithmetic, arithmetic_tools  # noqa: E402,F401
