@@ -108,12 +108,12 @@ class EnvConfig:
     env/errors and logged) | raise (the run stops with the error).
     """
 
-    name: str = ""
-    options: dict = field(default_factory=dict)
-    max_turns: int = 4
-    max_total_tokens: int = 256
-    turn_timeout_s: float = 30.0
-    on_error: str = "end"
+    name: str = ""  # "" (single-turn) | tools (built-in: calculator, python) | module:Class
+    options: dict = field(default_factory=dict)  # passed to the environment's constructor (tools: {tools: [...]})
+    max_turns: int = 4  # assistant turns per trajectory at most
+    max_total_tokens: int = 256  # tokens after the prompt per trajectory, the policy's and the environment's
+    turn_timeout_s: float = 30.0  # wall clock for the environment's answer to one turn
+    on_error: str = "end"  # end (that trajectory ends, no loss, counted in env/errors) | raise
     # a turn cut at algo.sampling.max_new_tokens: end (the trajectory ends there, as in verl's agent loop) |
     # answer (the turn is closed with the end-of-turn token as environment text, no loss, and the environment
     # answers it; counted in env/cut_turns)

@@ -6,6 +6,7 @@
 #   bash scripts/real_model_experiments.sh overopt      # posttrain demo --overopt
 #   bash scripts/real_model_experiments.sh rl2025       # GRPO with clip / gspo / cispo at one budget, then
 #                                                       # on-policy distillation of the clip model into SFT
+#   bash scripts/real_model_experiments.sh tools        # SFT on calculator demonstrations, then GRPO with the tool
 # Each run writes runs/exp/NAME; `held-out accuracy` is `posttrain eval` (greedy) on 64 test prompts (256 for ppo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -120,6 +121,30 @@ rl2025() {  # policy losses at equal wall time (RL_MINUTES each), then distillat
     algo.sampling.num_generations=4 algo.sampling.max_new_tokens=24 algo.sampling.eval_max_new_tokens=24 \
     data.num_examples=2000 "$@" > runs/exp.distill.log 2>&1
   echo "distill (teacher rl_clip): $(grep -c '"loss"' runs/exp/distill/metrics.jsonl) steps in $MIN min; task accuracy $(heldout runs/exp/distill/final)"
+}
+
+tools() {  # SFT on calculator demonstrations (task:arithmetic_tools), then GRPO through the calculator environment;
+  # held-out accuracy on 256 test prompts with the tool (the `tools` environment) and without it, before and after
+  local MIN=${RL_MINUTES:-10} T=task:arithmetic_tools TOOL=(--env tools --env-max-turns 3 --env-max-tokens 160)
+  acc() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(round(d["numeric/accuracy"], 3), "tool calls/traj", round(d.get("env/tool_calls_mean", 0), 2))'; }
+  both() {  # model -> accuracy with and without the tool
+    echo "with tool: $($PT eval --model "$1" --data $T --reward numeric --limit 256 --max-new-tokens 48 "${TOOL[@]}" \
+      --output "$1/../heldout_tool.jsonl" | acc); without: $($PT eval --model "$1" --data $T --reward numeric \
+      --limit 256 --max-new-tokens 24 --output "$1/../heldout_notool.jsonl" | acc)"
+  }
+  local start=$SECONDS
+  $PT sft --model smollm2 --data $T --output-dir runs/exp/tools_sft "${COMMON[@]}" data.max_length=320 \
+    train.max_steps=${SFT_STEPS:-12} train.batch_size=8 train.lr=1e-4 train.warmup_steps=2 data.num_examples=192 \
+    > runs/exp.tools_sft.log 2>&1
+  echo "sft ($(( (SECONDS - start) / 60 )) min): $(both runs/exp/tools_sft/final)"
+  start=$SECONDS
+  $PT grpo --model runs/exp/tools_sft/final --data $T --output-dir runs/exp/tools_grpo "${COMMON[@]}" \
+    train.max_steps=1000 train.max_minutes=$MIN train.schedule=constant train.lr=1e-5 train.batch_size=32 \
+    train.eval_every=0 algo.reward.functions=[numeric] algo.sampling.prompts_per_step=8 algo.sampling.num_generations=8 \
+    algo.sampling.max_new_tokens=48 algo.sampling.eval_max_new_tokens=48 algo.kl.beta=0.0 data.num_examples=2000 \
+    data.max_prompt_length=256 algo.env.name=tools algo.env.max_turns=3 algo.env.max_total_tokens=160 "$@" \
+    > runs/exp.tools_grpo.log 2>&1
+  echo "grpo ($(( (SECONDS - start) / 60 )) min, $(grep -c '"loss"' runs/exp/tools_grpo/metrics.jsonl) steps): $(both runs/exp/tools_grpo/final)"
 }
 
 mkdir -p runs/exp

@@ -193,6 +193,9 @@ def run_trajectories(engine, tokenizer, records: list[dict], cfg: EnvConfig, par
 
 
 def engine_device(engine) -> torch.device:
+    """Where the engine's tensors live: its `device` (vLLM: the policy's), else its model's; the CPU otherwise."""
+    if isinstance(getattr(engine, "device", None), torch.device):
+        return engine.device
     model = getattr(engine, "model", None)
     return next(model.parameters()).device if model is not None and hasattr(model, "parameters") else torch.device("cpu")
 

@@ -168,6 +168,9 @@ class VLLMGenerator(MemoryHooks):
         options = dict(sampling.vllm_options)
         options.setdefault("max_model_len", context.max_model_len)
         options.setdefault("seed", context.seed)
+        # a multi-turn trajectory (posttrain/envs/) resubmits its context each turn: the prefix cache keeps the
+        # earlier turns' KV blocks, so only the new tokens are prefilled (vLLM V1's default; explicit here)
+        options.setdefault("enable_prefix_caching", True)
         return cls(resolve_model_path(context.start_checkpoint), tokenizer.pad_token_id, tokenizer,
                    module_device(model), **options)
 

@@ -93,7 +93,7 @@ def test_inherited_online_fields_take_the_base_docs():
     from posttrain.online_config import RewardConfig
 
     assert rows["algo.reward.functions"].doc == field_doc(RewardConfig, "functions") != ""  # a section's field
-    sections = ("sampling", "reward", "reference")  # listed by their fields
+    sections = ("sampling", "reward", "reference", "env")  # listed by their fields
     assert {f"algo.{name}" for name in OnlineConfig.__dataclass_fields__ if name not in sections} <= set(rows)
     assert {"algo.sampling.temperature", "algo.reference.model", "algo.kl.placement"} - set(rows) == {"algo.kl.placement"}
 

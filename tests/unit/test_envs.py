@@ -204,3 +204,18 @@ def test_gae_over_gaps_equals_gae_over_the_policy_tokens_alone():
     a, _ = gae(r, v, m, 1.0, 0.5)
     d = [0 + 0.2 - 0.5, 0 + 0.1 - 0.2, 1 + 0 - 0.1]
     assert torch.allclose(a[0, :3], torch.tensor([d[0] + 0.5 * d[1] + 0.25 * d[2], d[1] + 0.5 * d[2], d[2]]))
+
+
+def test_sft_records_with_tool_calls_validate_and_bad_ones_name_the_field():
+    from posttrain.data.formats import DataError, Record, validate_sft
+    from posttrain.data.tasks import make_task_records
+
+    validate_sft(Record(make_task_records("arithmetic_tools", "sft", n=1)[0], "t.jsonl:1"))
+    bad = {"messages": [{"role": "user", "content": "hi", "tool_calls": [{"function": {"name": "f"}}]},
+                        {"role": "assistant", "content": "ok"}]}
+    with pytest.raises(DataError, match=r"t.jsonl:2: field 'messages\[0\].tool_calls': only an assistant"):
+        validate_sft(Record(bad, "t.jsonl:2"))
+    no_name = {"messages": [{"role": "user", "content": "hi"},
+                            {"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}]}
+    with pytest.raises(DataError, match=r"messages\[1\].tool_calls\[0\]"):
+        validate_sft(Record(no_name, "t.jsonl:3"))

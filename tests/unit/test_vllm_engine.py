@@ -344,3 +344,35 @@ def test_rollout_goes_to_the_requested_device_under_a_meta_default(fake_vllm, de
         assert r.completion_ids.tolist() == [[20, 22, 23], [21, PAD, PAD], [24, 25, PAD], [PAD, PAD, PAD]]
         assert r.logprobs[0].tolist() == [-1.0, -2.0, -3.0] and r.group.tolist() == [0, 0, 1, 1]
         assert r.truncated.tolist() == [False, True, True, False]
+
+
+def test_multi_turn_trajectories_through_the_vllm_engine(fake_vllm):
+    """The environment loop drives vLLM as it drives the HF engine: each turn's requests are the trajectory's exact
+    ids so far (which vLLM's prefix cache serves), its sampled ids and log-probs kept, the tool text unmasked."""
+    from posttrain.envs.trajectory import env_segment_ids, run_trajectories
+    from posttrain.online_config import EnvConfig
+    from tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    turns = [[10, 11, eot], [12, eot]]
+
+    class TurnLLM(FakeLLM):
+        def generate(self, requests, sampling, use_tqdm=True):
+            self.seen = getattr(self, "seen", []) + [[r["prompt_token_ids"] for r in requests]]
+            out = turns[len(self.seen) - 1]
+            return [request(r["prompt_token_ids"], [completion(k, out, [-0.25] * len(out)) for k in range(sampling.n)])
+                    for r in requests]
+
+    vllm_engine_module = sys.modules["vllm"]
+    vllm_engine_module.LLM = TurnLLM
+    e = engine(tokenizer=tok)
+    r = run_trajectories(e, tok, [{"prompt": "hi"}], EnvConfig(name="tiny_envs:Scripted"),
+                         SamplingParams(max_new_tokens=8, stop_token_ids=[eot]), num_samples=2, seed=0)
+    env = env_segment_ids(tok, [{"role": "tool", "content": "42"}])
+    prompt = r.prompt_ids[0].tolist()
+    assert e.llm.seen[0] == [prompt]  # the opening turn: one request with n = 2 samples
+    assert e.llm.seen[1] == [prompt + turns[0] + env] * 2
+    assert r.completion_ids[0].tolist() == turns[0] + env + turns[1]
+    assert r.policy_mask[0].tolist() == [1, 1, 1] + [0] * len(env) + [1, 1]
+    assert r.logprobs[0].tolist() == [-0.25] * 3 + [0.0] * len(env) + [-0.25] * 2
