@@ -118,6 +118,9 @@ class TrainConfig:
     # pip install -e ".[trackers]"); each works offline: wandb in offline mode, mlflow in RUN_DIR/mlruns
     report_to: list[str] = field(default_factory=list)
     tracker_project: str = "posttrain"  # the trackers' project / experiment name; the run is named after output_dir
+    # online runs (grpo, ppo, online-dpo, distill): every completion of this many prompts per step goes to
+    # RUN_DIR/samples.jsonl with its per-reward scores, advantage and KL (train/samples.py); 0 = off
+    samples_per_step: int = 4
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     # where models, batches, rollouts and optimizer state live: auto (cuda:LOCAL_RANK when CUDA is available, else
     # cpu) | cpu | cuda | cuda:N (devices.py)

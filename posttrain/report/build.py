@@ -6,7 +6,8 @@ in the run's files, printed by `fmt` (shortest round-trip repr): parsing a cell 
 Sections, the answer first: summary (the claims' verdicts, the comparison rounded for people with intervals and
 paired tests against SFT, a figure of accuracy, time, KL and memory per stage: `summary.py`), the exact measured
 comparison and the claims' rules (`claims.py`), training curves (+ the last logged value of each plotted
-metric), reward-vs-KL frontier, held-out samples before/after each stage, reward over-optimization
+metric), reward-vs-KL frontier, held-out samples before/after each stage, the online stages' training samples
+(`samples.jsonl`: first and last steps side by side), reward over-optimization
 (`overoptimization.json`), failure-mode warnings (`warnings.jsonl`), and the run directories. A missing
 optional part gives a one-line note in its section, never an error. Input layout: see `load.py`.
 """
@@ -214,6 +215,13 @@ def samples(run: Run) -> list:
     if not rows:
         return ["Not available: pipeline_summary.json holds no `samples`."]
     return [Table("samples", ["stage", "prompt", "before", "after"], rows)]
+
+
+@section("rollout-samples", "Training samples: first and last steps")
+def rollout_samples(run: Run) -> list:
+    from posttrain.report.rollout_samples import section_blocks
+
+    return section_blocks(run, Table)
 
 
 def _overopt_by_method(points: list[dict]) -> dict[str, list[dict]]:

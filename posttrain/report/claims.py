@@ -27,8 +27,9 @@ import statistics
 from dataclasses import dataclass
 from itertools import combinations
 
-from posttrain.report.load import Stage, fmt, measured
+from posttrain.report.load import Stage, measured
 from posttrain.report.stats import compare_paired, wilson
+from posttrain.report.units import duration, number
 
 from posttrain.registry import Registry
 
@@ -86,10 +87,12 @@ def _rule(fn) -> str:
     return " ".join(fn.__doc__.split("Rule: ", 1)[1].split())
 
 
-def _describe(values: dict[str, object], detail=None) -> str:
+def _describe(values: dict[str, object], detail=None, unit=number) -> str:
+    """'ppo: 5.0 min, dpo: 45 s': each algorithm's value rounded for people by `unit` (the exact values are in
+    the Comparison table)."""
     if not values:
         return "—"
-    return ", ".join(f"{a}: {fmt(v)}" + (f" ({detail[a]})" if detail else "") for a, v in values.items())
+    return ", ".join(f"{a}: {unit(v)}" + (f" ({detail[a]})" if detail else "") for a, v in values.items())
 
 
 @register_claim("models in memory")
@@ -108,7 +111,7 @@ def compute(stages: list[Stage]) -> ClaimResult:
     claimed = {"ppo": "high", "dpo": "low", "grpo": "medium"}
     values = per_algorithm(stages, lambda s: measured(s)["wall_time_s"][0])
     verdict = order_verdict({a: LEVEL[v] for a, v in claimed.items()}, values)
-    return ClaimResult("compute", claimed, _describe(values), verdict, _rule(compute))
+    return ClaimResult("compute", claimed, _describe(values, unit=duration), verdict, _rule(compute))
 
 
 def loss_spikes(values: list[float]) -> int:
@@ -138,7 +141,7 @@ def instability(rows: list[dict]) -> tuple[float, str] | None:
     skipped = sum(r.get("skipped", 0) or 0 for r in train if isinstance(r.get("skipped", 0), (int, float)))
     nonfinite = len(train) - len(losses)
     score = (spikes + skipped + nonfinite) / len(train)
-    return score, f"{spikes} spikes, {fmt(skipped)} skipped, {nonfinite} non-finite in {len(train)} steps"
+    return score, f"{spikes} spikes, {number(skipped)} skipped, {nonfinite} non-finite in {len(train)} steps"
 
 
 @register_claim("stability")

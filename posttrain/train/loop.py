@@ -13,8 +13,6 @@ import json
 import logging
 import math
 import random
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,8 @@ from posttrain.metrics import MetricsLogger, memory_metrics
 from posttrain.train import checkpoint as ckpt
 from posttrain.train import distributed, sharding
 from posttrain.train.model_card import write_model_card
+from posttrain.train.samples import SampleWriter, drop_rows_after
+from posttrain.train.stopping import CtrlC, progress_bar
 
 
 log = logging.getLogger("posttrain")
@@ -220,6 +220,7 @@ class Trainer:
         self.step, self.bad_in_a_row = 0, 0
         self.monitor = algo.monitor  # failure-mode monitors (online algorithms; None elsewhere)
         self._step_start, self._applied = None, False  # what a Ctrl-C in the middle of a step rolls back to
+        self.samples = SampleWriter(algo, self.out_dir, cfg.samples_per_step, self.is_main)  # samples.jsonl (online)
 
     def _state(self) -> dict:
         state = {"step": self.step, "algo": self.algo.state_dict(), "bad_in_a_row": self.bad_in_a_row}
@@ -253,16 +254,9 @@ class Trainer:
         self.algo.load_state_dict(state["algo"])
         if self.monitor is not None and "monitor" in state:
             self.monitor.load_state_dict(state["monitor"])
-        self._drop_warnings_after(self.step)
+        if self.is_main:  # warnings of steps past the checkpoint: the replayed steps raise them again
+            drop_rows_after(self.out_dir / "warnings.jsonl", self.step)
         return True
-
-    def _drop_warnings_after(self, step: int) -> None:
-        """On resume, warnings of steps past the checkpoint are raised again by the replayed steps."""
-        path = self.out_dir / "warnings.jsonl"
-        if self.is_main and path.exists():
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
-            kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-            path.write_text("".join(line + "\n" for line in kept))
 
     def _watch(self, step: int, metrics: dict) -> None:
         """Failure-mode alerts: logged as warnings with their step, kept in warnings.jsonl and the metrics."""
@@ -279,6 +273,7 @@ class Trainer:
         start = time.perf_counter()
         self._step_start, self._applied = copy.deepcopy(self.algo.state_dict()), False
         iteration = self.algo.next_iteration(self.step + 1)
+        self.samples.write(self.step + 1, self.algo)
         rows = []
         for update in iteration.updates:
             self.optimizer.zero_grad(set_to_none=True)
@@ -324,14 +319,15 @@ class Trainer:
     def fit(self) -> dict:
         seed_everything(self.cfg.seed)
         resumed = self.maybe_resume()
+        self.samples.resume(self.step)  # samples past the checkpoint (all of them on a fresh start) are written again
         logger = MetricsLogger(self.out_dir, self.cfg.tensorboard, resume_step=self.step if resumed else None, enabled=self.is_main,
                                report_to=self.cfg.report_to, project=self.cfg.tracker_project)
-        bar = _progress(self.cfg, self.step, self.is_main)
+        bar = progress_bar(self.cfg, self.step, self.is_main)
         last: dict = {}
         trainable = sum(p.numel() for p in self.params)
         once = {"params/trainable": trainable, "params/total": sum(p.numel() for m in self.algo.modules().values() for p in m.parameters()),
                 "processes": distributed.context().world, "sharded_modules": len(self.sharded)}
-        stop = _CtrlC.install()
+        stop = CtrlC.install()
         try:
             deadline = time.monotonic() + 60 * self.cfg.max_minutes if self.cfg.max_minutes > 0 else math.inf
             while self.step < self.cfg.max_steps and not stop.requested:
@@ -372,33 +368,3 @@ class Trainer:
         logger.close()
         return last
 
-
-def _progress(cfg: TrainConfig, initial: int, is_main: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=cfg.max_steps, initial=initial, disable=not (cfg.progress and is_main), desc="train", unit="step")
-
-
-class _CtrlC:
-    """SIGINT handler for the loop: the first Ctrl-C asks it to stop after the current step (which is then saved
-    whole); a second one interrupts at once. Only the main thread can install a signal handler."""
-
-    def __init__(self):
-        self.requested, self.count, self._previous = False, 0, None
-
-    @classmethod
-    def install(cls) -> "_CtrlC":
-        stop = cls()
-        if threading.current_thread() is threading.main_thread():
-            stop._previous = signal.signal(signal.SIGINT, stop._handle)
-        return stop
-
-    def _handle(self, signum, frame) -> None:
-        self.count += 1
-        self.requested = True
-        if self.count > 1:
-            raise KeyboardInterrupt
-
-    def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)

@@ -52,6 +52,9 @@ def test_quick_pipeline_end_to_end(tmp_path, tiny_dir, capsys):
     for section in ("Training curves", "Comparison", "KL", "before and after"):
         assert re.search(section, html, re.IGNORECASE), section
     assert "data:image/png;base64," in html and (out / "report.md").exists()
+    for stage in ("ppo", "grpo"):  # the online stages' training samples, and their tables in the report
+        steps = {json.loads(line)["step"] for line in (out / stage / "samples.jsonl").read_text().splitlines()}
+        assert steps == {1, 2} and f'id="rollout-samples-{stage}"' in html
     # a re-run skips every finished stage
     capsys.readouterr()
     assert main(["pipeline", str(path)]) == 0

@@ -20,7 +20,7 @@ from posttrain.report.claims import (CONFIRMED, NOT_CONFIRMED, NOT_MEASURED, NOT
 from posttrain.report.heldout import attach_statistics, write_outcomes
 from posttrain.report.load import load_run
 
-SECTIONS = ("summary", "comparison", "curves", "frontier", "samples", "overoptimization", "warnings", "overview")
+SECTIONS = ("summary", "comparison", "curves", "frontier", "samples", "rollout-samples", "overoptimization", "warnings", "overview")
 N_PROMPTS = 256
 CHROMIUM = "/usr/bin/chromium"
 PPO_SPIKES, PPO_SKIPPED, PPO_NAN = (7, 13, 17), 10, 4
@@ -71,6 +71,13 @@ def _summary_entry(name: str, models: int, wall: float, seed: int) -> dict:
                         {"prompt": "12*3 = ?", "before": "<b>37</b>", "after": "36"}]}
 
 
+def _samples() -> list[dict]:
+    """samples.jsonl rows of steps 1, 10 and 20: two completions of one prompt each."""
+    return [{"step": step, "group": 0, "prompt": f"q{step}", "completion": f"c{step}.{k}", "rewards": {"numeric": float(k)},
+             "reward": float(k), "advantage": k - 0.5, "kl": 0.0125 * step, "kl_to": "reference", "length": 3,
+             "truncated": False} for step in (1, 10, 20) for k in (0, 1)]
+
+
 def _outcomes(grpo_gain: int = 30) -> dict[str, list[int]]:
     """Per-prompt 0/1 answers on 256 prompts: sft right on the first 110; ppo loses 0-4 and gains 110-114; dpo is
     ppo minus prompt 5; grpo is sft plus `grpo_gain` prompts from 110 on, minus prompts 0-1."""
@@ -86,6 +93,7 @@ def make_pipeline(root: Path, dpo_wall: float = 40.25, grpo_gain: int = 30, smok
                   "ppo": _rows("ppo", 20, 4, PPO_SPIKES, PPO_SKIPPED, PPO_NAN), "grpo": _rows("grpo", 20, 5, GRPO_SPIKES)}
     for name, rows in stage_rows.items():
         write_run(root / name, name, rows)
+    (root / "grpo" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _samples()))
     stages = [_summary_entry("sft", 1, 20.5, 1), _summary_entry("rm", 1, 30.0, 2), _summary_entry("dpo", 2, dpo_wall, 3),
               _summary_entry("ppo", 4, 300.5, 4), _summary_entry("grpo", 3, 150.125, 5)]
     stages[-1]["kl_to_ref"] = None  # not measured by the pipeline: the report falls back to the last logged kl
@@ -271,6 +279,17 @@ def test_samples_overoptimization_warnings_tables(pipeline):
     assert float(frontier[("grpo", "final (kl_to_ref, mean_reward)")][2]) == last_logged(read_rows(pipeline / "grpo" / "metrics.jsonl"), "kl/seq_k1_sum")
 
 
+def test_training_samples_first_and_last_steps_side_by_side(pipeline):
+    page = parse_html(pipeline / "report.html")
+    table = page.tables["rollout-samples-grpo"]
+    assert table == md_table((pipeline / "report.md").read_text(), ["step 1: prompt"])
+    assert table[0] == ["step 1: prompt", "completion", "scores", "step 20: prompt", "completion", "scores"]
+    assert table[1] == ["q1", "c1.0", "numeric 0 · total 0 · adv -0.5 · KL 0.0125",
+                        "q20", "c20.0", "numeric 0 · total 0 · adv -0.5 · KL 0.25"]
+    assert table[2][1] == "c1.1" and table[2][4] == "c20.1" and len(table) == 3
+    assert not any(k.startswith("rollout-samples-") and k != "rollout-samples-grpo" for k in page.tables)
+
+
 def test_claims_confirmed_by_this_pipeline(pipeline):
     page = parse_html(pipeline / "report.html")
     claims = {r[0]: r for r in page.tables["claims"][1:]}
@@ -284,8 +303,8 @@ def test_claims_confirmed_by_this_pipeline(pipeline):
     assert "(28 right only by grpo, 0 only by ppo, of 256 prompts)" in claims["GRPO best on verifiable tasks"][4]
     assert "dpo − ppo: -0.4 pts" in claims["DPO close to PPO"][4]
     # ppo: 3 spikes + 1 skipped + 1 nan loss in 20 steps; grpo: 1 spike; dpo: none
-    assert "ppo: 0.25 (3 spikes, 1.0 skipped, 1 non-finite in 20 steps)" in claims["stability"][4]
-    assert "grpo: 0.05 (1 spikes" in claims["stability"][4] and "dpo: 0.0 (0 spikes" in claims["stability"][4]
+    assert "ppo: 0.25 (3 spikes, 1 skipped, 1 non-finite in 20 steps)" in claims["stability"][4]
+    assert "grpo: 0.05 (1 spikes" in claims["stability"][4] and "dpo: 0 (0 spikes" in claims["stability"][4]
 
 
 def test_claims_not_confirmed_and_not_measured(tmp_path):
