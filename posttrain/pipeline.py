@@ -31,6 +31,7 @@ import yaml
 from posttrain.config import ConfigError
 
 ANALYSIS_COMMANDS = ("overopt",)
+SEED_COMMANDS = ("ppo", "grpo", "online-dpo", "distill")  # the RL stages `--seeds N` repeats
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # packaged with posttrain
 
 
@@ -166,8 +167,16 @@ def _resolve(model: str) -> str:
     return resolve_model_path(model)
 
 
-def run_pipeline(p: Pipeline) -> Path:
+def seed_stages(p: Pipeline, seeds: int) -> list[tuple[Stage, Stage, int]]:
+    """(seed run, its stage, seed) for seeds 1 … seeds−1 of every RL stage: the same stage with `train.seed = k` in
+    `<stage>_seed<k>/` (seed 0 is the stage itself)."""
+    return [(Stage(f"{s.name}_seed{k}", s.command, s.start, s.reward_model, s.data, {**s.overrides, "train.seed": k}), s, k)
+            for s in p.stages if s.command in SEED_COMMANDS for k in range(1, seeds)]
+
+
+def run_pipeline(p: Pipeline, seeds: int = 1) -> Path:
     from posttrain.data.formats import load_dataset_records
+    from posttrain.pipeline_progress import Progress, planned_steps
     from posttrain.report.heldout import attach_statistics
 
     out = Path(p.output_dir)
@@ -185,12 +194,25 @@ def run_pipeline(p: Pipeline) -> Path:
     start = time.perf_counter()
     if "base" not in done:
         summary["stages"].append(measure_stage(p, None, out, records))
+    repeats = seed_stages(p, seeds)
+    progress = Progress([(s.name, planned_steps(p.defaults, s.overrides)) for s in p.stages + [r for r, _, _ in repeats]])
     for stage in p.stages:
-        run_stage(p, stage, out)
+        print(progress.line(stage.name, stage.command), flush=True)
+        began = time.perf_counter()
+        info = run_stage(p, stage, out)
         if stage.name not in done:
             summary["stages"].append(measure_stage(p, stage, out, records))
+        progress.finished(stage.name, max(info["wall_time_s"], time.perf_counter() - began))
         attach_statistics(summary, out)
         summary_path.write_text(json.dumps(summary, indent=1, default=str))
+    for repeat, _, _ in repeats:  # after every main stage: the table's answer comes first
+        print(progress.line(repeat.name, repeat.command), flush=True)
+        progress.finished(repeat.name, run_stage(p, repeat, out)["wall_time_s"])
+    if repeats:
+        runs = {s.name: [(0, s.name)] for _, s, _ in repeats}
+        for repeat, stage, k in repeats:
+            runs[stage.name].append((k, repeat.name))
+        summary["seeds"] = {"n": seeds, "runs": runs}
     summary["wall_time_s"] = summary.get("wall_time_s", 0.0) + time.perf_counter() - start
     summary_path.write_text(json.dumps(summary, indent=1, default=str))
     _attach_samples(summary)
@@ -230,7 +252,16 @@ def _finish(out: Path) -> int:
 def add_arguments(p) -> None:
     p.add_argument("config", help="pipeline YAML")
     p.add_argument("--output-dir", dest="output_dir")
-    p.set_defaults(func=lambda a: _finish(run_pipeline(load_pipeline(a.config, {"output_dir": a.output_dir} if a.output_dir else None))))
+    _seeds_argument(p)
+    p.set_defaults(func=lambda a: _finish(run_pipeline(load_pipeline(a.config, {"output_dir": a.output_dir} if a.output_dir else None),
+                                                       a.seeds)))
+
+
+def _seeds_argument(p) -> None:
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help=f"run each RL stage ({', '.join(SEED_COMMANDS)}) over N seeds (seed 0 is the main run; the "
+                        "others in OUTPUT_DIR/<stage>_seed<k>/): the report gives the spread of final accuracy and "
+                        "the spikes per algorithm, and the stability claim is judged from them (it needs N >= 2)")
 
 
 def add_demo_arguments(p) -> None:
@@ -238,10 +269,11 @@ def add_demo_arguments(p) -> None:
     p.add_argument("--overopt", action="store_true", help="the reward over-optimization experiment (configs/overopt.yaml)")
     p.add_argument("--output-dir", dest="output_dir")
     p.add_argument("--model", help="start model (default: the bundled SmolLM2-135M-Instruct)")
+    _seeds_argument(p)
 
     def demo(a) -> int:
         config = CONFIG_DIR / ("overopt.yaml" if a.overopt else "demo_quick.yaml" if a.quick else "demo.yaml")
         over = {k: v for k, v in {"output_dir": a.output_dir, "model": a.model}.items() if v}
-        return _finish(run_pipeline(load_pipeline(config, over)))
+        return _finish(run_pipeline(load_pipeline(config, over), a.seeds))
 
     p.set_defaults(func=demo)

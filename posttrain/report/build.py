@@ -87,6 +87,12 @@ def summary(run: Run) -> list:
     claims = check_claims(run.stages)
     blocks.append(Table("verdicts", ["claim", "verdict", "measured on this run"], [[c.name, c.verdict, c.measured] for c in claims]))
     blocks += [baseline_note(run), Table("headline", HEADLINE, headline_rows(run))]
+    from posttrain.report import seeds
+
+    if rows := seeds.table_rows(run.stages):  # `--seeds N`: what the stability verdict is judged from
+        blocks += ["Stages repeated over seeds: the spread of their final held-out accuracy (each run's own eval "
+                   "split) and their loss or reward spikes (posttrain/report/seeds.py).",
+                   Table("seeds", seeds.TABLE_HEADER, rows)]
     points = [_glance_point(s) for s in run.stages]
     if any(p[1] is not None for p in points):
         blocks.append(Image("glance", plots.at_a_glance(points), "held-out accuracy per stage (bars: 95 % Wilson "

@@ -15,6 +15,9 @@ Each claim gets one verdict, by the rule in its function's docstring:
 Only orders are compared, never absolute values: a tiny model on a CPU says nothing about absolute cost.
 When several stages run the same algorithm, the first one that has the measurement stands for it.
 
+Stability needs more than one run: it is judged from the spread of final accuracy over seeds (`posttrain demo
+--seeds N`, report/seeds.py) and is "not settled" without it.
+
 Claims about quality (held-out accuracy) are judged by a paired test on the same prompts (report/stats.py):
 a difference counts only when McNemar's exact p < 0.05; otherwise the verdict is "not settled" — this run's
 prompts cannot tell the two apart.
@@ -22,8 +25,6 @@ prompts cannot tell the two apart.
 
 from __future__ import annotations
 
-import math
-import statistics
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -40,9 +41,6 @@ CLOSE_PTS = 0.05  # "close": the 95 % interval of the accuracy difference lies w
 CLAIM_ALGOS = ("ppo", "dpo", "grpo")
 LEVEL = {"low": 1, "medium": 2, "high": 3}
 
-SPIKE_Z = 4.0  # a loss jump this many robust standard deviations above the typical step-to-step change
-SPIKE_FLOOR = 0.01  # ... and never smaller than 1% of the median |loss| times SPIKE_Z (a linear decay has scale 0)
-MIN_LOSS_STEPS = 5  # fewer logged losses than this: stability not measured
 
 
 @dataclass
@@ -114,47 +112,38 @@ def compute(stages: list[Stage]) -> ClaimResult:
     return ClaimResult("compute", claimed, _describe(values, unit=duration), verdict, _rule(compute))
 
 
-def loss_spikes(values: list[float]) -> int:
-    """Upward loss jumps far outside the usual step-to-step change.
-
-    d_t = loss_t − loss_{t−1}; with c = median(d) and s = 1.4826 · median(|d − c|) (the MAD, scaled to a standard
-    deviation for normal data), step t is a spike when d_t − c > SPIKE_Z · max(s, SPIKE_FLOOR · median|loss|).
-    Only upward jumps count: a falling loss is what training is for.
-    """
-    if len(values) < 3:
-        return 0
-    diffs = [b - a for a, b in zip(values, values[1:])]
-    center = statistics.median(diffs)
-    scale = 1.4826 * statistics.median(abs(d - center) for d in diffs)
-    scale = max(scale, SPIKE_FLOOR * statistics.median(abs(v) for v in values), 1e-12)
-    return sum(d - center > SPIKE_Z * scale for d in diffs)
+MIN_SEEDS = 2  # runs per algorithm before its spread means anything
 
 
-def instability(rows: list[dict]) -> tuple[float, str] | None:
-    """(events per logged training step, description); events = loss spikes + skipped updates + non-finite
-    losses. None when fewer than MIN_LOSS_STEPS training rows log a loss."""
-    train = [r for r in rows if not r.get("final") and "loss" in r]
-    losses = [r["loss"] for r in train if isinstance(r["loss"], (int, float)) and math.isfinite(r["loss"])]
-    if len(losses) < MIN_LOSS_STEPS:
-        return None
-    spikes = loss_spikes(losses)
-    skipped = sum(r.get("skipped", 0) or 0 for r in train if isinstance(r.get("skipped", 0), (int, float)))
-    nonfinite = len(train) - len(losses)
-    score = (spikes + skipped + nonfinite) / len(train)
-    return score, f"{spikes} spikes, {number(skipped)} skipped, {nonfinite} non-finite in {len(train)} steps"
+def seed_spreads(stages: list[Stage]) -> dict[str, dict]:
+    """algorithm -> report/seeds.seed_summary of its first stage repeated over >= MIN_SEEDS seeds with a final accuracy."""
+    from posttrain.report.seeds import seed_summary
+
+    def value(stage):
+        s = seed_summary(stage.seed_runs)
+        return s if s is not None and s["accuracy"] is not None and len(s["seeds"]) >= MIN_SEEDS else None
+
+    return per_algorithm(stages, value)
 
 
 @register_claim("stability")
 def stability(stages: list[Stage]) -> ClaimResult:
-    """Rule: instability = (loss spikes + skipped updates + non-finite losses) / logged training steps, from
-    metrics.jsonl (spike: an upward loss jump > 4 robust standard deviations of the step-to-step changes,
-    see `loss_spikes`); its order must be PPO > GRPO > DPO, i.e. stability PPO < GRPO < DPO."""
+    """Rule: instability = the standard deviation of the final held-out accuracy over seeds (`posttrain demo
+    --seeds N`, N >= 2; report/seeds.py, which also counts loss and reward spikes: a step more than 4 robust
+    standard deviations from the rolling median of the 5 before it); its order must be PPO > GRPO > DPO, i.e.
+    stability PPO < GRPO < DPO, over the algorithms repeated (DPO trains offline and is not repeated, so
+    usually PPO against GRPO). Not settled without two algorithms run over >= 2 seeds: one run has no spread."""
+    from posttrain.report.seeds import describe
+
     claimed = {"ppo": "low", "dpo": "high", "grpo": "medium"}
-    found = per_algorithm(stages, lambda s: instability(s.rows))
-    values = {a: v[0] for a, v in found.items()}
+    found = seed_spreads(stages)
+    text = "; ".join(f"{a}: {describe(s)}" for a, s in found.items())
+    if len(found) < 2:
+        text = "not settled: needs --seeds ≥ 2" + (f" for two algorithms ({text})" if text else "")
+        return ClaimResult("stability", claimed, text, NOT_SETTLED, _rule(stability))
     instability_rank = {a: -LEVEL[v] for a, v in claimed.items()}  # low stability = high instability
-    return ClaimResult("stability", claimed, _describe(values, {a: v[1] for a, v in found.items()}),
-                       order_verdict(instability_rank, values), _rule(stability))
+    verdict = order_verdict(instability_rank, {a: s["accuracy"]["std"] for a, s in found.items()})
+    return ClaimResult("stability", claimed, text, verdict, _rule(stability))
 
 
 def paired(stages: list[Stage], first: str, second: str) -> dict | None:

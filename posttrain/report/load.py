@@ -58,6 +58,7 @@ class Stage:
     summary: dict = field(default_factory=dict)  # this stage's entry of pipeline_summary.json
     config: dict = field(default_factory=dict)
     outcomes: dict | None = None  # heldout_<name>.jsonl of a pipeline: {prompt index: 1 | 0 | None}; None: no file
+    seed_runs: list = field(default_factory=list)  # [(seed, metrics rows)] over `--seeds` (seed 0: this run); report/seeds.py
 
 
 @dataclass
@@ -134,11 +135,28 @@ def _stages(root: Path) -> tuple[list[Stage], dict]:
     return stages, header
 
 
+def _seed_dirs(root: Path) -> dict[str, list[tuple[int, str]]]:
+    """`seeds.runs` of pipeline_summary.json: stage name -> [(seed, directory name)], seed 0 the stage's own."""
+    path = root / SUMMARY_FILE
+    data = json.loads(path.read_text()) if path.exists() else {}
+    runs = (data.get("seeds") or {}).get("runs", {}) if isinstance(data, dict) else {}
+    return {name: [(int(seed), str(d)) for seed, d in pairs] for name, pairs in runs.items()}
+
+
+def _attach_seed_runs(root: Path, stages: list[Stage], seeds: dict[str, list[tuple[int, str]]]) -> None:
+    for stage in stages:
+        for seed, name in seeds.get(stage.name, []):
+            path = root / name / "metrics.jsonl"
+            if path.exists():
+                stage.seed_runs.append((seed, read_jsonl(path)))
+
+
 def _stages_only(root: Path) -> tuple[list[Stage], dict]:
     entries, header = _summary_stages(root)
     if not entries and _is_run_dir(root):
         return [_load_stage(root.name, root, {})], header
-    stages, seen = [], set()
+    seeds = _seed_dirs(root)
+    stages, seen = [], {(root / d).resolve() for pairs in seeds.values() for _, d in pairs}  # seed runs: no stages
     for entry in entries:
         run_dir = root / str(entry.get("run_dir", entry["name"]))
         stages.append(_load_stage(str(entry["name"]), run_dir if run_dir.is_dir() else None, entry))
@@ -146,6 +164,7 @@ def _stages_only(root: Path) -> tuple[list[Stage], dict]:
     # stage directories the summary does not name (a pipeline still running, or no summary yet)
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and _is_run_dir(p) and p.resolve() not in seen):
         stages.append(_load_stage(sub.name, sub, {}))
+    _attach_seed_runs(root, stages, seeds)
     return stages, header
 
 

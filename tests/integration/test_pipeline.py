@@ -98,3 +98,29 @@ def test_demo_configs_held_out_size_and_smoke_flag():
     demo, quick = load_pipeline(CONFIG_DIR / "demo.yaml"), load_pipeline(CONFIG_DIR / "demo_quick.yaml")
     assert demo.eval["prompts"] == 256 and demo.smoke is False
     assert quick.smoke is True and quick.eval["prompts"] < 64
+
+
+def test_seeds_repeat_the_rl_stages_and_settle_stability(tmp_path, tiny_dir, capsys):
+    """`--seeds 2`: ppo and grpo run again with train.seed=1 in <stage>_seed1/; the summary lists the runs, the
+    report gives their spread and the stability claim is judged from it; the progress line counts every run."""
+    cfg = yaml.safe_load(write_pipeline(tmp_path, tiny_dir).read_text())
+    cfg["stages"] = [s for s in cfg["stages"] if s["name"] in ("sft", "rm", "ppo", "grpo")]
+    path = tmp_path / "seeds.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["pipeline", str(path), "--seeds", "2"]) == 0
+    out = tmp_path / "pipe"
+    printed = capsys.readouterr().out
+    assert "[pipeline] stage 1/6: sft (sft, 3 steps)" in printed and "ETA: after the first stage" in printed
+    assert "[pipeline] stage 6/6: grpo_seed1 (grpo, 2 steps)" in printed
+    summary = json.loads((out / "pipeline_summary.json").read_text())
+    assert summary["seeds"] == {"n": 2, "runs": {"ppo": [[0, "ppo"], [1, "ppo_seed1"]], "grpo": [[0, "grpo"], [1, "grpo_seed1"]]}}
+    assert [s["name"] for s in summary["stages"]] == ["base", "sft", "rm", "ppo", "grpo"]
+    assert "train.seed=1" in (out / "grpo_seed1" / "command.txt").read_text()
+    from posttrain.report.claims import check_claims
+    from posttrain.report.load import load_run
+
+    run = load_run(out)
+    assert [s.name for s in run.stages] == ["base", "sft", "rm", "ppo", "grpo"]
+    stability = next(c for c in check_claims(run.stages) if c.name == "stability")
+    assert stability.verdict in ("confirmed", "not confirmed") and "over 2 seeds" in stability.measured
+    assert 'id="seeds"' in (out / "report.html").read_text()

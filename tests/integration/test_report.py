@@ -15,8 +15,7 @@ import pytest
 
 from posttrain.cli import main
 from posttrain.report import build_report
-from posttrain.report.claims import (CONFIRMED, NOT_CONFIRMED, NOT_MEASURED, NOT_SETTLED, check_claims, instability,
-                                     loss_spikes, order_verdict)
+from posttrain.report.claims import CONFIRMED, NOT_CONFIRMED, NOT_MEASURED, NOT_SETTLED, check_claims, order_verdict
 from posttrain.report.heldout import attach_statistics, write_outcomes
 from posttrain.report.load import load_run
 
@@ -88,7 +87,25 @@ def _outcomes(grpo_gain: int = 30) -> dict[str, list[int]]:
     return {"sft": sft, "ppo": ppo, "dpo": dpo, "grpo": grpo}
 
 
-def make_pipeline(root: Path, dpo_wall: float = 40.25, grpo_gain: int = 30, smoke: bool = False) -> Path:
+def write_seed_runs(root: Path, summary: dict, ppo_delta: float = 0.2, grpo_delta: float = 0.01) -> None:
+    """Seeds 1 and 2 of ppo and grpo: final accuracy the main run's ± delta (ppo's main run has none: 0.5)."""
+    runs = {}
+    for name, delta, spikes in (("ppo", ppo_delta, (9,)), ("grpo", grpo_delta, ())):
+        main_rows = read_rows(root / name / "metrics.jsonl")
+        base = main_rows[-1].get("eval/accuracy", 0.5)
+        if "eval/accuracy" not in main_rows[-1]:
+            main_rows[-1]["eval/accuracy"] = base
+            write_run(root / name, name, main_rows)
+        runs[name] = [[0, name]]
+        for k, sign in ((1, 1), (2, -1)):
+            rows = _rows(name, 20, 10 + k, spikes if k == 1 else ())
+            rows[-1]["eval/accuracy"] = base + sign * delta
+            write_run(root / f"{name}_seed{k}", name, rows)
+            runs[name].append([k, f"{name}_seed{k}"])
+    summary["seeds"] = {"n": 3, "runs": runs}
+
+
+def make_pipeline(root: Path, dpo_wall: float = 40.25, grpo_gain: int = 30, smoke: bool = False, seeds: bool = True) -> Path:
     stage_rows = {"sft": _rows("sft", 20, 1), "rm": _rows("rm", 20, 2), "dpo": _rows("dpo", 20, 3),
                   "ppo": _rows("ppo", 20, 4, PPO_SPIKES, PPO_SKIPPED, PPO_NAN), "grpo": _rows("grpo", 20, 5, GRPO_SPIKES)}
     for name, rows in stage_rows.items():
@@ -102,6 +119,8 @@ def make_pipeline(root: Path, dpo_wall: float = 40.25, grpo_gain: int = 30, smok
                                     for i, v in enumerate(answers)])
     summary = {"model": "tiny", "task": "arithmetic", "smoke_run": smoke, "heldout_prompts": N_PROMPTS, "stages": stages}
     attach_statistics(summary, root)  # as the pipeline does: intervals and paired tests from the heldout files
+    if seeds:
+        write_seed_runs(root, summary)
     (root / "pipeline_summary.json").write_text(json.dumps(summary))
     rng = random.Random(9)
     points = []
@@ -302,17 +321,30 @@ def test_claims_confirmed_by_this_pipeline(pipeline):
     assert "grpo − ppo: +10.9 pts" in claims["GRPO best on verifiable tasks"][4]
     assert "(28 right only by grpo, 0 only by ppo, of 256 prompts)" in claims["GRPO best on verifiable tasks"][4]
     assert "dpo − ppo: -0.4 pts" in claims["DPO close to PPO"][4]
-    # ppo: 3 spikes + 1 skipped + 1 nan loss in 20 steps; grpo: 1 spike; dpo: none
-    assert "ppo: 0.25 (3 spikes, 1 skipped, 1 non-finite in 20 steps)" in claims["stability"][4]
-    assert "grpo: 0.05 (1 spikes" in claims["stability"][4] and "dpo: 0 (0 spikes" in claims["stability"][4]
+    # ppo's final accuracy 0.5 ± 0.2 over 3 seeds (std 20 pts), grpo's ± 0.01: ppo the less stable
+    assert "ppo: final accuracy 50.0 % mean, 30.0–70.0 % (min–max), std 20.0 pts over 3 seeds;" in claims["stability"][4]
+    assert "grpo: final accuracy" in claims["stability"][4] and "std 1.0 pts over 3 seeds" in claims["stability"][4]
+    seeds = {r[0]: r for r in page.tables["seeds"][1:]}
+    assert seeds["ppo"][2:7] == ["3", "50.0 %", "30.0 %", "70.0 %", "20.0"] and set(seeds) == {"ppo", "grpo"}
+    assert not any(name.endswith(("_seed1", "_seed2")) for name in claims)  # seed runs are not stages
+    assert [r[0] for r in page.tables["stages"][1:]] == ["sft", "rm", "dpo", "ppo", "grpo"]
 
 
 def test_claims_not_confirmed_and_not_measured(tmp_path):
     slow_dpo = make_pipeline(tmp_path / "slow", dpo_wall=400.0)
     verdicts = {c.name: c.verdict for c in check_claims(load_run(slow_dpo).stages)}
     assert verdicts["compute"] == NOT_CONFIRMED and verdicts["models in memory"] == CONFIRMED
+    unseeded = {c.name: c for c in check_claims(load_run(make_pipeline(tmp_path / "one-seed", seeds=False)).stages)}
+    assert unseeded["stability"].verdict == NOT_SETTLED
+    assert unseeded["stability"].measured == "not settled: needs --seeds ≥ 2"
+    root = make_pipeline(tmp_path / "steady-ppo", seeds=False)
+    summary = json.loads((root / "pipeline_summary.json").read_text())
+    write_seed_runs(root, summary, ppo_delta=0.01, grpo_delta=0.2)
+    (root / "pipeline_summary.json").write_text(json.dumps(summary))
+    assert {c.name: c.verdict for c in check_claims(load_run(root).stages)}["stability"] == NOT_CONFIRMED
     single = write_run(tmp_path / "one", "dpo", _rows("dpo", 8, 0))
-    assert {c.verdict for c in check_claims(load_run(single).stages)} == {NOT_MEASURED}
+    verdicts = {c.name: c.verdict for c in check_claims(load_run(single).stages)}
+    assert verdicts.pop("stability") == NOT_SETTLED and set(verdicts.values()) == {NOT_MEASURED}
 
 
 def test_headline_table_rounds_the_summary_and_leads_the_report(pipeline, capsys):
@@ -370,17 +402,23 @@ def test_not_settled_and_smoke_run(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("SMOKE RUN")
 
 
-def test_loss_spikes_and_order_rule_by_hand():
-    # diffs: -.1 ×3, +1.3, -1.4, -.1 ×2 → median -.1, MAD 0, floor 0.01 · median|loss| (0.75) → threshold 0.03
-    assert loss_spikes([1.0, 0.9, 0.8, 0.7, 2.0, 0.6, 0.5, 0.4]) == 1
-    assert loss_spikes([1.0, 0.9, 0.8, 0.7, 0.6, 0.5]) == 0
-    # diffs −.1 ×3, −.08, −.12: deviations .02 from the median stay under 0.03; a rise of +.05 (deviation .15) does not
-    assert loss_spikes([1.0, 0.9, 0.8, 0.7, 0.62, 0.5]) == 0
-    assert loss_spikes([1.0, 0.9, 0.8, 0.7, 0.75, 0.5]) == 1
-    rows = [{"step": i, "loss": v} for i, v in enumerate([1.0, 0.9, 0.8, 0.7, 2.0, 0.6, 0.5, 0.4], 1)]
-    rows += [{"step": 9, "loss": "nan", "skipped": 1.0}, {"step": 9, "eval/loss": 0.3, "final": True}]
-    assert instability(rows)[0] == (1 + 1 + 1) / 9
-    assert instability(rows[:4]) is None
+def test_spikes_spread_and_order_rule_by_hand():
+    from posttrain.report.seeds import run_spikes, spike_steps, spread
+
+    # rolling median of the 5 before; scale floor 0.01 x median|window| (a linear decay has MAD ~0)
+    assert spike_steps([1.0, 0.9, 0.8, 0.7, 2.0, 0.6, 0.5, 0.4], upward=True) == [4]
+    assert spike_steps([1.0, 0.9, 0.8, 0.7, 0.6, 0.5], upward=True) == []
+    # window [1, .9, .8, .7, .62]: median .8, MAD .1, scale .148: .5 is .3 below (< 4 x .148), 2.0 is 1.2 above
+    assert spike_steps([1.0, 0.9, 0.8, 0.7, 0.62, 0.5], upward=True) == []
+    assert spike_steps([1.0, 0.9, 0.8, 0.7, 0.62, 2.0], upward=True) == [5]
+    assert spike_steps([0.5, 0.5, 0.5, 0.5, 0.0], upward=False) == [4]  # a reward collapse
+    assert spike_steps([0.5, 0.5, 0.5, 0.5, 1.0], upward=False) == []  # a reward rise is not one
+    rows = [{"step": i, "loss": v, "reward": 0.5} for i, v in enumerate([1.0, 0.9, 0.8, 0.7, 2.0, 0.6, 0.5, 0.4], 1)]
+    rows[6]["reward"] = 0.0
+    rows[4]["reward"] = 0.0  # the loss spike's step: counted once
+    assert run_spikes(rows + [{"step": 8, "eval/accuracy": 0.5, "final": True}]) == 2
+    s = spread([0.25, 0.5, 0.75])
+    assert (s["n"], s["mean"], s["min"], s["max"]) == (3, 0.5, 0.25, 0.75) and s["std"] == pytest.approx(0.25)
     claimed = {"ppo": 3, "dpo": 1, "grpo": 2}
     assert order_verdict(claimed, {"ppo": 9.0, "dpo": 1.0, "grpo": 5.0}) == CONFIRMED
     assert order_verdict(claimed, {"ppo": 9.0, "dpo": 9.0}) == NOT_CONFIRMED  # a tie the claim does not make
@@ -424,7 +462,7 @@ def test_summary_without_stage_dirs_and_a_stage_it_does_not_name(tmp_path):
     assert [r[:6] for r in page.tables["comparison"][1:3]] == [["sft", "sft", "—", "—", "—", "3.5"],
                                                                ["dpo", "dpo", "—", "—", "—", "7.25"]]
     claims = {r[0]: r[5] for r in page.tables["claims"][1:]}
-    assert claims == {"models in memory": NOT_MEASURED, "compute": NOT_CONFIRMED, "stability": NOT_MEASURED,
+    assert claims == {"models in memory": NOT_MEASURED, "compute": NOT_CONFIRMED, "stability": NOT_SETTLED,
                       "GRPO best on verifiable tasks": NOT_MEASURED, "DPO close to PPO": NOT_MEASURED}
     assert "sft: no metrics logged" in (root / "report.md").read_text()
 
