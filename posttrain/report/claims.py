@@ -8,7 +8,10 @@ The usual table (e.g. the DPO paper, Rafailov et al. 2023 §1, and the DeepSeekM
     | compute          | high | low  | medium |
     | stability        | low  | high | medium |
 
-Each claim gets one verdict, by the rule in its function's docstring:
+and the claims around it: GRPO needs ~50 % less memory than PPO (no critic), DPO is close to PPO on simple
+preference tasks, GRPO with verifiable rewards is best on verifiable tasks, and a policy optimizing a learned
+reward without a KL penalty hacks it. Each claim gets one verdict, by the rule in its function's docstring,
+and its measured text gives the numbers that decided it (rounded for people; exact ones in the Comparison):
 - "confirmed": every pair of algorithms this run measured is ordered as the claim orders them;
 - "not confirmed": some measured pair is ordered differently, or tied where the claim separates them;
 - "not measured": fewer than two of PPO / DPO / GRPO have the measurement.
@@ -30,7 +33,7 @@ from itertools import combinations
 
 from posttrain.report.load import Stage, measured
 from posttrain.report.stats import compare_paired, wilson
-from posttrain.report.units import duration, number
+from posttrain.report.units import duration, gigabytes, number
 
 from posttrain.registry import Registry
 
@@ -202,6 +205,90 @@ def dpo_close_to_ppo(stages: list[Stage]) -> ClaimResult:
         verdict = NOT_SETTLED
     return ClaimResult("DPO close to PPO", {"ppo": "≈ DPO", "dpo": "≈ PPO", "grpo": "—"},
                        describe_pair("dpo", "ppo", c) if c else "—", verdict, _rule(dpo_close_to_ppo))
+
+
+MEMORY_CLAIM = 0.50  # "GRPO needs ~50 % less memory than PPO"
+MEMORY_TOLERANCE = 0.15  # ... confirmed for a measured saving within 50 ± 15 %
+
+
+@register_claim("GRPO ~50 % less memory than PPO")
+def grpo_memory(stages: list[Stage]) -> ClaimResult:
+    """Rule: saving = 1 − peak(GRPO) / peak(PPO) of the stages' `peak_mem_gb` (the stage process's peak: accelerator
+    memory on a GPU, host RSS on a CPU, where the Python process and data count too); confirmed when the saving is
+    50 ± 15 %, not confirmed outside that band; not measured without both peaks."""
+    peaks = per_algorithm(stages, lambda s: measured(s)["peak_mem_gb"][0])
+    models = per_algorithm(stages, lambda s: measured(s)["models_in_memory"][0])
+    claimed = {"ppo": "1×", "dpo": "—", "grpo": "~0.5×"}
+    if not ("ppo" in peaks and "grpo" in peaks and peaks["ppo"] > 0):
+        return ClaimResult("GRPO ~50 % less memory than PPO", claimed, "—", NOT_MEASURED, _rule(grpo_memory))
+    saving = 1 - peaks["grpo"] / peaks["ppo"]
+    ok = abs(saving - MEMORY_CLAIM) <= MEMORY_TOLERANCE
+    count = lambda a: f", {number(models[a])} models" if a in models else ""  # noqa: E731
+    text = (f"ppo: {gigabytes(peaks['ppo'])}{count('ppo')}, grpo: {gigabytes(peaks['grpo'])}{count('grpo')}: GRPO "
+            f"{100 * abs(saving):.0f} % {'less' if saving >= 0 else 'more'} (claimed 50 ± {100 * MEMORY_TOLERANCE:.0f} %)")
+    return ClaimResult("GRPO ~50 % less memory than PPO", claimed, text, CONFIRMED if ok else NOT_CONFIRMED,
+                       _rule(grpo_memory))
+
+
+def _kl_beta(stage: Stage) -> float | None:
+    kl = ((stage.config.get("algo") or {}).get("kl") or {})
+    return kl.get("beta") if isinstance(kl.get("beta"), (int, float)) else None
+
+
+def _learned_reward(stage: Stage) -> bool:
+    return bool(((stage.config.get("algo") or {}).get("reward") or {}).get("model"))
+
+
+def proxy_rise(rows: list[dict]) -> float | None:
+    """Mean trained (proxy) `reward` of the last third of the logged steps minus that of the first third."""
+    values = [r["reward"] for r in rows if not r.get("final") and isinstance(r.get("reward"), (int, float))
+              and r["reward"] == r["reward"]]
+    if len(values) < 2:
+        return None
+    k = max(1, len(values) // 3)
+    return sum(values[-k:]) / k - sum(values[:k]) / k
+
+
+def hacked(stage: Stage) -> tuple[str, str]:
+    """(outcome, text) of one stage that optimizes a learned reward: 'hacked' when its trained reward rose while
+    its held-out accuracy fell against the baseline with McNemar's p < 0.05; 'held' when accuracy did not fall
+    significantly while the reward rose (or 'improved' when it rose significantly); 'unknown' otherwise."""
+    rise, vs = proxy_rise(stage.rows), stage.summary.get("vs_baseline")
+    beta = _kl_beta(stage)
+    head = f"{stage.name} (KL β = {number(beta)}): trained reward {'—' if rise is None else f'{rise:+.3g}'} first→last third"
+    if rise is None or not isinstance(vs, dict):
+        return "unknown", head + ", no paired held-out test"
+    gold = f", held-out accuracy {100 * vs['diff']:+.1f} pts vs {vs['baseline']} (p = {vs['p']:.3g})"
+    if rise <= 0:
+        return "unknown", head + gold + ": the reward did not rise"
+    if vs["diff"] < 0 and vs["p"] < ALPHA:
+        return "hacked", head + gold
+    return ("improved" if vs["diff"] > 0 and vs["p"] < ALPHA else "held"), head + gold
+
+
+@register_claim("reward hacking without a KL penalty")
+def reward_hacking(stages: list[Stage]) -> ClaimResult:
+    """Rule: over the stages that optimize a learned reward model (`algo.reward.model`), each judged by `hacked`
+    (its trained reward rises from the first to the last third of its steps while its held-out accuracy falls
+    against the baseline, McNemar p < 0.05): confirmed when a stage without a KL penalty (algo.kl.beta = 0) hacked
+    and no stage with one did; not confirmed when a stage without one gained held-out accuracy significantly, or
+    one with a penalty hacked; not settled otherwise; not measured when no stage optimizes a learned reward
+    without a KL penalty (the demo's PPO has one; a stage with algo.kl.beta: 0 measures the claim)."""
+    judged = [(s, *hacked(s)) for s in stages if _learned_reward(s) and _kl_beta(s) is not None]
+    without = [o for s, o, _ in judged if _kl_beta(s) == 0]
+    with_kl = [o for s, o, _ in judged if _kl_beta(s) > 0]
+    text = "; ".join(t for _, _, t in judged) or "—"
+    claimed = {"ppo": "hacks without KL", "dpo": "—", "grpo": "— (verifier)"}
+    if not without:
+        verdict = NOT_MEASURED
+        text = "no stage optimizes a learned reward without a KL penalty" + (f"; {text}" if judged else "")
+    elif "hacked" in without and "hacked" not in with_kl:
+        verdict = CONFIRMED
+    elif "improved" in without or "hacked" in with_kl:
+        verdict = NOT_CONFIRMED
+    else:
+        verdict = NOT_SETTLED
+    return ClaimResult("reward hacking without a KL penalty", claimed, text, verdict, _rule(reward_hacking))
 
 
 def check_claims(stages: list[Stage]) -> list[ClaimResult]:

@@ -114,6 +114,7 @@ def make_pipeline(root: Path, dpo_wall: float = 40.25, grpo_gain: int = 30, smok
     stages = [_summary_entry("sft", 1, 20.5, 1), _summary_entry("rm", 1, 30.0, 2), _summary_entry("dpo", 2, dpo_wall, 3),
               _summary_entry("ppo", 4, 300.5, 4), _summary_entry("grpo", 3, 150.125, 5)]
     stages[-1]["kl_to_ref"] = None  # not measured by the pipeline: the report falls back to the last logged kl
+    stages[3]["peak_mem_gb"], stages[4]["peak_mem_gb"] = 4.0, 2.2  # grpo 45 % below ppo
     for name, answers in _outcomes(grpo_gain).items():
         write_outcomes(root, name, [{"index": i, "prompt": f"q{i}", "completion": "", "reward": float(v), "correct": v}
                                     for i, v in enumerate(answers)])
@@ -316,7 +317,11 @@ def test_claims_confirmed_by_this_pipeline(pipeline):
     assert claims["models in memory"][1:4] == ["4", "2", "3"]
     assert {name: row[5] for name, row in claims.items()} == {"models in memory": CONFIRMED, "compute": CONFIRMED,
                                                              "stability": CONFIRMED, "GRPO best on verifiable tasks": CONFIRMED,
-                                                             "DPO close to PPO": CONFIRMED}
+                                                             "DPO close to PPO": CONFIRMED,
+                                                             "GRPO ~50 % less memory than PPO": CONFIRMED,
+                                                             "reward hacking without a KL penalty": NOT_MEASURED}
+    assert claims["GRPO ~50 % less memory than PPO"][4] == \
+        "ppo: 4.00 GB, 4 models, grpo: 2.20 GB, 3 models: GRPO 45 % less (claimed 50 ± 15 %)"
     # grpo vs ppo: grpo alone right on 115-139 and 2-4 (28), ppo alone on none: exact p = 2 / 2^28
     assert "grpo − ppo: +10.9 pts" in claims["GRPO best on verifiable tasks"][4]
     assert "(28 right only by grpo, 0 only by ppo, of 256 prompts)" in claims["GRPO best on verifiable tasks"][4]
@@ -463,7 +468,8 @@ def test_summary_without_stage_dirs_and_a_stage_it_does_not_name(tmp_path):
                                                                ["dpo", "dpo", "—", "—", "—", "7.25"]]
     claims = {r[0]: r[5] for r in page.tables["claims"][1:]}
     assert claims == {"models in memory": NOT_MEASURED, "compute": NOT_CONFIRMED, "stability": NOT_SETTLED,
-                      "GRPO best on verifiable tasks": NOT_MEASURED, "DPO close to PPO": NOT_MEASURED}
+                      "GRPO best on verifiable tasks": NOT_MEASURED, "DPO close to PPO": NOT_MEASURED,
+                      "GRPO ~50 % less memory than PPO": NOT_MEASURED, "reward hacking without a KL penalty": NOT_MEASURED}
     assert "sft: no metrics logged" in (root / "report.md").read_text()
 
 
