@@ -21,12 +21,15 @@ run directory per stage plus `pipeline_summary.json`:
           "samples": [{"prompt": "...", "before": "...", "after": "..."}]   # same prompts, before/after
         }
       ],
+      "seeds": {"n": 3, "runs": {"grpo": [[0, "grpo"], [1, "grpo_seed1"], [2, "grpo_seed2"]]}},  # --seeds N:
+                                           # each RL stage's runs per seed (their directories are not stages)
       ...                                  # any other top-level scalars (model, task, ...) go in the header
     }
 
 Every field except `name` may be absent or null, meaning "not measured". The pipeline adds the held-out
 statistics (`heldout_n`, `heldout_correct`, `heldout_accuracy_ci`, `vs_baseline`: report/heldout.py) and writes
-`heldout_<stage>.jsonl` beside the summary (per-prompt 0/1 outcomes). Optional files, at the top level or
+`heldout_<stage>.jsonl` beside the summary (per-prompt 0/1 outcomes). An online stage's directory may hold
+`samples.jsonl` (train/samples.py; report/rollout_samples.py reads it). Optional files, at the top level or
 in a stage directory: `overoptimization.json` (a list of {kl, proxy_reward, gold_reward, method, step}) and
 `warnings.jsonl` (rows {step, stage, kind, message}).
 """
