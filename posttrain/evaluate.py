@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +24,6 @@ class GenEvalConfig:
     autocast: bool | None = None  # bf16 autocast for fp32 weights; None: where bf16 is fast (models.loading.bf16_is_fast)
     greedy: bool | None = None  # None: greedy exactly when samples == 1; False samples one answer at `temperature`
     env: object = None  # an EnvConfig (online_config) naming an environment: answers are multi-turn trajectories
-    env_results: dict = field(default_factory=dict)  # filled by generate_answers under `env`: rewards, metrics
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -41,7 +40,13 @@ def _columns(records) -> dict[str, list]:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, records, cfg: GenEvalConfig) -> list[list[str]]:
-    """K completions per record (greedy when K == 1), decoded without special tokens."""
+    """K completions per record (greedy when K == 1), decoded without special tokens; with `cfg.env`, the last
+    assistant turn of each trajectory."""
+    return _answers(model, tokenizer, records, cfg)[0]
+
+
+def _answers(model, tokenizer, records, cfg: GenEvalConfig):
+    """(answers, env rewards in row order, [(prompts, env/* metrics)] per chunk); the last two empty without env."""
     from posttrain.data.chat import encode_prompt, end_of_turn_ids
     from posttrain.rollout.base import SamplingParams
     from posttrain.rollout.hf import HFGenerator
@@ -57,22 +62,22 @@ def generate_answers(model, tokenizer, records, cfg: GenEvalConfig) -> list[list
     use_bf16 = bf16_is_fast(next(model.parameters()).device.type) if cfg.autocast is None else cfg.autocast
     engine = HFGenerator(model, tokenizer.pad_token_id, tokenizer, torch.bfloat16 if (use_bf16 and fp32) else None)
     answers: list[list[str]] = []
-    cfg.env_results = {"env_reward": [], "metrics": []}
+    env_rewards, env_metrics = [], []
     for start in range(0, len(records), cfg.batch_size):
         chunk = records[start : start + cfg.batch_size]
-        if cfg.env is not None and cfg.env.name:  # the last assistant turn of each trajectory is its answer
+        if cfg.env is not None and cfg.env.name:
             from posttrain.envs.trajectory import run_trajectories
 
             rollout = run_trajectories(engine, tokenizer, [r.data for r in chunk], cfg.env, params, cfg.samples,
                                        cfg.seed + start)
-            cfg.env_results["env_reward"] += rollout.info["env_reward"]
-            cfg.env_results["metrics"].append((len(chunk), rollout.info["metrics"]))
+            env_rewards += rollout.info["env_reward"]
+            env_metrics.append((len(chunk), rollout.info["metrics"]))
         else:
             ids = [encode_prompt(tokenizer, r.data["prompt"]) for r in chunk]
             rollout = engine.generate(ids, params, num_samples=cfg.samples, seed=cfg.seed + start)
         texts = rollout.texts
         answers += [texts[i * cfg.samples : (i + 1) * cfg.samples] for i in range(len(chunk))]
-    return answers
+    return answers, env_rewards, env_metrics
 
 
 def score_answers(records, answers: list[list[str]], reward_fns: dict) -> tuple[dict, list[dict]]:
@@ -109,15 +114,13 @@ def evaluate_policy(model, tokenizer, records, reward_fns: dict, cfg: GenEvalCon
     """Answers (single-turn, or trajectories in `cfg.env`) scored by `reward_fns`; with an environment, its reward
     as `env_reward` where it gives one, and its env/* metrics averaged over the batches."""
     cfg = cfg or GenEvalConfig()
-    answers = generate_answers(model, tokenizer, records, cfg)
+    answers, env_rewards, batches = _answers(model, tokenizer, records, cfg)
     if cfg.env is None or not cfg.env.name:
         return score_answers(records, answers, reward_fns)
-    env_rewards = list(cfg.env_results["env_reward"])
     fns = dict(reward_fns)
     if any(r != 0 for r in env_rewards) or not fns:
         fns["env_reward"] = lambda prompts, completions, **_: env_rewards  # one call over the whole batch, in order
     summary, rows = score_answers(records, answers, fns)
-    batches = cfg.env_results["metrics"]
     for key in sorted({k for _, m in batches for k in m}):
         summary[key] = sum(n * m.get(key, 0.0) for n, m in batches) / max(sum(n for n, _ in batches), 1)
     return summary, rows

@@ -14,6 +14,8 @@ run's reward functions give the last assistant message; an environment used with
 from __future__ import annotations
 
 import importlib
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -58,3 +60,24 @@ def load_environment(name: str) -> type:
     if not (callable(getattr(cls, "reset", None)) and callable(getattr(cls, "step", None))):
         raise ValueError(f"environment {name!r} must define reset(record) and step(assistant_text)")
     return cls
+
+
+def guarded_calls(calls: list, timeout_s: float) -> list[tuple[object, str]]:
+    """Run the zero-argument `calls` concurrently on daemon threads: (result, error) each, the error '' on success,
+    the exception's type and message when it raised, 'timed out' when it still ran `timeout_s` after the start
+    (then abandoned: Python cannot kill a thread, so a tool that may hang must also bound itself, as the sandbox does)."""
+    boxes = [{} for _ in calls]
+
+    def target(fn, box):
+        try:
+            box["result"] = fn()
+        except Exception as e:  # an environment's or tool's failure is the trajectory's, never the run's
+            box["error"] = f"{type(e).__name__}: {e}"
+
+    threads = [threading.Thread(target=target, args=(fn, box), daemon=True) for fn, box in zip(calls, boxes)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return [(b.get("result"), "timed out" if t.is_alive() else b.get("error", "")) for t, b in zip(threads, boxes)]

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import ast
 import operator
-import threading
 
 from posttrain.data.chat import as_messages
 from posttrain.data.tool_format import BUILTIN_SPECS, parse_tool_calls, with_tool_system_prompt
-from posttrain.envs.base import EnvStep, register_environment
+from posttrain.envs.base import EnvStep, guarded_calls, register_environment
 from posttrain.registry import Registry
 
 TOOLS = Registry("tool")
@@ -64,25 +63,6 @@ def python(code: str, timeout_s: float = 5.0) -> str:
     return f"error: {result.status}: {(output or result.detail)[-500:]}"
 
 
-def call_with_timeout(fn, kwargs: dict, timeout_s: float):
-    """(result, error) of fn(**kwargs) on a daemon thread; an overrun is abandoned (Python cannot kill a thread)
-    with error 'timed out'."""
-    box: dict = {}
-
-    def target():
-        try:
-            box["result"] = fn(**kwargs)
-        except Exception as e:  # the tool's failure is the policy's feedback, not the run's
-            box["error"] = f"{type(e).__name__}: {e}"
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        return None, "timed out"
-    return box.get("result"), box.get("error")
-
-
 @register_environment("tools")
 class ToolEnvironment:
     """options: tools (names in TOOLS, default [calculator]), tool_timeout_s, max_calls_per_turn."""
@@ -115,7 +95,7 @@ class ToolEnvironment:
                                f"available: {', '.join(self.tools)}")
         result = None
         if not error:
-            result, error = call_with_timeout(TOOLS[call.name], call.arguments, self.timeout_s)
+            (result, error), = guarded_calls([lambda: TOOLS[call.name](**call.arguments)], self.timeout_s)
             info["tool_timeouts"] += error == "timed out"
         if error:
             info["tool_errors"] += 1

@@ -20,16 +20,15 @@ the decode loop, not the prefill, is a turn's cost. Environments answer a turn c
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import threading
-import time
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from posttrain.data.chat import _tokenize, encode_prompt, end_of_turn_ids, render
-from posttrain.envs.base import EnvStep, load_environment
+from posttrain.envs.base import EnvStep, guarded_calls, load_environment
 from posttrain.online_config import EnvConfig
 from posttrain.rollout.base import SamplingParams
 from posttrain.types import Rollout
@@ -42,17 +41,29 @@ class EnvironmentError_(RuntimeError):
     """An environment raised or overran its turn under `algo.env.on_error=raise`."""
 
 
+@functools.lru_cache(maxsize=8)
+def _base_rendering(tokenizer) -> tuple[str, int, list[int]]:
+    """The reference conversation (one user and one assistant turn) as text, the id of the token that closes its
+    assistant turn, and the template's ids after that token (ChatML: "\n"). Once per tokenizer, not per turn."""
+    before = render(tokenizer, _BASE)
+    base_ids, stops = _tokenize(tokenizer, before), end_of_turn_ids(tokenizer)
+    end = [k for k, t in enumerate(base_ids) if t in stops][-1]
+    return before, base_ids[end], base_ids[end + 1 :]
+
+
 def env_segment_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of `messages` (tool results, a user reply) as the chat template writes them after an assistant
     turn that ended with its end-of-turn token, up to and including the next assistant generation prompt."""
-    before = render(tokenizer, _BASE)
+    before, _, tail = _base_rendering(tokenizer)
     after = render(tokenizer, _BASE + list(messages), add_generation_prompt=True)
     if not after.startswith(before):
         raise ValueError("the chat template does not render conversations incrementally; cannot append turns")
-    base_ids, stops = _tokenize(tokenizer, before), end_of_turn_ids(tokenizer)
-    ends = [k for k, t in enumerate(base_ids) if t in stops]
-    tail = base_ids[ends[-1] + 1 :] if ends else []  # template text after the turn's end marker (ChatML: "\n")
     return tail + _tokenize(tokenizer, after[len(before) :])
+
+
+def turn_end_id(tokenizer) -> int:
+    """The token that closes an assistant turn in the chat template (ChatML: <|im_end|>)."""
+    return _base_rendering(tokenizer)[1]
 
 
 @dataclass
@@ -78,26 +89,6 @@ class _Trajectory:
         self.policy += [policy] * len(ids)
 
 
-def _guarded_calls(calls: list, timeout_s: float) -> list[tuple[object, str]]:
-    """Run the zero-argument `calls` concurrently on daemon threads; (result, error) each, error 'timed out' for
-    one still running `timeout_s` after the start (abandoned: Python cannot kill a thread)."""
-    boxes = [{} for _ in calls]
-
-    def target(fn, box):
-        try:
-            box["result"] = fn()
-        except Exception as e:
-            box["error"] = f"{type(e).__name__}: {e}"
-
-    threads = [threading.Thread(target=target, args=(fn, box), daemon=True) for fn, box in zip(calls, boxes)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout_s
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    return [(b.get("result"), "timed out" if t.is_alive() else b.get("error", "")) for t, b in zip(threads, boxes)]
-
-
 def _fail(traj: _Trajectory, where: str, error: str, cfg: EnvConfig) -> None:
     message = f"environment {cfg.name!r} {where}: {error}"
     if cfg.on_error == "raise":
@@ -108,14 +99,10 @@ def _fail(traj: _Trajectory, where: str, error: str, cfg: EnvConfig) -> None:
 
 def _open(tokenizer, records: list[dict], cfg: EnvConfig, num_samples: int) -> list[_Trajectory]:
     cls = load_environment(cfg.name)
-    trajs = []
-    for record in records:
-        for _ in range(num_samples):
-            env = cls(**cfg.options)
-            trajs.append(_Trajectory(env, []))
-    opened = _guarded_calls([lambda t=t, r=r: t.env.reset(r) for t, r in
-                             zip(trajs, [r for r in records for _ in range(num_samples)])], cfg.turn_timeout_s)
-    for t, record, (messages, error) in zip(trajs, [r for r in records for _ in range(num_samples)], opened):
+    rows = [r for r in records for _ in range(num_samples)]  # prompt-major, G per prompt
+    trajs = [_Trajectory(cls(**cfg.options), []) for _ in rows]
+    opened = guarded_calls([lambda t=t, r=r: t.env.reset(r) for t, r in zip(trajs, rows)], cfg.turn_timeout_s)
+    for t, record, (messages, error) in zip(trajs, rows, opened):
         t.prompt = encode_prompt(tokenizer, messages if not error else record["prompt"])
         if error:
             _fail(t, "reset", error, cfg)
@@ -147,15 +134,9 @@ def _sample_turn(engine, tokenizer, trajs, live, params, cfg, turn, seed, num_sa
             t.truncated, t.done, t.ended_by = True, True, "length"
 
 
-def turn_end_id(tokenizer) -> int:
-    """The token that closes an assistant turn in the chat template (ChatML: <|im_end|>)."""
-    base_ids, stops = _tokenize(tokenizer, render(tokenizer, _BASE)), end_of_turn_ids(tokenizer)
-    return [t for t in base_ids if t in stops][-1]
-
-
 def _answer_turn(tokenizer, trajs, live, cfg) -> None:
     """The environments' answers to the turn just sampled; their messages appended as environment tokens."""
-    answers = _guarded_calls([lambda t=trajs[i]: t.env.step(t.last_text) for i in live], cfg.turn_timeout_s)
+    answers = guarded_calls([lambda t=trajs[i]: t.env.step(t.last_text) for i in live], cfg.turn_timeout_s)
     for i, (step, error) in zip(live, answers):
         t = trajs[i]
         t.turns += 1
@@ -208,9 +189,9 @@ def _as_rollout(trajs: list[_Trajectory], tokenizer, device, num_samples: int) -
     C = max(1, max(len(t.ids) for t in trajs))
 
     def right(values, fill, dtype):
-        out = torch.full((len(trajs), C), fill, dtype=dtype)
+        out = torch.full((len(trajs), C), fill, dtype=dtype, device="cpu")  # built on the host, copied once
         for r, v in enumerate(values):
-            out[r, : len(v)] = torch.as_tensor(v, dtype=dtype)
+            out[r, : len(v)] = torch.as_tensor(v, dtype=dtype, device="cpu")
         return out.to(device)
 
     rollout = Rollout(
