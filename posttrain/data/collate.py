@@ -167,8 +167,37 @@ def select_rows(batch: RolloutBatch, keep: torch.Tensor) -> RolloutBatch:
         loss_mask=batch.loss_mask[idx], rewards=batch.rewards[idx], group=group, truncated=batch.truncated[idx],
         prompt_width=batch.prompt_width, texts=[batch.texts[i] for i in idx.tolist()],
         prompts=[batch.prompts[i] for i in idx.tolist()], pad_id=batch.pad_id,
-        extra={**batch.extra, "reward_valid": batch.extra["reward_valid"][idx]},
+        extra={key: _take_rows(value, idx, batch.num_rows) for key, value in batch.extra.items()},
     )
+
+
+def _take_rows(value, idx: torch.Tensor, num_rows: int):
+    """A per-row extra (a tensor or list with one entry per row: reward_valid, sampler_logp, transcripts, the
+    per-function scores) at the rows `idx`; anything else (the step's metrics) as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == num_rows:
+        return value[idx.to(value.device)]
+    if isinstance(value, list) and len(value) == num_rows:
+        return [value[i] for i in idx.tolist()]
+    return value
+
+
+def _concat_extra(batches: list[RolloutBatch], width: int) -> dict:
+    """The per-row extras of several rollouts concatenated (a token-level one, as wide as its batch's completions,
+    right-padded with 0 to `width`); anything else from the first batch."""
+    import torch.nn.functional as F
+
+    out = {}
+    for key, first in batches[0].extra.items():
+        values = [b.extra.get(key) for b in batches]
+        if all(isinstance(v, list) and len(v) == b.num_rows for v, b in zip(values, batches)):
+            out[key] = [x for v in values for x in v]
+        elif all(isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == b.num_rows
+                 for v, b in zip(values, batches)):
+            token_level = all(v.dim() == 2 and v.shape[1] == b.completion_mask.shape[1] for v, b in zip(values, batches))
+            out[key] = torch.cat([F.pad(v, (0, width - v.shape[1])) if token_level else v for v in values])
+        else:
+            out[key] = first
+    return out
 
 
 def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
@@ -194,5 +223,5 @@ def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
         loss_mask=cat(lambda b: F.pad(b.loss_mask, (0, C - b.loss_mask.shape[1]))), rewards=cat(lambda b: b.rewards),
         group=torch.cat(groups), truncated=cat(lambda b: b.truncated), prompt_width=P,
         texts=[t for b in batches for t in b.texts], prompts=[p for b in batches for p in b.prompts], pad_id=pad_id,
-        extra={**batches[0].extra, "reward_valid": cat(lambda b: b.extra["reward_valid"])},
+        extra=_concat_extra(batches, C),
     )

@@ -107,6 +107,8 @@ class RolloutCollector:
             pad_id=self.tokenizer.pad_token_id,
         )
         batch.extra["reward_valid"] = ~masked
+        for name, values in scored.per_fn.items():  # each function's score per row (samples.jsonl)
+            batch.extra[f"score/{name}"] = torch.tensor(values, dtype=torch.float32, device=device)
         batch.extra["sampler_logp"] = rollout.logprobs
         batch.extra["metrics"] = {**scored.metrics(), "rewards/masked_samples": float(masked.sum()),
                                   **length_metrics(rollout), **rollout.info.get("metrics", {})}

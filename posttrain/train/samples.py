@@ -12,9 +12,8 @@ One line per completion of the first `train.samples_per_step` prompts (groups) o
 - `kl`: the row's sequence KL, k1 summed over its loss tokens (nats per completion, as `kl/seq_k1_sum`), of the
   policy that sampled it against the reference (a distillation's teacher: `kl_to` says which); null without one.
 
-The per-function scores are not kept in the rollout batch, so the collector's reward runner is wrapped here by
-a recorder that remembers what it returned this step; rows are matched to its calls by (prompt, completion),
-which survives GRPO's dynamic sampling (rows re-selected from several rollouts). Only rank 0 writes.
+The per-function scores come from the batch (`score/<name>`, kept per row by the collector, and re-selected with
+the rows by GRPO's dynamic sampling). Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -37,56 +36,28 @@ def drop_rows_after(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-class ScoreRecorder:
-    """Stands in for a RewardRunner: calls it, and remembers each call's per-function scores by (prompt, completion)."""
-
-    def __init__(self, runner):
-        self._runner = runner
-        self.scores: dict[tuple[str, str], dict[str, float]] = {}
-
-    def __getattr__(self, name):  # fns, num_workers ...: the runner's own
-        return getattr(self._runner, name)
-
-    def __call__(self, prompts, completions, **columns):
-        scored = self._runner(prompts, completions, **columns)
-        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            self.scores[(prompt, completion)] = {name: values[i] for name, values in scored.per_fn.items()}
-        return scored
-
-    def take(self) -> dict[tuple[str, str], dict[str, float]]:
-        scores, self.scores = self.scores, {}
-        return scores
-
-
 class SampleWriter:
     """Writes each step's sample rows of an online algorithm (one with a `collector` and a `batch`); inert otherwise."""
 
     def __init__(self, algo, out_dir: Path, per_step: int, is_main: bool):
         self.path = Path(out_dir) / SAMPLES_FILE
         self.per_step = per_step
-        collector = getattr(algo, "collector", None)
-        self.recorder = None
-        if is_main and per_step > 0 and collector is not None and hasattr(collector, "rewards"):
-            self.recorder = ScoreRecorder(collector.rewards)
-            collector.rewards = self.recorder
+        self.active = is_main and per_step > 0 and getattr(algo, "collector", None) is not None
 
     def resume(self, step: int) -> None:
-        if self.recorder is not None:
+        if self.active:
             drop_rows_after(self.path, step)
 
     def write(self, step: int, algo) -> None:
-        if self.recorder is None:
-            return
-        scores = self.recorder.take()
         batch = getattr(algo, "batch", None)
-        if batch is None:
+        if not self.active or batch is None:
             return
-        rows = sample_rows(step, batch, self.per_step, scores)
+        rows = sample_rows(step, batch, self.per_step)
         with open(self.path, "a") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def sample_rows(step: int, batch, per_step: int, scores: dict) -> list[dict]:
+def sample_rows(step: int, batch, per_step: int) -> list[dict]:
     """The rows of the first `per_step` groups of `batch` (a RolloutBatch), in row order."""
     from posttrain.data.chat import prompt_text
 
@@ -95,6 +66,7 @@ def sample_rows(step: int, batch, per_step: int, scores: dict) -> list[dict]:
     advantages, (kl, kl_to) = row_advantages(batch), row_kl(batch)
     valid = batch.extra.get("reward_valid")
     pairs = _pair_roles(batch)
+    scores = {key.removeprefix("score/"): v for key, v in batch.extra.items() if key.startswith("score/")}
     lengths = batch.loss_mask.sum(-1).tolist()
     rows = []
     for i, g in enumerate(batch.group.tolist()):
@@ -102,7 +74,7 @@ def sample_rows(step: int, batch, per_step: int, scores: dict) -> list[dict]:
             continue
         prompt = prompt_text(batch.prompts[i])
         row = {"step": step, "group": int(g), "prompt": prompt, "completion": batch.texts[i],
-               "rewards": {k: _num(v) for k, v in scores.get((prompt, batch.texts[i]), {}).items()},
+               "rewards": {name: _num(values[i]) for name, values in scores.items()},
                "reward": None if valid is not None and not bool(valid[i]) else _num(batch.rewards[i]),
                "advantage": None if advantages is None else _num(advantages[i]),
                "kl": None if kl is None else _num(kl[i]), "kl_to": kl_to,
@@ -147,7 +119,7 @@ def _pair_roles(batch) -> dict[int, str]:
     """Online DPO: the rows it paired, as chosen or rejected."""
     roles = {}
     for key in ("chosen", "rejected"):
-        for row in batch.extra.get(key, torch.zeros(0, dtype=torch.long)).tolist():
+        for row in batch.extra[key].tolist() if key in batch.extra else []:
             roles[row] = key
     return roles
 

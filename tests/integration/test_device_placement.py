@@ -103,6 +103,8 @@ CASES = {
     "ppo-offloaded-bf16-ref": ("posttrain.train.ppo:PPO", "prompts",
                                [*ONLINE, "model.offload_frozen=true", "model.frozen_dtype=bf16"]),
     "online-dpo": ("posttrain.train.online_dpo:OnlineDPO", "prompts", ONLINE),
+    "grpo-multi-turn": ("posttrain.train.grpo:GRPO", "prompts", [*ONLINE, "algo.env.name=tiny_envs:TwoTurnVowels",
+                                                                "algo.env.cut_turns=answer", "algo.reward.functions=[]"]),
 }
 
 

@@ -70,14 +70,14 @@ def test_sample_rows_by_hand():
     adv = torch.tensor([[1.0, 3.0, 9.0], [0.0, 3.0, 6.0], [2.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
     old = torch.full((4, 3), -1.0)
     ref = torch.tensor([[-1.5, -2.0, -9.0], [-1.0, -1.0, -1.0], [-0.5, 0.0, 0.0], [-1.0, -1.0, 0.0]])
-    rows = sample_rows(7, _batch(advantages=adv, old_logp=old, ref_logp=ref), 1,
-                       {("p0", "a"): {"numeric": 1.0}, ("p0", "b"): {"numeric": float("nan")}})
+    scores = torch.tensor([1.0, float("nan"), 0.0, 0.0])  # per row, as the collector keeps them
+    rows = sample_rows(7, _batch(advantages=adv, old_logp=old, ref_logp=ref, **{"score/numeric": scores}), 1)
     assert [(r["step"], r["group"], r["completion"]) for r in rows] == [(7, 0, "a"), (7, 0, "b")]  # first prompt only
     assert [r["advantage"] for r in rows] == [2.0, 3.0]
     assert [r["kl"] for r in rows] == [pytest.approx(1.5), pytest.approx(0.0)]
     assert rows[0]["rewards"] == {"numeric": 1.0} and rows[1]["rewards"] == {"numeric": None}
     assert [r["length"] for r in rows] == [2, 3] and rows[1]["truncated"] is True
     # online DPO: no advantage, no reference: nulls, and the pair's roles; a masked reward is null
-    rows = sample_rows(1, _batch(chosen=torch.tensor([2]), rejected=torch.tensor([3])), 2, {})
+    rows = sample_rows(1, _batch(chosen=torch.tensor([2]), rejected=torch.tensor([3])), 2)
     assert all(r["advantage"] is None and r["kl"] is None for r in rows)
     assert [r.get("pair") for r in rows] == [None, None, "chosen", "rejected"] and rows[3]["reward"] is None

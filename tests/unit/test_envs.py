@@ -219,3 +219,28 @@ def test_sft_records_with_tool_calls_validate_and_bad_ones_name_the_field():
                             {"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}]}
     with pytest.raises(DataError, match=r"messages\[1\].tool_calls\[0\]"):
         validate_sft(Record(no_name, "t.jsonl:3"))
+
+
+def test_dynamic_sampling_reselects_per_row_extras_with_their_rows():
+    """select_rows / concat_batches carry every per-row extra (sampler log-probs, transcripts, per-function
+    scores) with its rows, token-level ones padded to the new width."""
+    from posttrain.data.collate import concat_batches, select_rows
+    from posttrain.types import RolloutBatch
+
+    def batch(n, width, base):
+        return RolloutBatch(torch.zeros(n, 2 + width, dtype=torch.long), torch.ones(n, 2 + width),
+                            torch.ones(n, width), torch.ones(n, width), torch.zeros(n), torch.arange(n), torch.zeros(n, dtype=torch.bool),
+                            2, [""] * n, [""] * n, extra={"reward_valid": torch.ones(n, dtype=torch.bool),
+                            "sampler_logp": base + torch.arange(n * width, dtype=torch.float32).view(n, width),
+                            "transcripts": [f"{base}:{i}" for i in range(n)], "score/numeric": base + torch.arange(n) / 10,
+                            "metrics": {"m": base}})
+
+    a, b = batch(3, 2, 0.0), batch(2, 3, 100.0)
+    kept = select_rows(a, torch.tensor([True, False, True]))
+    assert kept.extra["transcripts"] == ["0.0:0", "0.0:2"] and kept.extra["score/numeric"].tolist() == pytest.approx([0.0, 0.2])
+    assert kept.extra["sampler_logp"].tolist() == [[0.0, 1.0], [4.0, 5.0]]
+    both = concat_batches([kept, b])
+    assert both.extra["sampler_logp"].tolist() == [[0.0, 1.0, 0.0], [4.0, 5.0, 0.0], [100.0, 101.0, 102.0],
+                                                    [103.0, 104.0, 105.0]]
+    assert both.extra["transcripts"] == ["0.0:0", "0.0:2", "100.0:0", "100.0:1"]
+    assert both.extra["metrics"] == {"m": 0.0} and both.extra["reward_valid"].tolist() == [True] * 4
