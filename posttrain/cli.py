@@ -156,6 +156,7 @@ EXTRA_COMMANDS = [
     ("pipeline", "posttrain.pipeline:add_arguments", "run the stages of a pipeline YAML (finished stages are skipped)"),
     ("demo", "posttrain.pipeline:add_demo_arguments", "the demo pipeline on SmolLM2 with the arithmetic task"),
     ("report", "posttrain.report:add_arguments", "rebuild the HTML/Markdown report of a run directory"),
+    ("pairs", "posttrain.onpolicy_pairs:add_arguments", "preference pairs from a policy's own samples, labelled by a verifier"),
 ]
 
 

@@ -2,7 +2,8 @@
 
 Each stage runs in its own process (so its peak memory and wall time are its own), starts from the model of
 an earlier stage (`from: sft`), may name an earlier stage's model as its reward model (`reward_model: rm`),
-and is skipped when its `DONE` marker exists; an interrupted stage resumes from its newest checkpoint.
+may take an earlier `pairs` stage's preference pairs as its data (`data_from: pairs`: its
+pairs.jsonl to train on, eval_pairs.jsonl held out), and is skipped when its `DONE` marker exists; an interrupted stage resumes from its newest checkpoint.
 After each stage the pipeline measures it on held-out prompts and writes `pipeline_summary.json`, then the
 report (`posttrain.report`).
 
@@ -31,6 +32,7 @@ import yaml
 from posttrain.config import ConfigError
 
 ANALYSIS_COMMANDS = ("overopt",)
+DATA_COMMANDS = ("pairs",)  # stages that write data for later ones (`data_from`) and train no model
 SEED_COMMANDS = ("ppo", "grpo", "online-dpo", "distill")  # the RL stages `--seeds N` repeats
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # packaged with posttrain
 
@@ -43,6 +45,7 @@ class Stage:
     reward_model: str | None = None  # earlier stage whose final/ is the reward model
     data: str | None = None
     overrides: dict = field(default_factory=dict)
+    data_from: str | None = None  # earlier `pairs` stage whose pairs.jsonl / eval_pairs.jsonl are this stage's data
 
 
 @dataclass
@@ -62,16 +65,20 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
     known = {"output_dir", "model", "data", "stages", "defaults", "eval", "smoke"}
     if unknown := set(raw) - known:
         raise ConfigError(f"{path}: unknown pipeline keys {sorted(unknown)}; expected {sorted(known)}")
-    stages, names = [], set()
+    stages, names = [], {}
     for i, s in enumerate(raw.get("stages") or []):
-        extra = set(s) - {"name", "command", "from", "reward_model", "data", "overrides"}
+        extra = set(s) - {"name", "command", "from", "reward_model", "data", "data_from", "overrides"}
         if extra or "command" not in s:
             raise ConfigError(f"{path}: stage {i}: needs 'command'; unknown keys {sorted(extra)}")
-        stage = Stage(s.get("name", s["command"]), s["command"], s.get("from"), s.get("reward_model"), s.get("data"), s.get("overrides") or {})
-        for ref in (stage.start, stage.reward_model):
+        stage = Stage(s.get("name", s["command"]), s["command"], s.get("from"), s.get("reward_model"), s.get("data"),
+                      s.get("overrides") or {}, s.get("data_from"))
+        for ref in (stage.start, stage.reward_model, stage.data_from):
             if ref is not None and ref not in names:
                 raise ConfigError(f"{path}: stage {stage.name!r} refers to {ref!r}, which is not an earlier stage")
-        names.add(stage.name)
+        if stage.data_from is not None and names[stage.data_from] not in DATA_COMMANDS:
+            raise ConfigError(f"{path}: stage {stage.name!r}: data_from {stage.data_from!r} is a "
+                              f"{names[stage.data_from]!r} stage; it must be one of {list(DATA_COMMANDS)}")
+        names[stage.name] = stage.command
         stages.append(stage)
     if not stages:
         raise ConfigError(f"{path}: no stages")
@@ -82,8 +89,16 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
 def stage_argv(p: Pipeline, stage: Stage, out: Path) -> list[str]:
     """The `posttrain COMMAND key=value ...` line of a stage (written to the stage dir for reproduction)."""
     model = str(out / stage.start / "final") if stage.start else p.model
+    if stage.command in DATA_COMMANDS:  # not a training command: its own flags, no training defaults
+        flags = {"model": model, "data": stage.data or p.data, "output_dir": str(out / stage.name), **stage.overrides}
+        return [stage.command] + [a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))]
     pairs = {"model.name_or_path": model, "data.path": stage.data or p.data, "train.output_dir": str(out / stage.name),
-             "train.resume": True, **p.defaults, **stage.overrides}
+             "train.resume": True, **p.defaults}
+    if stage.data_from:  # every held-out pair is evaluated: they are few and they are the point
+        source = out / stage.data_from
+        pairs.update({"data.path": str(source / "pairs.jsonl"), "data.eval_path": str(source / "eval_pairs.jsonl"),
+                      "data.num_eval_examples": 100_000})
+    pairs.update(stage.overrides)
     if stage.reward_model:  # the key under its name for this command (algo.reward.model for the online ones)
         from posttrain.config import current_key
         from posttrain.train import registry
@@ -148,6 +163,8 @@ def measure_stage(p: Pipeline, stage: Stage | None, out: Path, records) -> dict:
         return entry
     if stage.command in ANALYSIS_COMMANDS:  # measures other stages; trains nothing
         return entry
+    if stage.command in DATA_COMMANDS:
+        return {**entry, "pairs": json.loads((stage_dir / "pairs_summary.json").read_text())}
     start = str(out / stage.start / "final") if stage.start else _resolve(p.model)
     res = evaluate_stage(str(stage_dir / "final"), start, records, rewards, max_new_tokens=ev.get("max_new_tokens", 48),
                          kl_prompts=ev.get("kl_prompts", 32))
@@ -170,7 +187,7 @@ def _resolve(model: str) -> str:
 def seed_stages(p: Pipeline, seeds: int) -> list[tuple[Stage, Stage, int]]:
     """(seed run, its stage, seed) for seeds 1 … seeds−1 of every RL stage: the same stage with `train.seed = k` in
     `<stage>_seed<k>/` (seed 0 is the stage itself)."""
-    return [(Stage(f"{s.name}_seed{k}", s.command, s.start, s.reward_model, s.data, {**s.overrides, "train.seed": k}), s, k)
+    return [(Stage(f"{s.name}_seed{k}", s.command, s.start, s.reward_model, s.data, {**s.overrides, "train.seed": k}, s.data_from), s, k)
             for s in p.stages if s.command in SEED_COMMANDS for k in range(1, seeds)]
 
 

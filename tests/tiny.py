@@ -105,3 +105,9 @@ def sum_pair_rows(n: int = 24, wrong_by=lambda rng: 1) -> list[dict]:
         a, b = rng.randrange(100), rng.randrange(100)
         rows.append({"prompt": f"{a}+{b}=", "chosen": f"ok {a + b}", "rejected": f"no {a + b + wrong_by(rng)}"})
     return rows
+
+
+def first_code_even(prompts, completions, **_):
+    """A 0/1 label a random tiny model's samples split about evenly on: 1 when the completion's first character has
+    an even code point. Stands in for a verifier where the tiny model never answers right (on-policy pairs need both)."""
+    return [1.0 if c and ord(c[0]) % 2 == 0 else 0.0 for c in completions]
