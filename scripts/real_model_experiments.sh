@@ -57,13 +57,10 @@ ppo() {  # comparisons of the SFT model's own samples labelled by the verifier, 
   echo "start (SFT) held-out accuracy: $(heldout $SFT)"
   local D=runs/exp/onpolicy
   mkdir -p $D
-  $PT eval --model $SFT --data task:arithmetic --split train --limit 800 --samples 8 --temperature 1.0 \
-    --max-new-tokens 24 --seed 1 --output $D/train_samples.jsonl > /dev/null
-  $PT eval --model $SFT --data task:arithmetic --split test --limit 128 --samples 8 --temperature 1.0 \
-    --max-new-tokens 24 --seed 2 --output $D/test_samples.jsonl > /dev/null
-  .venv/bin/python scripts/onpolicy_pairs.py $D/train_samples.jsonl --split train --limit 800 --per-prompt 4 --out $D/train_pairs.jsonl
-  .venv/bin/python scripts/onpolicy_pairs.py $D/test_samples.jsonl --split test --limit 128 --per-prompt 2 --out $D/test_pairs.jsonl
-  local PAIRS=(--data $D/train_pairs.jsonl "${COMMON[@]}" data.num_eval_examples=1000 data.eval_path=$D/test_pairs.jsonl
+  # 8 samples at T 1 for train prompts 0-799 (training pairs) and 800-927 (held-out pairs on other prompts)
+  $PT pairs --model $SFT --data task:arithmetic --output-dir $D --prompts 800 --eval-prompts 128 --samples 8 \
+    --temperature 1.0 --max-new-tokens 24 --per-prompt 4 --seed 1
+  local PAIRS=(--data $D/pairs.jsonl "${COMMON[@]}" data.num_eval_examples=1000 data.eval_path=$D/eval_pairs.jsonl
                train.batch_size=8 train.eval_every=45)
   # 1. a scalar (Bradley–Terry head) reward model: reported for comparison, ~64 % on these pairs
   $PT rm --model $SFT --output-dir runs/exp/rm_onpolicy "${PAIRS[@]}" train.max_steps=${RM_STEPS:-180} \

@@ -185,6 +185,23 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor, estimator: str 
 LENGTH_AWARE = ("opo",)  # estimators whose baseline weighs each completion by its length
 
 
+def token_level_rewards(
+    kl_penalty: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, turn_rewards: torch.Tensor | None = None
+) -> torch.Tensor:
+    """PPO's per-token rewards (B, T): -kl_penalty on every masked token, plus the sequence score at the last
+    masked token. turn_rewards (B, T), optional: a multi-turn trajectory's per-turn rewards already placed at each
+    turn's last policy token and included in `scores`; they stay where they are (so GAE credits the turn that
+    earned them) and only the rest of the score goes to the last token: the row's sum is unchanged."""
+    m = mask.float()
+    last = (m.cumsum(-1) == m.sum(-1, keepdim=True)) & mask.bool()  # the last loss token of each row
+    out = -kl_penalty * m
+    if turn_rewards is not None:
+        placed = turn_rewards.to(out.dtype) * m
+        scores = scores - placed.sum(-1)
+        out = out + placed
+    return out + last.to(out.dtype) * scores[:, None]
+
+
 def gae(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
 ) -> tuple[torch.Tensor, torch.Tensor]:

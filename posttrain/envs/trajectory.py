@@ -82,6 +82,7 @@ class _Trajectory:
     ended_by: str = ""
     counters: dict = field(default_factory=dict)
     turn_rewards: list = field(default_factory=list)
+    reward_at: list = field(default_factory=list)  # (index in ids of the turn's last policy token, reward)
 
     def extend(self, ids, logps, policy: int) -> None:
         self.ids += list(ids)
@@ -146,6 +147,9 @@ def _answer_turn(tokenizer, trajs, live, cfg) -> None:
         if step.reward is not None:
             t.reward += float(step.reward)
             t.turn_rewards.append(float(step.reward))
+            sampled = [k for k, p in enumerate(t.policy) if p]
+            if sampled:  # PPO credits the turn's reward to its last sampled token (`turn_rewards` in info)
+                t.reward_at.append((sampled[-1], float(step.reward)))
         for key, value in step.info.items():
             t.counters[key] = t.counters.get(key, 0.0) + float(value)
         if step.done or t.turns >= cfg.max_turns:
@@ -162,7 +166,7 @@ def run_trajectories(engine, tokenizer, records: list[dict], cfg: EnvConfig, par
                      num_samples: int = 1, seed: int | None = None) -> Rollout:
     """B records -> a Rollout of B * num_samples trajectories (see the module docstring for its layout), with
     `policy_mask`, `texts` = each trajectory's last assistant turn, and `info`: env_reward (N,) (NaN where the
-    environment failed), transcripts (N,) and the env/* metrics."""
+    environment failed), turn_rewards (N, C): each turn's reward at that turn's last sampled token, transcripts (N,) and the env/* metrics."""
     trajs = _open(tokenizer, records, cfg, num_samples)
     for turn in range(cfg.max_turns):
         live = [i for i, t in enumerate(trajs) if not t.done]
@@ -203,7 +207,12 @@ def _as_rollout(trajs: list[_Trajectory], tokenizer, device, num_samples: int) -
         texts=[t.last_text for t in trajs],
     )
     rollout.policy_mask = right([t.policy for t in trajs], 0, torch.long)
+    placed = torch.zeros((len(trajs), C), dtype=torch.float32, device="cpu")
+    for r, t in enumerate(trajs):
+        for k, value in t.reward_at:
+            placed[r, k] += value
     rollout.info = {"env_reward": [math.nan if t.error else t.reward for t in trajs],
+                    "turn_rewards": placed.to(device),
                     "transcripts": [tokenizer.decode(t.ids, skip_special_tokens=False) for t in trajs],
                     "metrics": env_metrics(trajs)}
     return rollout

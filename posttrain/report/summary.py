@@ -55,6 +55,9 @@ def headline_row(stage: Stage) -> list[str]:
     acc, interval = accuracy_cells(stage.summary, values["heldout_accuracy"])
     if stage.command == "rm" and acc != "—":
         acc += " (pairwise)"  # the reward model ranks held-out pairs; it answers no prompt
+    if isinstance(made := stage.summary.get("pairs"), dict):  # a data stage: what it made, not an accuracy
+        acc = f"{made['train_pairs']} + {made['eval_pairs']} held-out pairs"
+        interval = f"samples {pct(made['sample_accuracy'])} right"
     diff, p, discordant = versus_cells(stage.summary)
     kl = values["kl_to_ref"]
     models = values["models_in_memory"]

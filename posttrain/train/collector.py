@@ -112,6 +112,8 @@ class RolloutCollector:
         batch.extra["sampler_logp"] = rollout.logprobs
         batch.extra["metrics"] = {**scored.metrics(), "rewards/masked_samples": float(masked.sum()),
                                   **length_metrics(rollout), **rollout.info.get("metrics", {})}
+        if "turn_rewards" in rollout.info:  # token-level: PPO places each turn's reward at its turn's end
+            batch.extra["turn_rewards"] = rollout.info["turn_rewards"]
         if "transcripts" in rollout.info:
             batch.extra["transcripts"] = rollout.info["transcripts"]
         if any(name == "code" for name, _, _ in self.rewards.fns):  # which sandbox layers were active on this machine

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from posttrain.algos.advantages import gae
+from posttrain.algos.advantages import gae, token_level_rewards
 from posttrain.algos.kl import KL_CONTROLLERS, kl_estimate
 from posttrain.algos.entropy_control import AdaptiveEntropyCoef
 from posttrain.algos.policy_loss import actor_loss, clipped_value_loss
@@ -169,9 +169,9 @@ class PPO(OnlineBase):
             self.moments.update(scores[valid])
             scores = torch.where(valid, self.moments.normalize(scores), scores)
         kl = kl_estimate(old_logp, ref_logp, a.kl.estimator or "k1") * mask  # per token on the sampled tokens
-        token_rewards = -self.kl_ctl.value * kl
-        last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()  # the last loss token of each row
-        token_rewards = token_rewards + last.float() * scores[:, None]
+        # per-turn environment rewards at their turns' ends; under reward normalization the score moves as one
+        turns = None if a.normalize_rewards else batch.extra.get("turn_rewards")
+        token_rewards = token_level_rewards(self.kl_ctl.value * kl, scores, mask, turns)
         advantages, returns = gae(token_rewards, values, mask, a.gamma, a.lam)
         if a.whiten_advantages:
             advantages = whiten(advantages, mask) * mask

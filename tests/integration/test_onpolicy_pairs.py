@@ -69,7 +69,7 @@ def test_data_from_must_name_an_earlier_pairs_stage(tmp_path):
             load_pipeline(path)
 
 
-def test_pipeline_pairs_stage_feeds_rm_dpo_kto(tmp_path, tiny_dir, monkeypatch):
+def test_pipeline_pairs_stage_feeds_rm_dpo_kto(tmp_path, tiny_dir, monkeypatch, capsys):
     """sft -> pairs (the SFT model's samples) -> rm, dpo and kto trained on those pairs, each evaluated on the held-out
     pairs; the summary carries the pairs' counts and the rm's held-out pairwise accuracy on them."""
     tests_dir = str(__import__("pathlib").Path(__file__).parents[1])
@@ -99,3 +99,5 @@ def test_pipeline_pairs_stage_feeds_rm_dpo_kto(tmp_path, tiny_dir, monkeypatch):
     assert held > 0 and abs(held * rm_final["eval/accuracy"] - round(held * rm_final["eval/accuracy"])) < 1e-9  # of those pairs
     for stage in ("dpo", "kto"):
         assert by[stage]["heldout_n"] == 4
+    table_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("pairs "))
+    assert f"{counts['train_pairs']} + {counts['eval_pairs']} held-out pairs" in table_row  # what it made, in the table
