@@ -13,9 +13,9 @@ Layout in the `Rollout` (one row per trajectory, prompt-major, G per prompt):
 The environment's text is the chat template's rendering of its messages after an assistant turn
 (`env_segment_ids`), so the trajectory reads as the conversation the template would write.
 
-Each turn re-encodes the context with one batched prefill (HF engine; vLLM reuses it through its prefix cache):
-the decode loop, not the prefill, is a turn's cost. Environments answer a turn concurrently, each within
-`turn_timeout_s`.
+The HF engine keeps each trajectory's KV cache between turns (`rollout/turn_session.py`): a turn encodes only
+the tokens its cache lacks (the environment's text). vLLM reuses the context through its prefix cache.
+Environments answer a turn concurrently, each within `turn_timeout_s`.
 """
 
 from __future__ import annotations
@@ -110,7 +110,17 @@ def _open(tokenizer, records: list[dict], cfg: EnvConfig, num_samples: int) -> l
     return trajs
 
 
-def _sample_turn(engine, tokenizer, trajs, live, params, cfg, turn, seed, num_samples) -> None:
+def _turn_generator(engine):
+    """(generate(contexts, params, num_samples, seed, rows), session): the engine's multi-turn session where it
+    has one (the HF engine keeps each trajectory's KV cache between turns), else its `generate`, rows ignored."""
+    make = getattr(engine, "turn_session", None)
+    if make is not None:
+        session = make()
+        return session.generate, session
+    return (lambda contexts, params, num_samples, seed, rows: engine.generate(contexts, params, num_samples, seed)), None
+
+
+def _sample_turn(generate, tokenizer, trajs, live, params, cfg, turn, seed, num_samples) -> None:
     """One assistant turn for the `live` trajectories, appended to them as policy tokens."""
     budgets = [cfg.max_total_tokens - len(trajs[i].ids) for i in live]
     turn_params = replace(params, max_new_tokens=max(1, min(params.max_new_tokens, max(budgets))))
@@ -118,9 +128,9 @@ def _sample_turn(engine, tokenizer, trajs, live, params, cfg, turn, seed, num_sa
     shared = turn == 0 and len(live) == len(trajs) and all(
         trajs[i].prompt == trajs[i - i % num_samples].prompt for i in live)
     if shared:  # the opening turn: each prompt encoded once for its G samples (the engine's prefix sharing)
-        rollout = engine.generate([trajs[i].prompt for i in live[::num_samples]], turn_params, num_samples, turn_seed)
+        rollout = generate([trajs[i].prompt for i in live[::num_samples]], turn_params, num_samples, turn_seed, live)
     else:
-        rollout = engine.generate([trajs[i].prompt + trajs[i].ids for i in live], turn_params, 1, turn_seed)
+        rollout = generate([trajs[i].prompt + trajs[i].ids for i in live], turn_params, 1, turn_seed, live)
     for row, (i, budget) in enumerate(zip(live, budgets)):
         keep = rollout.completion_mask[row].bool()
         ids, lps = rollout.completion_ids[row][keep].tolist(), rollout.logprobs[row][keep].tolist()
@@ -168,13 +178,17 @@ def run_trajectories(engine, tokenizer, records: list[dict], cfg: EnvConfig, par
     `policy_mask`, `texts` = each trajectory's last assistant turn, and `info`: env_reward (N,) (NaN where the
     environment failed), turn_rewards (N, C): each turn's reward at that turn's last sampled token, transcripts (N,) and the env/* metrics."""
     trajs = _open(tokenizer, records, cfg, num_samples)
+    generate, session = _turn_generator(engine)
     for turn in range(cfg.max_turns):
         live = [i for i, t in enumerate(trajs) if not t.done]
         if not live:
             break
-        _sample_turn(engine, tokenizer, trajs, live, params, cfg, turn, seed, num_samples)
+        _sample_turn(generate, tokenizer, trajs, live, params, cfg, turn, seed, num_samples)
         _answer_turn(tokenizer, trajs, [i for i in live if not trajs[i].done], cfg)
-    return _as_rollout(trajs, tokenizer, engine_device(engine), num_samples)
+    rollout = _as_rollout(trajs, tokenizer, engine_device(engine), num_samples)
+    if session is not None:  # how much of each turn's context came from the kept cache
+        rollout.info["metrics"]["env/kv_reused_fraction"] = session.reused_fraction()
+    return rollout
 
 
 def engine_device(engine) -> torch.device:

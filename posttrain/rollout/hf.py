@@ -106,6 +106,23 @@ class HFGenerator(MemoryHooks):
     ) -> Rollout:
         """prompt_ids: B token lists -> Rollout of N = B * num_samples rows, prompt-major."""
         validate_prompts(prompt_ids, num_samples)
+        with self.decoding(params, seed) as (generator, matcher):
+            chunks = [
+                self._generate_chunk(prompt_ids[s : s + params.batch_size], params, num_samples, generator, matcher)
+                for s in range(0, len(prompt_ids), params.batch_size)
+            ]
+        return self.with_texts(_assemble(chunks, self.pad_token_id))
+
+    def turn_session(self):
+        """A multi-turn session that keeps each row's KV cache between turns (`rollout/turn_session.py`)."""
+        from posttrain.rollout.turn_session import TurnSession
+
+        return TurnSession(self)
+
+    @contextlib.contextmanager
+    def decoding(self, params: SamplingParams, seed: int | None):
+        """The state of one decode call: eval mode (restored after), no_grad, autocast with weights cast once;
+        yields the torch.Generator seeded for the call and the stop-string matcher (or None)."""
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: HFGenerator(model, pad_token_id, tokenizer=...)")
         device = next(self.model.parameters()).device
@@ -117,13 +134,12 @@ class HFGenerator(MemoryHooks):
         self.model.eval()
         try:
             with torch.no_grad(), self._autocast(device), _cast_weights_once(self.model, self._autocast_applies()):
-                chunks = [
-                    self._generate_chunk(prompt_ids[s : s + params.batch_size], params, num_samples, generator, matcher)
-                    for s in range(0, len(prompt_ids), params.batch_size)
-                ]
+                yield generator, matcher
         finally:
             self.model.train(was_training)
-        rollout = _assemble(chunks, self.pad_token_id)
+
+    def with_texts(self, rollout: Rollout) -> Rollout:
+        """`rollout.texts` filled with each completion decoded (special tokens skipped), when there is a tokenizer."""
         if self.tokenizer is not None:
             rows = [ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)]
             rollout.texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
@@ -142,12 +158,22 @@ class HFGenerator(MemoryHooks):
     def _generate_chunk(self, prompts, params, G, generator, matcher) -> Rollout:
         """B prompts -> a Rollout of R = B * G rows, prompt-major, padded to this chunk's own P and C; `group`
         indexes the chunk's prompts (0..B-1) and `texts` is left empty (`generate` decodes the whole batch)."""
+        logits, cache, ids, mask, pos = self._prefill(prompts, params, G)
+        completion_ids, completion_mask, logprobs, truncated = self._decode(
+            logits, cache, mask, pos[:, -1] + 1, params, generator, matcher)[:4]
+        group = torch.arange(len(prompts), device=ids.device).repeat_interleave(G)
+        return Rollout(prompt_ids=ids, prompt_mask=mask, completion_ids=completion_ids,
+                       completion_mask=completion_mask, logprobs=logprobs, truncated=truncated, group=group)
+
+    def _prefill(self, prompts, params, G, extra_capacity: int = 0):
+        """B prompts encoded once (prefix sharing) or G times -> last-position logits (R, V), the cache of all
+        R rows, their ids, mask and positions (R, P). The cache holds P + max_new_tokens + extra_capacity."""
         device = next(self.model.parameters()).device
         ids, mask = left_pad(prompts, self.pad_token_id, device)
         if not self.share_prefix:
             ids, mask = ids.repeat_interleave(G, dim=0), mask.repeat_interleave(G, dim=0)
         pos = position_ids_from_mask(mask)
-        cache = decode_cache(self.model, ids.shape[1] + params.max_new_tokens)
+        cache = decode_cache(self.model, ids.shape[1] + params.max_new_tokens + extra_capacity)
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -160,18 +186,16 @@ class HFGenerator(MemoryHooks):
         if self.share_prefix and G > 1:
             cache.batch_repeat_interleave(G)  # each prompt's keys/values copied to its G sample rows, in place
             logits, ids, mask, pos = (x.repeat_interleave(G, dim=0) for x in (logits, ids, mask, pos))
-        completion_ids, completion_mask, logprobs, truncated = self._decode(
-            logits, cache, mask, pos[:, -1] + 1, params, generator, matcher)
-        group = torch.arange(len(prompts), device=device).repeat_interleave(G)
-        return Rollout(prompt_ids=ids, prompt_mask=mask, completion_ids=completion_ids,
-                       completion_mask=completion_mask, logprobs=logprobs, truncated=truncated, group=group)
+        return logits, cache, ids, mask, pos
 
-    def _decode(self, logits, cache, attn, next_pos, params, generator, matcher):
+    def _decode(self, logits, cache, attn, next_pos, params, generator, matcher, keep_rows: bool = False):
         """Token-by-token decoding of R rows from their last-position logits (R, V) and prefilled cache.
 
-        -> completion ids (R, C), completion mask (R, C), logprobs (R, C), truncated (R,), C <= max_new_tokens.
-        A row ends at its first stop token or stop string (that token is kept and masked in); it then leaves the
-        batch, and its remaining slots stay pad with mask 0.
+        -> completion ids (R, C), completion mask (R, C), logprobs (R, C), truncated (R,), C <= max_new_tokens,
+        then the attention mask and next positions of the cache's rows. A row ends at its first stop token or stop
+        string (that token is kept and masked in; it is never fed to the model). By default it then leaves the
+        batch and its cache. With `keep_rows` (a multi-turn session, `rollout/turn_session.py`) it stays: its
+        cache is kept for its next turn and its later steps write masked-out slots (holes) in it.
         """
         R, device, T = logits.shape[0], logits.device, params.max_new_tokens
         tokens = torch.full((R, T), self.pad_token_id, dtype=torch.long, device=device)
@@ -183,19 +207,24 @@ class HFGenerator(MemoryHooks):
         steps = T
         for t in range(T):
             tok, lp = sample_next(logits, params, generator)
-            tokens[alive, t], logps[alive, t], cmask[alive, t] = tok, lp, 1
+            running = ~stopped[alive]
+            tokens[alive, t] = torch.where(running, tok, self.pad_token_id)
+            logps[alive, t], cmask[alive, t] = torch.where(running, lp, 0.0), running.long()
             hit = torch.isin(tok, stop_ids)
             if matcher is not None:
                 hit |= matcher(tokens[alive, : t + 1])
-            stopped[alive[hit]] = True
-            if bool(hit.all()) or t == T - 1:
+            stopped[alive[hit & running]] = True
+            if bool(stopped.all()) or t == T - 1:
                 steps = t + 1
                 break
-            if bool(hit.any()):
+            if keep_rows:  # stopped rows feed a masked-out pad token: their cache stays aligned with the batch
+                tok = torch.where(stopped, self.pad_token_id, tok)
+            elif bool(hit.any()):
                 keep = (~hit).nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
                 alive, attn, next_pos, tok = alive[keep], attn[keep], next_pos[keep], tok[keep]
-            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+            fed = ~stopped[alive]
+            attn = torch.cat([attn, fed.long()[:, None]], dim=1)
             out = self.model(
                 input_ids=tok[:, None],
                 attention_mask=attn,
@@ -203,8 +232,8 @@ class HFGenerator(MemoryHooks):
                 past_key_values=cache,
                 use_cache=True,
             )
-            logits, next_pos = out.logits[:, -1], next_pos + 1
-        return tokens[:, :steps], cmask[:, :steps], logps[:, :steps], ~stopped
+            logits, next_pos = out.logits[:, -1], next_pos + fed.long()
+        return tokens[:, :steps], cmask[:, :steps], logps[:, :steps], ~stopped, attn, next_pos
 
 
 @contextlib.contextmanager

@@ -70,6 +70,12 @@ class PreallocatedLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._rebuild(lambda x: x.index_select(0, indices))
 
+    def reserve(self, capacity: int) -> None:
+        """At least `capacity` positions (a multi-turn session's next turn): the filled part copied once if it grows."""
+        if capacity > self.capacity:
+            self.capacity = int(capacity)
+            self._rebuild(lambda x: x)
+
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a preallocated decode cache is never cropped")
 
@@ -84,6 +90,10 @@ class PreallocatedCache(DynamicCache):
 
     def __init__(self, num_layers: int, capacity: int):
         Cache.__init__(self, layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
+
+    def reserve(self, capacity: int) -> None:
+        for layer in self.layers:
+            layer.reserve(capacity)
 
 
 def decode_cache(model, capacity: int):

@@ -244,3 +244,87 @@ def test_dynamic_sampling_reselects_per_row_extras_with_their_rows():
                                                     [103.0, 104.0, 105.0]]
     assert both.extra["transcripts"] == ["0.0:0", "0.0:2", "100.0:0", "100.0:1"]
     assert both.extra["metrics"] == {"m": 0.0} and both.extra["reward_valid"].tolist() == [True] * 4
+
+
+class _CountingModel(torch.nn.Module):
+    """The tiny model, counting the tokens each forward call is given beyond one per row (prefills)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config, self.prefilled = model, model.config, 0
+
+    def forward(self, input_ids, **kwargs):
+        if input_ids.shape[1] > 1:
+            self.prefilled += int(kwargs["attention_mask"][:, -input_ids.shape[1]:].sum())
+        return self.inner(input_ids=input_ids, **kwargs)
+
+
+class _NoSession:
+    """An engine without a multi-turn session: every turn re-encodes its whole context."""
+
+    def __init__(self, engine):
+        self.engine, self.model = engine, engine.model
+
+    def generate(self, *args):
+        return self.engine.generate(*args)
+
+
+def _context_dependent_tiny(seed=5):
+    """The tiny model with its decoder layers' weights scaled up: at the default initialisation the residual
+    stream is the input embedding, so greedy decoding repeats the last token and every turn has the same length.
+    Scaled, the next token depends on the context and turns end at different steps."""
+    model = tiny_llama(seed=seed).eval()
+    with torch.no_grad():
+        for weight in model.model.layers.parameters():
+            if weight.dim() == 2:
+                weight.mul_(8.0)
+    return model
+
+
+def _turn_lengths(batch):
+    """Per row, the lengths of its runs of policy tokens (one per assistant turn)."""
+    lengths = []
+    for row in batch.policy_mask.tolist():
+        runs, count = [], 0
+        for flag in row + [0]:
+            if flag:
+                count += 1
+            elif count:
+                runs, count = runs + [count], 0
+        lengths.append(runs)
+    return lengths
+
+
+def test_kept_kv_cache_gives_the_tokens_of_re_encoding_and_encodes_only_the_new_text():
+    model = _CountingModel(_context_dependent_tiny())
+    engine = HFGenerator(model, TOK.pad_token_id, TOK)
+    records = [{"prompt": "say 1"}, {"prompt": "tell me more please, at length"}, {"prompt": "x"}]
+    # batch_size 2 puts the prompts in two chunks; 8 new tokens per turn outgrow the cache's first capacity
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=[EOT, 34, 27, 100, 11],
+                            batch_size=2)
+    cfg = EnvConfig(name="tiny_envs:Scripted", options={"replies": ["4", "five 5", "6"]}, max_turns=4,
+                    max_total_tokens=160, cut_turns="answer")
+    kept = run_trajectories(engine, TOK, records, cfg, params, 2, seed=0)
+    kept_prefill, model.prefilled = model.prefilled, 0
+    dense = run_trajectories(_NoSession(engine), TOK, records, cfg, params, 2, seed=0)
+    lengths = _turn_lengths(kept)
+    # rows that end a turn at different steps leave holes in the kept rows' caches: the case worth testing
+    assert len({n for row in lengths for n in row}) >= 3 and all(len(row) >= 3 for row in lengths), lengths
+    assert torch.equal(kept.completion_ids, dense.completion_ids) and torch.equal(kept.policy_mask, dense.policy_mask)
+    assert torch.allclose(kept.logprobs, dense.logprobs, atol=2e-5)
+    assert kept.info["metrics"]["env/kv_reused_fraction"] > 0.5
+    # re-encoding prefills every earlier turn again; the session only each row's new tokens
+    assert kept_prefill < 0.6 * model.prefilled, (kept_prefill, model.prefilled)
+
+
+def test_a_context_that_does_not_extend_the_cache_is_re_encoded_and_counted():
+    from posttrain.rollout.turn_session import TurnSession
+
+    engine = HFGenerator(tiny_llama(seed=5).eval(), TOK.pad_token_id, TOK)
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, stop_token_ids=[EOT])
+    session = TurnSession(engine)
+    first = session.generate([ids("say 1")], params)
+    other = ids("something else entirely")  # not the first call's context and completion
+    again = session.generate([other], params, rows=[0])
+    assert session.reencoded_turns == 1 and first.completion_ids.shape[0] == 1
+    assert torch.equal(again.completion_ids, engine.generate([other], params).completion_ids)
