@@ -127,7 +127,7 @@ class RolloutCollector:
         names = list(scored.per_fn)
         weight = {name: w for name, _, w in self.rewards.fns}
         per_fn = torch.tensor([scored.per_fn[n] for n in names], dtype=torch.float64, device=device)
-        weights = torch.tensor([weight[n] for n in names], dtype=torch.float64)
+        weights = torch.tensor([weight[n] for n in names], dtype=torch.float64, device=device)
         return per_reward_normalized_total(per_fn, weights, group.to(device)).float()
 
     def _sync_engine(self, step: int) -> None:
