@@ -96,7 +96,8 @@ def main(argv=None):
     metrics = kept.info["metrics"]
     print(f"model: {path}, {'bf16 autocast' if bf16 else 'fp32'}, {torch.get_num_threads()} threads")
     print(f"{args.prompts} trajectories, ≤ {args.max_turns} turns of ≤ {args.max_new_tokens} tokens, greedy; "
-          f"turns per trajectory {metrics['env/turns_mean']:.2f}, tool calls {metrics.get('env/tool_calls_mean', 0):.2f}")
+          f"turns per trajectory {metrics['env/turns_mean']:.2f}, "
+          f"tool calls {metrics.get('env/tool_calls_mean', 0):.2f}")
     print(f"{'':12}{'median s':>10}{'runs':>24}{'prefilled tokens':>18}")
     for name in modes:
         runs = ", ".join(f"{t:.2f}" for t in times[name])
