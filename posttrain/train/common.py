@@ -178,6 +178,23 @@ def sequence_micro_batches(batches: list[list], cfg: RunConfig, pad_id: int) -> 
     return micro
 
 
+def token_budget_groups(batches: list[list], cost, cfg: RunConfig) -> list[list]:
+    """An update's units (pairs, KTO rows) regrouped into micro-batches of at most `train.max_tokens_per_micro_batch`
+    tokens of padded cost, `cost(unit)` being a unit's rows x width upper bound; the batches as drawn when it is 0.
+    The losses are normalized by the whole update's counts (`totals`), so the grouping changes only the memory and
+    the padding, not the update."""
+    budget = cfg.train.max_tokens_per_micro_batch
+    if budget <= 0:
+        return batches
+    units = [u for b in batches for u in b]
+    return [[units[i] for i in idx] for idx in token_budget_batches([cost(u) for u in units], budget)]
+
+
+def pair_cost(chosen_len: int, rejected_len: int) -> int:
+    """A pair's padded cost: its two sequences padded to the longer (and a shared-prompt row is never longer)."""
+    return 2 * max(chosen_len, rejected_len)
+
+
 def describe_model(model) -> dict:
     trainable, total = count_parameters(model)
     return {"params/trainable": trainable, "params/total": total}

@@ -105,9 +105,10 @@ class DPO(common.DatasetAlgorithm):
 
 
     def next_iteration(self, step: int) -> Iteration:
-        batches = [self.order.next() for _ in range(self.cfg.train.grad_accum)]
-        micro = [pair_batch([self.train_items[i] for i in idx], self.pad_id, "train", self.share_prompt,
-                            self.cfg.train.padding_free) for idx in batches]
+        batches = [[self.train_items[i] for i in self.order.next()] for _ in range(self.cfg.train.grad_accum)]
+        batches = common.token_budget_groups(batches, lambda p: common.pair_cost(len(p.chosen), len(p.rejected)),
+                                             self.cfg)
+        micro = [pair_batch(b, self.pad_id, "train", self.share_prompt, self.cfg.train.padding_free) for b in batches]
         metrics, self._once = self._once, {}
         return Iteration([micro], metrics)
 

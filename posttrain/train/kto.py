@@ -204,9 +204,10 @@ class KTO(common.DatasetAlgorithm):
 
 
     def next_iteration(self, step: int) -> Iteration:
-        batches = [self.order.next() for _ in range(self.cfg.train.grad_accum)]
-        micro = [kto_batch([self.train_items[i] for i in idx], self.pad_id, "train", self.cfg.train.padding_free)
-                 for idx in batches]
+        batches = [[self.train_items[i] for i in self.order.next()] for _ in range(self.cfg.train.grad_accum)]
+        # a row and its mismatched KL row are two forward passes of one micro-batch
+        batches = common.token_budget_groups(batches, lambda x: common.pair_cost(len(x.seq), len(x.kl)), self.cfg)
+        micro = [kto_batch(b, self.pad_id, "train", self.cfg.train.padding_free) for b in batches]
         self.kl_logps = self.kl_pair_logps(micro)  # the weights the update starts from: it follows at once
         metrics, self._once = self._once, {}
         return Iteration([micro], metrics)

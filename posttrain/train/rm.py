@@ -80,6 +80,7 @@ class RewardModeling(common.DatasetAlgorithm):
 
     def next_iteration(self, step: int) -> Iteration:
         batches = [[self.train_pairs[i] for i in self.order.next()] for _ in range(self.cfg.train.grad_accum)]
+        batches = common.token_budget_groups(batches, lambda pair: common.pair_cost(len(pair[0]), len(pair[1])), self.cfg)
         if not self.cfg.train.padding_free:
             return Iteration([[pad_pair_ids(b, self.pad_id) for b in batches]])
         return Iteration([[packed_pairs(b, self.pad_id) for b in batches]])

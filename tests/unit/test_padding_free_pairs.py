@@ -64,17 +64,39 @@ def test_packed_kto_rows_equal_padded():
             torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("command", ["dpo", "kto"])
-def test_padding_free_run_trains_like_the_padded_one(tmp_path, command):
+@pytest.mark.parametrize("command", ["dpo", "kto", "rm"])
+def test_padding_free_and_token_budget_runs_train_like_the_padded_one(tmp_path, command):
+    """Packed rows, micro-batches cut by a token budget (about two pairs each here, against grad_accum 2 batches
+    of 4), and both: the same losses as the padded run, step by step."""
     from posttrain.metrics import read_metrics
     from posttrain.train import registry
 
     model_dir = tiny_model_dir(tmp_path / "model")
     data = write_jsonl(tmp_path / "pairs.jsonl", sum_pair_rows(24))
     losses = {}
-    for name, extra in (("padded", []), ("packed", ["train.padding_free=true"])):
+    budget = "train.max_tokens_per_micro_batch=128"
+    variants = {"padded": [], "packed": ["train.padding_free=true"], "budget": [budget],
+                "packed_budget": ["train.padding_free=true", budget]}
+    for name, extra in variants.items():
         registry.run(run_config(command, tmp_path / name, model_dir, data, "train.batch_size=4", "train.grad_accum=2",
                                 "train.max_steps=4", "train.lr=1e-3", "train.eval_every=0", *extra))
         losses[name] = [r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r and "eval/loss" not in r]
-    assert len(losses["packed"]) == 4
-    assert losses["packed"] == pytest.approx(losses["padded"], abs=1e-5)
+    for name in variants:
+        assert len(losses[name]) == 4, name
+        assert losses[name] == pytest.approx(losses["padded"], abs=1e-5), name
+
+
+def test_token_budget_groups_cut_an_update_by_padded_cost():
+    from types import SimpleNamespace
+
+    from posttrain.train.common import pair_cost, token_budget_groups
+
+    cfg = SimpleNamespace(train=SimpleNamespace(max_tokens_per_micro_batch=100))
+    pairs = [(10, 30), (20, 20), (5, 6), (25, 10), (12, 12)]  # costs 60, 40, 12, 50, 24
+    groups = token_budget_groups([pairs[:3], pairs[3:]], lambda p: pair_cost(*p), cfg)
+    assert sorted(p for g in groups for p in g) == sorted(pairs)  # every pair once
+    for g in groups:  # rows x the group's longest within the budget
+        assert len(g) * max(pair_cost(*p) for p in g) <= 100 or len(g) == 1
+    assert [len(g) for g in groups] == [1, 2, 2]  # 60 | 50 40 | 24 12
+    cfg.train.max_tokens_per_micro_batch = 0
+    assert token_budget_groups([pairs[:3], pairs[3:]], lambda p: pair_cost(*p), cfg) == [pairs[:3], pairs[3:]]
