@@ -165,15 +165,15 @@ class HFGenerator(MemoryHooks):
         return Rollout(prompt_ids=ids, prompt_mask=mask, completion_ids=completion_ids,
                        completion_mask=completion_mask, logprobs=logprobs, truncated=truncated, group=group)
 
-    def _prefill(self, prompts, params, G, extra_capacity: int = 0):
+    def _prefill(self, prompts, params, G):
         """B prompts encoded once (prefix sharing) or G times -> last-position logits (R, V), the cache of all
-        R rows, their ids, mask and positions (R, P). The cache holds P + max_new_tokens + extra_capacity."""
+        R rows, their ids, mask and positions (R, P). The cache holds P + max_new_tokens positions."""
         device = next(self.model.parameters()).device
         ids, mask = left_pad(prompts, self.pad_token_id, device)
         if not self.share_prefix:
             ids, mask = ids.repeat_interleave(G, dim=0), mask.repeat_interleave(G, dim=0)
         pos = position_ids_from_mask(mask)
-        cache = decode_cache(self.model, ids.shape[1] + params.max_new_tokens + extra_capacity)
+        cache = decode_cache(self.model, ids.shape[1] + params.max_new_tokens)
         out = self.model(
             input_ids=ids,
             attention_mask=mask,

@@ -103,9 +103,9 @@ class TurnSession:
             self.reused_tokens += sum(len(f) for f in chunk.fed)
             self.encoded_tokens += sum(len(n) for n in new)
             logits = self._prefill_block(chunk, new, params)
-            ids, mask = left_pad([wanted[k] for k in chunk.keys], self.engine.pad_token_id, chunk.attn.device)
-            parts.append(self._decode(chunk, [wanted[k] for k in chunk.keys], logits, ids, mask, params,
-                                      generator, matcher))
+            context_rows = [wanted[k] for k in chunk.keys]
+            ids, mask = left_pad(context_rows, self.engine.pad_token_id, chunk.attn.device)
+            parts.append(self._decode(chunk, context_rows, logits, ids, mask, params, generator, matcher))
             kept.append(chunk)
         self.chunks = kept
         return self._gather(parts, rows)

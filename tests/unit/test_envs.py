@@ -1,7 +1,9 @@
 """Multi-turn rollouts (posttrain/envs/): token-exact trajectories, masks over the policy's tokens only, tools,
 timeouts, user environments, the sampler's log-probs recomputed by the trainer, SFT masks of tool turns, GAE."""
 
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,9 @@ from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf import HFGenerator
 from posttrain.types import Rollout
 from tiny import tiny_llama, tiny_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from multiturn_kv import CountingModel, ReEncoding  # noqa: E402  (the bench's prefill counter and baseline)
 
 TOK = tiny_tokenizer()
 EOT = TOK.convert_tokens_to_ids("<|im_end|>")
@@ -246,29 +251,6 @@ def test_dynamic_sampling_reselects_per_row_extras_with_their_rows():
     assert both.extra["metrics"] == {"m": 0.0} and both.extra["reward_valid"].tolist() == [True] * 4
 
 
-class _CountingModel(torch.nn.Module):
-    """The tiny model, counting the tokens each forward call is given beyond one per row (prefills)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner, self.config, self.prefilled = model, model.config, 0
-
-    def forward(self, input_ids, **kwargs):
-        if input_ids.shape[1] > 1:
-            self.prefilled += int(kwargs["attention_mask"][:, -input_ids.shape[1]:].sum())
-        return self.inner(input_ids=input_ids, **kwargs)
-
-
-class _NoSession:
-    """An engine without a multi-turn session: every turn re-encodes its whole context."""
-
-    def __init__(self, engine):
-        self.engine, self.model = engine, engine.model
-
-    def generate(self, *args):
-        return self.engine.generate(*args)
-
-
 def _context_dependent_tiny(seed=5):
     """The tiny model with its decoder layers' weights scaled up: at the default initialisation the residual
     stream is the input embedding, so greedy decoding repeats the last token and every turn has the same length.
@@ -296,7 +278,7 @@ def _turn_lengths(batch):
 
 
 def test_kept_kv_cache_gives_the_tokens_of_re_encoding_and_encodes_only_the_new_text():
-    model = _CountingModel(_context_dependent_tiny())
+    model = CountingModel(_context_dependent_tiny())
     engine = HFGenerator(model, TOK.pad_token_id, TOK)
     records = [{"prompt": "say 1"}, {"prompt": "tell me more please, at length"}, {"prompt": "x"}]
     # batch_size 2 puts the prompts in two chunks; 8 new tokens per turn outgrow the cache's first capacity
@@ -306,7 +288,7 @@ def test_kept_kv_cache_gives_the_tokens_of_re_encoding_and_encodes_only_the_new_
                     max_total_tokens=160, cut_turns="answer")
     kept = run_trajectories(engine, TOK, records, cfg, params, 2, seed=0)
     kept_prefill, model.prefilled = model.prefilled, 0
-    dense = run_trajectories(_NoSession(engine), TOK, records, cfg, params, 2, seed=0)
+    dense = run_trajectories(ReEncoding(engine), TOK, records, cfg, params, 2, seed=0)
     lengths = _turn_lengths(kept)
     # rows that end a turn at different steps leave holes in the kept rows' caches: the case worth testing
     assert len({n for row in lengths for n in row}) >= 3 and all(len(row) >= 3 for row in lengths), lengths
