@@ -91,8 +91,8 @@ class TrainConfig:
     # sequences packed side by side in rows with a block-diagonal mask, no padding (data/padding_free.py; sft, rm,
     # dpo and kto; the online algorithms share each prompt across its group instead: algo.share_prompt)
     padding_free: bool = False
-    # > 0: an update's batch_size x grad_accum sequences are cut into micro-batches of at most this many tokens
-    # (rows x width) instead of grad_accum micro-batches of batch_size rows (sft, rm, dpo, kto); 0 = off
+    # > 0: an update's sequences are cut into micro-batches of at most this many tokens (rows x width) instead of
+    # batch_size rows (sft, rm, dpo, kto; the RL passes count packed group rows under prompt sharing); 0 = off
     max_tokens_per_micro_batch: int = 0
     lr: float = 1e-5
     weight_decay: float = 0.0

@@ -139,3 +139,54 @@ def pack_rows(batch: RolloutBatch, rows: torch.Tensor) -> dict:
     packed["score_seq"] = torch.tensor(order, dtype=torch.long, device="cpu")[packed["score_seq"]]
     device = batch.input_ids.device
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
+
+
+
+def rollout_micro_batches(batch: RolloutBatch, rows: torch.Tensor, max_tokens: int, share_prompt: bool) -> list[torch.Tensor]:
+    """`rows` (host indices into `batch`) cut into forward passes of at most `max_tokens` tokens of the cost the
+    pass really has: with `share_prompt`, `pack_rows`'s one row per group [prompt | completions...] padded to the
+    longest; else the padded rows at the batch's full width. A group whose row alone would pass the budget is
+    split into rows of several completions each (each with the prompt); a single completion longer than the
+    budget gets a pass of its own. Longest units first, as `token_budget_batches` does."""
+    if not share_prompt:
+        per = max(1, max_tokens // batch.input_ids.shape[1])
+        return [rows[s : s + per] for s in range(0, len(rows), per)]
+    prompt_len = batch.attention_mask[:, : batch.prompt_width].sum(-1).tolist()
+    comp_len = batch.completion_mask.sum(-1).tolist()
+    units = _group_units(batch, rows.tolist(), prompt_len, comp_len, max_tokens)
+    passes: list[dict[int, list]] = []  # per pass: group -> [prompt length, completion tokens, rows]
+    for group, prompt, tokens, members in sorted(units, key=lambda u: -(u[1] + u[2])):
+        if not passes or not _fits(passes[-1], group, prompt, tokens, max_tokens):
+            passes.append({})
+        row = passes[-1].setdefault(group, [prompt, 0, []])
+        row[1] += tokens
+        row[2] += members
+    return [torch.tensor([r for g in sorted(p) for r in p[g][2]], dtype=torch.long, device="cpu") for p in passes]
+
+
+def _group_units(batch: RolloutBatch, rows: list[int], prompt_len, comp_len, max_tokens: int) -> list[tuple]:
+    """(group, prompt length, completion tokens, rows) of each group of `rows`; a group whose packed row would
+    pass the budget split greedily into several."""
+    by_group: dict[int, list[int]] = {}
+    for r in rows:
+        by_group.setdefault(int(batch.group[r]), []).append(r)
+    units = []
+    for group, members in by_group.items():
+        prompt = int(prompt_len[members[0]])
+        current, tokens = [], 0
+        for r in members:
+            if current and prompt + tokens + comp_len[r] > max_tokens:
+                units.append((group, prompt, tokens, current))
+                current, tokens = [], 0
+            current.append(r)
+            tokens += int(comp_len[r])
+        units.append((group, prompt, tokens, current))
+    return units
+
+
+def _fits(pass_: dict[int, list], group: int, prompt: int, tokens: int, max_tokens: int) -> bool:
+    """Whether a unit joins a pass within the budget: a unit of a group already there lengthens that group's row
+    (`pack_rows` packs a pass's rows by group), another adds a row; a pass costs its rows x its longest row."""
+    lengths = {g: p + t for g, (p, t, _) in pass_.items()}
+    lengths[group] = lengths.get(group, prompt) + tokens
+    return len(lengths) * max(lengths.values()) <= max_tokens

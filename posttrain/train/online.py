@@ -15,6 +15,7 @@ import torch
 
 from posttrain.algos.rollout_correction import rollout_weights
 from posttrain.config import RunConfig
+from posttrain.data.packing import rollout_micro_batches
 from posttrain.models.loading import load_frozen_lm, resolve_model_path, wants_bf16
 from posttrain.models.shared_prefix import completion_logps, supports_shared_prefix
 from posttrain.online_config import EnvConfig, ReferenceConfig, RewardConfig, SamplingConfig
@@ -114,25 +115,44 @@ class OnlineBase(common.DatasetAlgorithm):
     def policy_logps(self, batch: RolloutBatch, with_entropy: bool = False):
         """Completion log-probs (N, C) of the current policy at the sampling temperature, in row chunks."""
         outs, ents = [], []
-        for rows in _chunks(batch.num_rows, self.cfg.train.batch_size):
+        passes = self.micro_batches(batch, _all_rows(batch))
+        for rows in passes:
             with common.autocast_context(self.cfg.model, self.device.type):
                 out = completion_logps(self.model, batch, rows, self.cfg.model.logprob_chunk, with_entropy,
                                        self.logp_temperature, self.algo_cfg.share_prompt)
             lp, ent = out if with_entropy else (out, None)
             outs.append(lp)
             ents.append(ent)
-        return (torch.cat(outs), torch.cat(ents)) if with_entropy else torch.cat(outs)
+        if with_entropy:
+            return _in_row_order(torch.cat(outs), passes), _in_row_order(torch.cat(ents), passes)
+        return _in_row_order(torch.cat(outs), passes)
+
+    def micro_batches(self, batch: RolloutBatch, rows: torch.Tensor) -> list[torch.Tensor]:
+        """`rows` (host indices) cut into forward passes: `train.batch_size` rows each, or with
+        `train.max_tokens_per_micro_batch`, as many as that many tokens of the pass's real cost hold (packed group
+        rows under prompt sharing, padded rows otherwise; `packing.rollout_micro_batches`). The losses are
+        normalized by the update's totals, so the cut changes memory and speed, not the update."""
+        budget = self.cfg.train.max_tokens_per_micro_batch
+        if budget <= 0:
+            micro = self.cfg.train.batch_size
+            return [rows[k : k + micro] for k in range(0, len(rows), micro)]
+        return rollout_micro_batches(batch, rows, budget, self.budget_shares_prompt)
+
+    @property
+    def budget_shares_prompt(self) -> bool:
+        """Whether a training pass packs a group's rows around one prompt (what a token budget counts)."""
+        return self.algo_cfg.share_prompt and supports_shared_prefix(self.model)
 
     @torch.no_grad()
     def reference_logps(self, batch: RolloutBatch, frozen: ModelReference | None = None) -> torch.Tensor:
         """Completion log-probs (N, C) under the reference (or another frozen model: a teacher), in row chunks."""
-        outs = []
+        outs, passes = [], self.micro_batches(batch, _all_rows(batch))
         with (frozen or self.reference).scoring(batch.input_ids.device) as reference:
-            for rows in _chunks(batch.num_rows, self.cfg.train.batch_size):
+            for rows in passes:
                 with common.autocast_context(self.cfg.model, self.device.type):
                     outs.append(completion_logps(reference, batch, rows, self.cfg.model.logprob_chunk, False,
                                                  self.logp_temperature, self.algo_cfg.share_prompt))
-        return torch.cat(outs)
+        return _in_row_order(torch.cat(outs), passes)
 
     def current_logps(self, rows, with_entropy: bool = True):
         """Completion log-probs (and entropies) of the micro-batch `rows`, with gradients."""
@@ -150,7 +170,6 @@ class OnlineBase(common.DatasetAlgorithm):
         no KL term in the loss): they run through no forward pass but still count in the loss normalizers, so
         the update is the one over all rows. An update keeps at least one micro-batch, so metrics exist."""
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step)
-        micro = self.cfg.train.batch_size
         minibatch_rows = minibatch_rows or num_rows
         inert = None if inert is None else inert.cpu()  # row indices are host tensors; the loop moves each micro-batch
         out = []
@@ -161,7 +180,7 @@ class OnlineBase(common.DatasetAlgorithm):
                 mb = perm[s : s + minibatch_rows]
                 skip = inert is not None and not bool(inert[mb].all())
                 live, skipped = (mb[~inert[mb]], mb[inert[mb]]) if skip else (mb, mb[:0])
-                update = Update(live[k : k + micro] for k in range(0, len(live), micro))
+                update = Update(self.micro_batches(self.batch, live))
                 update.skipped = skipped
                 out.append(update)
         return out
@@ -229,5 +248,11 @@ def _make_monitor(options: dict):
     return FailureMonitor(MonitorConfig(**options))
 
 
-def _chunks(n: int, size: int) -> list[torch.Tensor]:
-    return [torch.arange(s, min(s + size, n), device="cpu") for s in range(0, n, size)]
+def _all_rows(batch: RolloutBatch) -> torch.Tensor:
+    return torch.arange(batch.num_rows, device="cpu")
+
+
+def _in_row_order(values: torch.Tensor, passes: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row results computed pass by pass (rows in `passes` order) put back in row order."""
+    order = torch.cat(passes).to(values.device)
+    return values.new_empty(values.shape).index_copy_(0, order, values)

@@ -12,6 +12,7 @@ import torch
 from posttrain.algos.preference import PairLogps, PreferenceLossConfig, configured_preference_loss, needs_reference
 from posttrain.config import RunConfig
 from posttrain.online_config import SamplingConfig
+from posttrain.train import common
 from posttrain.train.loop import Iteration
 from posttrain.train.registry import algorithm
 from posttrain.train.online import OnlineBase, OnlineConfig, valid_mean
@@ -68,13 +69,23 @@ class OnlineDPO(OnlineBase):
         batch.extra.update(chosen=chosen, rejected=rejected)
         if self.reference is not None:
             batch.extra["ref_logp"] = self.reference_logps(batch)
-        micro = self.cfg.train.batch_size
+        micro, cost = self.cfg.train.batch_size, self._pair_cost(batch)
         updates = []
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 31 + step)
         for _ in range(a.epochs):
-            perm = torch.randperm(len(chosen), generator=gen, device="cpu")
-            updates.append([perm[s : s + micro] for s in range(0, len(perm), micro)])
+            perm = torch.randperm(len(chosen), generator=gen, device="cpu").tolist()
+            groups = common.token_budget_groups([perm[s : s + micro] for s in range(0, len(perm), micro)], cost, self.cfg)
+            updates.append([torch.tensor(g, dtype=torch.long, device="cpu") for g in groups])
         return Iteration(updates, metrics)
+
+    def _pair_cost(self, batch):
+        """A pair's cost in a forward pass (what a token budget counts): its packed row [prompt | chosen | rejected]
+        under prompt sharing (both sides are one group's), else two padded rows."""
+        chosen, rejected = batch.extra["chosen"].tolist(), batch.extra["rejected"].tolist()
+        if not self.budget_shares_prompt:
+            return lambda p: 2 * batch.input_ids.shape[1]
+        prompt, tokens = batch.attention_mask[:, : batch.prompt_width].sum(-1).tolist(), batch.completion_mask.sum(-1).tolist()
+        return lambda p: prompt[chosen[p]] + tokens[chosen[p]] + tokens[rejected[p]]
 
     def totals(self, update) -> dict:
         b = self.batch

@@ -23,7 +23,7 @@ from posttrain.ops import whiten
 from posttrain.train import common
 from posttrain.train.loop import Iteration
 from posttrain.train.registry import algorithm
-from posttrain.train.online import OnlineBase, OnlineConfig, _chunks, corrected_advantages, kl_metrics, valid_mean
+from posttrain.train.online import OnlineBase, OnlineConfig, _all_rows, _in_row_order, corrected_advantages, kl_metrics, valid_mean
 from posttrain.types import RolloutBatch
 from posttrain.types import LossOutput
 
@@ -137,13 +137,18 @@ class PPO(OnlineBase):
             return {"policy": self.model, "value_head": self.critic.head}
         return {"policy": self.model, "critic": self.critic}
 
+    @property
+    def budget_shares_prompt(self) -> bool:
+        """The critic scores the padded rows of a micro-batch: a token budget counts those, the larger pass."""
+        return False
+
     @torch.no_grad()
     def _values(self, batch: RolloutBatch) -> torch.Tensor:
-        out = []
-        for rows in _chunks(batch.num_rows, self.cfg.train.batch_size):
+        out, passes = [], self.micro_batches(batch, _all_rows(batch))
+        for rows in passes:
             with common.autocast_context(self.cfg.model, self.device.type):
                 out.append(self._completion_values(batch, rows))
-        return torch.cat(out)
+        return _in_row_order(torch.cat(out), passes)
 
     def _completion_values(self, batch: RolloutBatch, rows) -> torch.Tensor:
         """V for each completion token (N, C): read at the position that predicts it (P + t − 1)."""
