@@ -101,8 +101,8 @@ class MemoryHooks:
     sleep():   after a step's sampling and scoring, before the optimizer updates: free what the engine holds on
                the device that sampling alone needs (vLLM: its KV cache, and its weights copied to CPU RAM).
     wake_up(): before the engine samples again (and before `sync_weights`): take that memory back.
-    Each returns True when it changed something. These defaults do nothing: an engine that samples with the
-    policy itself (HF) holds no memory of its own to lend.
+    Each returns True when it changed something. These defaults do nothing. The HF engine samples with the policy
+    itself; its `sleep()` frees only its packed decode weights (CPU), which the next call packs again.
     """
 
     weight_copies = 0

@@ -13,6 +13,7 @@ recomputes, positions that are right under left padding, and the prompt encoded 
 - Sampling (`rollout/sampling.py`): logits / temperature, top-k, top-p, an inverse-CDF draw with a
   `torch.Generator` seeded per call; the log-prob returned is that of the full distribution at temperature T.
 - Under bf16 autocast each fp32 weight is cast once per call, not once per decode step (`_cast_weights_once`).
+- On the CPU the linear layers run from weights prepacked once for oneDNN (`rollout/packed_linear.py`).
 
 Shapes: B prompts in a chunk, G samples per prompt, R = B*G rows, P prompt length, C completion length, V vocab.
 """
@@ -28,6 +29,7 @@ from posttrain.host_memory import tune_host_allocator
 from posttrain.ops import position_ids_from_mask
 from posttrain.rollout.base import EngineContext, MemoryHooks, SamplingParams, register_generator, validate_prompts
 from posttrain.rollout.kv_cache import decode_cache
+from posttrain.rollout.packed_linear import PackedWeights, packed_linears, packing_available
 from posttrain.rollout.sampling import sample_next
 from posttrain.types import Rollout
 
@@ -78,10 +80,13 @@ class HFGenerator(MemoryHooks):
     autocast_dtype: e.g. torch.bfloat16 — decode an fp32 model under autocast (ignored for non-fp32 models).
     share_prefix: encode each distinct prompt once and copy its KV cache G times (True), or re-encode the
         prompt for every sample (False; the baseline that bench/rollout_prefix_sharing.py measures against).
+    packed_weights: on the CPU, run the linear layers from oneDNN's prepacked weights during a decode
+        (`rollout/packed_linear.py`; same bf16 products, ~1.4-2x faster small-row GEMMs); None: wherever available.
     Tensors of the returned Rollout live on the model's device and are ordinary (not inference-mode) tensors.
     """
 
-    def __init__(self, model, pad_token_id: int, tokenizer=None, autocast_dtype=None, share_prefix: bool = True):
+    def __init__(self, model, pad_token_id: int, tokenizer=None, autocast_dtype=None, share_prefix: bool = True,
+                 packed_weights: bool | None = None):
         if pad_token_id is None:
             raise ValueError("pad_token_id is required (the tokenizer's pad id, or its EOS id when it has none)")
         self.model = model
@@ -89,6 +94,8 @@ class HFGenerator(MemoryHooks):
         self.tokenizer = tokenizer
         self.autocast_dtype = autocast_dtype
         self.share_prefix = share_prefix
+        self.packed_weights = packed_weights
+        self.packed = PackedWeights()
         tune_host_allocator()  # decode steps allocate and free the same large buffers (see host_memory)
 
     @classmethod
@@ -133,7 +140,8 @@ class HFGenerator(MemoryHooks):
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), self._autocast(device), _cast_weights_once(self.model, self._autocast_applies()):
+            with torch.no_grad(), self._autocast(device), _cast_weights_once(self.model, self._autocast_applies()), \
+                    self._packed_linears(device):
                 yield generator, matcher
         finally:
             self.model.train(was_training)
@@ -144,6 +152,19 @@ class HFGenerator(MemoryHooks):
             rows = [ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)]
             rollout.texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return rollout
+
+    def sleep(self) -> bool:
+        """After a training step's sampling: the packed weights are stale once the optimizer steps; free them."""
+        return self.packed.clear()
+
+    def _packed_linears(self, device: torch.device):
+        dtype = self.autocast_dtype if self._autocast_applies() else next(self.model.parameters()).dtype
+        wanted = self.packed_weights if self.packed_weights is not None else packing_available(device, dtype)
+        if not wanted:
+            return contextlib.nullcontext()
+        if not packing_available(device, dtype):
+            raise ValueError(f"packed_weights=True needs a CPU with oneDNN and an fp32 or bf16 decode ({device}, {dtype})")
+        return packed_linears(self.model, self.packed, dtype)
 
     def _autocast_applies(self) -> bool:
         return self.autocast_dtype is not None and next(self.model.parameters()).dtype == torch.float32

@@ -152,12 +152,19 @@ def _weight_casts(gen, prompt, params) -> int:
 
 
 def test_autocast_casts_each_frozen_weight_once_per_call(monkeypatch):
-    """Under bf16 autocast a decode of 6 steps casts each (frozen) weight once, not at each of the 7 forwards."""
+    """Under bf16 autocast a decode of 6 steps casts each (frozen) weight once, not at each of the 7 forwards
+    (the path without packed weights: a GPU, a CPU without oneDNN bf16). Packed weights cast each once when packed
+    and not at all on a call whose weights did not change."""
     model = tiny_llama()
     for p in model.parameters():
         p.requires_grad_(False)
     params = SamplingParams(max_new_tokens=6, temperature=0.0)
-    gen = hf.HFGenerator(model, PAD, autocast_dtype=torch.bfloat16)
+    if hf.packing_available(torch.device("cpu"), torch.bfloat16):
+        packed = hf.HFGenerator(model, PAD, autocast_dtype=torch.bfloat16, packed_weights=True)
+        linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+        assert _weight_casts(packed, PROMPTS[0], params) == linears
+        assert _weight_casts(packed, PROMPTS[0], params) == 0
+    gen = hf.HFGenerator(model, PAD, autocast_dtype=torch.bfloat16, packed_weights=False)
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert _weight_casts(gen, PROMPTS[0], params) == linears
     assert all(not p.requires_grad for p in model.parameters())  # flags restored

@@ -193,8 +193,9 @@ def test_hf_engine_is_untouched_by_the_helpers():
     params = SamplingParams(max_new_tokens=4, temperature=0.0)
     before = hf.generate([[1, 2, 3]], params, seed=0)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    assert isinstance(hf, MemoryHooks) and hf.weight_copies == 0  # the no-op defaults: no weights or memory of its own
-    assert release_memory(hf) is False and reclaim_memory(hf) is False
+    assert isinstance(hf, MemoryHooks) and hf.weight_copies == 0  # no copy of the weights of its own
+    # what it frees at sleep: its packed decode weights (on a CPU with oneDNN), rebuilt by the next call
+    assert release_memory(hf) is bool(hf.packed.packs) and release_memory(hf) is False and reclaim_memory(hf) is False
     after = hf.generate([[1, 2, 3]], params, seed=0)
     assert torch.equal(before.completion_ids, after.completion_ids)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
