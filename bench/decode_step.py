@@ -59,7 +59,7 @@ def step_seconds(gen: HFGenerator, prompts, rows: int, new_tokens: int):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint directory (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default="smollm2", help="checkpoint directory, or smollm2 (the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--rows", default="16,64", help="decode rows, comma-separated (prompts x G, 2 prompts)")
     p.add_argument("--dtypes", default="auto", help="fp32,bf16 or auto (bf16 where oneDNN has native bf16, and fp32)")
     p.add_argument("--prompt-len", type=int, default=40)
@@ -71,9 +71,9 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM
 
     from matmul_peak import load_average, measure_peak
-    from posttrain.models.bundled import ensure_bundled_model
+    from posttrain.models.loading import resolve_model_path
 
-    path = args.model or str(ensure_bundled_model())
+    path = resolve_model_path(args.model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
     dtypes = args.dtypes.split(",") if args.dtypes != "auto" else (
         ["bf16", "fp32"] if packing_available(torch.device("cpu"), torch.bfloat16) else ["fp32"])

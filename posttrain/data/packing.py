@@ -141,7 +141,6 @@ def pack_rows(batch: RolloutBatch, rows: torch.Tensor) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
 
 
-
 def rollout_micro_batches(batch: RolloutBatch, rows: torch.Tensor, max_tokens: int, share_prompt: bool) -> list[torch.Tensor]:
     """`rows` (host indices into `batch`) cut into forward passes of at most `max_tokens` tokens of the cost the
     pass really has: with `share_prompt`, `pack_rows`'s one row per group [prompt | completions...] padded to the

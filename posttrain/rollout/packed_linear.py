@@ -5,7 +5,7 @@ into re-reading and re-blocking the weights, not into arithmetic. `torch.nn.func
 MKL) the plain row-major weight at every call; `torch.ops.mkldnn._reorder_linear_weight` lays a weight out once
 in the blocked format the GEMM kernel reads directly (what inductor's weight freezing does on the CPU). Measured on
 a 2-core AVX-512-BF16 CPU, bf16, 16 rows: a 576 x 1536 weight in 118 us instead of 166 us, the 49,152-token head
-in 3.4 ms instead of 6.9 ms; a SmolLM2-135M decode step of 16 rows 1.53x faster in bf16, 1.68x in fp32
+in 3.4 ms instead of 6.9 ms; a SmolLM2-135M decode step of 16 rows 1.27-1.53x faster in bf16, 1.68x in fp32
 (`python bench/decode_step.py`).
 
 The numerics: in bf16 the packed product equals `F.linear`'s bit for bit (tests/unit/test_packed_linear.py); in

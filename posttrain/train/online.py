@@ -107,9 +107,8 @@ class OnlineBase(common.DatasetAlgorithm):
     def _forward_token_fraction(self, batch: RolloutBatch, inert: torch.Tensor | None = None) -> float:
         """Tokens the training forward passes process over those of all rows padded: < 1 when a group's prompt is
         shared or inert rows are skipped."""
-        share = self.algo_cfg.share_prompt and supports_shared_prefix(self.model)
         rows = None if inert is None else (~inert).nonzero().squeeze(-1)
-        return batch.forward_tokens(share, rows) / max(batch.forward_tokens(False), 1)
+        return batch.forward_tokens(self.policy_shares_prompt, rows) / max(batch.forward_tokens(False), 1)
 
     @torch.no_grad()
     def policy_logps(self, batch: RolloutBatch, with_entropy: bool = False):
@@ -139,9 +138,14 @@ class OnlineBase(common.DatasetAlgorithm):
         return rollout_micro_batches(batch, rows, budget, self.budget_shares_prompt)
 
     @property
-    def budget_shares_prompt(self) -> bool:
-        """Whether a training pass packs a group's rows around one prompt (what a token budget counts)."""
+    def policy_shares_prompt(self) -> bool:
+        """Whether the policy's passes pack a group's rows around one prompt (`models/shared_prefix.py`)."""
         return self.algo_cfg.share_prompt and supports_shared_prefix(self.model)
+
+    @property
+    def budget_shares_prompt(self) -> bool:
+        """Whether the largest pass over a micro-batch is packed by group (what a token budget counts)."""
+        return self.policy_shares_prompt
 
     @torch.no_grad()
     def reference_logps(self, batch: RolloutBatch, frozen: ModelReference | None = None) -> torch.Tensor:
